@@ -1,0 +1,25 @@
+"""Build the configured ``ResultCache``.
+
+Owns: mapping ``CacheConfig`` to a backend instance. Does NOT start Redis (see
+``eft_serve.infra.redis_server``): callers that start one put its url into the config.
+"""
+
+from __future__ import annotations
+
+from .base import ResultCache
+from .config import CacheConfig
+from .memory import MemoryCache
+from .redis_cache import RedisCache
+
+
+def build_cache(cfg: CacheConfig) -> ResultCache | None:
+    """The cache for ``cfg``, or ``None`` when caching is disabled."""
+    if not cfg.enabled:
+        return None
+    if cfg.resolved_backend() == "redis":
+        return RedisCache(cfg)
+    return MemoryCache(
+        max_bytes=cfg.memory_max_bytes,
+        max_value_bytes=cfg.max_value_bytes,
+        ttl_s=cfg.ttl_s,
+    )
