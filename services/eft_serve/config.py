@@ -1,0 +1,267 @@
+"""The one validated configuration tree (pydantic) for pools, recipes, coordinator, cache and Ray.
+
+Owns the schema, its defaults (the built-in demo stack) and YAML loading. The Serve builder, the
+CLI and the Kubernetes renderer all read an `EftConfig`; nothing else parses config files.
+Knows nothing about how the config is executed. Unknown keys are errors everywhere
+(`extra="forbid"`), because Ray Serve silently ignores unknown keys and a typo must not pass.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from eft_serve.cache.config import CacheConfig, LocalRedisConfig
+
+DEMO_SCHEME = "demo:"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AutoscalingConfig(_Strict):
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    initial_replicas: int | None = Field(None, ge=0)
+    target_ongoing_requests: float = Field(2.0, gt=0)
+    upscale_delay_s: float = Field(5.0, ge=0)
+    downscale_delay_s: float = Field(30.0, ge=0)
+    metrics_interval_s: float = Field(1.0, gt=0)
+    look_back_period_s: float = Field(5.0, gt=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "AutoscalingConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        return self
+
+
+class ReplicaConfig(_Strict):
+    """Ray Serve replica options for one deployment (a pool or the coordinator)."""
+
+    num_replicas: int = Field(1, ge=1, description="fixed replica count when autoscaling is off")
+    autoscaling: AutoscalingConfig | None = None
+    max_ongoing_requests: int = Field(16, ge=1)
+    # Beyond this many queued requests the caller gets RESOURCE_EXHAUSTED instead of waiting.
+    max_queued_requests: int = Field(128, ge=-1)
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    memory_bytes: int | None = Field(None, ge=0)
+    # Custom resource that only this pool's node group offers (placement on its own nodes).
+    node_group_resource: str | None = None
+    resources: dict[str, float] = Field(default_factory=dict)
+    graceful_shutdown_timeout_s: float = Field(5.0, ge=0)
+    health_check_period_s: float = Field(5.0, gt=0)
+
+    @model_validator(mode="after")
+    def _scaling_is_possible(self) -> "ReplicaConfig":
+        # Serve never scales a deployment whose target is not below the per-replica cap.
+        if self.autoscaling and self.autoscaling.target_ongoing_requests >= self.max_ongoing_requests:
+            raise ValueError(
+                f"autoscaling.target_ongoing_requests ({self.autoscaling.target_ongoing_requests}) must be "
+                f"below max_ongoing_requests ({self.max_ongoing_requests}) or the deployment never scales"
+            )
+        return self
+
+    def ray_actor_options(self) -> dict[str, Any]:
+        resources = dict(self.resources)
+        if self.node_group_resource:
+            # A tiny amount: it pins placement without limiting replicas per node.
+            resources.setdefault(self.node_group_resource, 0.001)
+        options: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if resources:
+            options["resources"] = resources
+        if self.memory_bytes:
+            options["memory"] = self.memory_bytes
+        return options
+
+    def deployment_options(self) -> dict[str, Any]:
+        """Keyword arguments for `Deployment.options(...)`."""
+        options: dict[str, Any] = {
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "ray_actor_options": self.ray_actor_options(),
+            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
+            "health_check_period_s": self.health_check_period_s,
+        }
+        if self.autoscaling:
+            a = self.autoscaling
+            options["autoscaling_config"] = {
+                "min_replicas": a.min_replicas,
+                "max_replicas": a.max_replicas,
+                "initial_replicas": a.initial_replicas,
+                "target_ongoing_requests": a.target_ongoing_requests,
+                "upscale_delay_s": a.upscale_delay_s,
+                "downscale_delay_s": a.downscale_delay_s,
+                "metrics_interval_s": a.metrics_interval_s,
+                "look_back_period_s": a.look_back_period_s,
+            }
+        else:
+            options["num_replicas"] = self.num_replicas
+        return options
+
+
+class PoolConfig(_Strict):
+    """One model pool: a model role served by its own Serve application."""
+
+    # Local Hugging Face model directory, or `demo:<role>` for the built-in demo family.
+    model: str
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    device: str = "auto"
+    kv_cache_bytes: int = Field(64 * 2**20, ge=0)
+    torch_threads: int = Field(1, ge=1)
+    # Concurrent pool calls are coalesced into one engine call of up to this many requests.
+    max_batch_size: int = Field(8, ge=1)
+    batch_wait_timeout_s: float = Field(0.001, ge=0)
+    replica: ReplicaConfig = Field(default_factory=ReplicaConfig)
+
+
+class RecipeConfig(_Strict):
+    """score = log p_base + Σ_j w_j · (log p_expert_j − log p_reference), renormalised per token."""
+
+    description: str = ""
+    base: str
+    experts: list[str] = Field(default_factory=list)
+    reference: str | None = None
+    # Default expert weights before the per-request β scaling; experts not named default to 1.
+    default_weights: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _shape(self) -> "RecipeConfig":
+        if self.experts and not self.reference:
+            raise ValueError("a recipe with experts needs a reference model")
+        if not self.experts and self.reference:
+            raise ValueError("a reference without experts has no effect; drop it")
+        unknown = set(self.default_weights) - set(self.experts)
+        if unknown:
+            raise ValueError(f"default_weights names non-experts: {sorted(unknown)}")
+        for name, w in self.default_weights.items():
+            if not math.isfinite(w):
+                raise ValueError(f"default weight of {name} is not finite")
+        return self
+
+    def roles(self) -> list[str]:
+        return [self.base, *self.experts, *([self.reference] if self.reference else [])]
+
+
+class CoordinatorConfig(_Strict):
+    default_recipe: str = "upscale"
+    # Per-model top-k used for merging when a request does not say; 0 = exact full vocabulary.
+    default_logprob_top_k: int = Field(20, ge=0)
+    max_logprob_top_k: int = Field(1024, ge=1)
+    default_max_new_tokens: int = Field(64, ge=1)
+    max_new_tokens_cap: int = Field(512, ge=1)
+    max_stop_strings: int = Field(16, ge=0)
+    default_timeout_s: float = Field(120.0, gt=0)
+    # One pool call slower than this is reported UNAVAILABLE instead of hanging the stream.
+    pool_call_timeout_s: float = Field(30.0, gt=0)
+    conservative_top_p: float = Field(0.9, gt=0, le=1)
+    # How long startup waits for the pools to answer Info (vocabulary check).
+    startup_timeout_s: float = Field(300.0, gt=0)
+    replica: ReplicaConfig = Field(default_factory=lambda: ReplicaConfig(num_cpus=0.5, max_ongoing_requests=64))
+
+
+class GrpcConfig(_Strict):
+    port: int = Field(9000, ge=0, le=65535)
+    request_timeout_s: float | None = Field(None, gt=0)
+
+
+class RayConfig(_Strict):
+    # None: start a local cluster (`eft serve`); else connect, e.g. "ray://..." or "auto".
+    address: str | None = None
+    # 127.0.0.1 is silently replaced by Ray with the interface address; 127.0.0.2 is kept.
+    node_ip_address: str = "127.0.0.2"
+    num_cpus: int | None = None
+    namespace: str = "eft"
+    # Where `eft serve`'s local cluster keeps its logs and sockets.
+    temp_dir: str | None = None
+
+
+class EftConfig(_Strict):
+    pools: dict[str, PoolConfig]
+    recipes: dict[str, RecipeConfig]
+    coordinator: CoordinatorConfig = Field(default_factory=CoordinatorConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    local_redis: LocalRedisConfig = Field(default_factory=LocalRedisConfig)
+    grpc: GrpcConfig = Field(default_factory=GrpcConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _references(self) -> "EftConfig":
+        if not self.pools:
+            raise ValueError("at least one pool is required")
+        for name, recipe in self.recipes.items():
+            missing = [r for r in recipe.roles() if r not in self.pools]
+            if missing:
+                raise ValueError(f"recipe {name!r} uses roles without a pool: {missing}; pools: {sorted(self.pools)}")
+        if self.coordinator.default_recipe not in self.recipes:
+            raise ValueError(
+                f"coordinator.default_recipe {self.coordinator.default_recipe!r} is not a recipe: {sorted(self.recipes)}"
+            )
+        if self.coordinator.default_max_new_tokens > self.coordinator.max_new_tokens_cap:
+            raise ValueError("coordinator.default_max_new_tokens exceeds max_new_tokens_cap")
+        return self
+
+    def with_models(self, **paths: str | None) -> "EftConfig":
+        """Copy with some pools pointed at other model directories (CLI flags)."""
+        data = self.model_dump()
+        for role, path in paths.items():
+            if path is None:
+                continue
+            if role not in data["pools"]:
+                raise ValueError(f"no pool named {role!r}; pools: {sorted(data['pools'])}")
+            data["pools"][role]["model"] = str(path)
+        return EftConfig.model_validate(data)
+
+
+def _upscale_recipes(with_large_ft: bool, with_expert_b: bool) -> dict[str, RecipeConfig]:
+    recipes = {
+        "upscale": RecipeConfig(
+            description="LM up-scaling: large base steered by the small fine-tune's behaviour delta",
+            base="large_base", experts=["small_ft"], reference="small_base",
+        ),
+        "large_base": RecipeConfig(description="the large base model alone", base="large_base"),
+        "small_ft": RecipeConfig(description="the small fine-tuned model alone", base="small_ft"),
+        "small_base": RecipeConfig(description="the small base model alone", base="small_base"),
+    }
+    if with_expert_b:
+        recipes["interpolate"] = RecipeConfig(
+            description="behaviour interpolation: two small experts over one reference, weights per request",
+            base="large_base", experts=["small_ft", "small_ft_b"], reference="small_base",
+            default_weights={"small_ft": 1.0, "small_ft_b": 0.0},
+        )
+        recipes["small_ft_b"] = RecipeConfig(description="the second small expert alone", base="small_ft_b")
+    if with_large_ft:
+        recipes["downscale"] = RecipeConfig(
+            description="down-scaling: small base steered by the large fine-tune's behaviour delta",
+            base="small_base", experts=["large_ft"], reference="large_base",
+        )
+        recipes["large_ft"] = RecipeConfig(description="the large fine-tuned model alone (ground truth)", base="large_ft")
+    return recipes
+
+
+def demo_config(full_family: bool = False) -> EftConfig:
+    """The built-in stack: the demo family's pools and the up-scaling recipes.
+
+    `full_family` adds the second expert and the large fine-tune (interpolation, down-scaling).
+    """
+    roles = ["large_base", "small_base", "small_ft"]
+    if full_family:
+        roles += ["small_ft_b", "large_ft"]
+    pools = {role: PoolConfig(model=f"{DEMO_SCHEME}{role}") for role in roles}
+    return EftConfig(pools=pools, recipes=_upscale_recipes(full_family, full_family))
+
+
+def load_config(path: str | Path | None) -> EftConfig:
+    """Load a YAML config; `None` gives the built-in demo stack."""
+    if path is None:
+        return demo_config()
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: the top level must be a mapping")
+    return EftConfig.model_validate(data)

@@ -1,0 +1,22 @@
+"""The coordinator's view of a model pool, whatever carries the call.
+
+Owns only the protocol. Implementations: `transport.inprocess.InProcessPool` (an engine in this
+process), `transport.grpc_pool.GrpcPoolClient` (plain gRPC), `serve.pool_handle.ServePoolClient`
+(Ray Serve handle). Implementations raise `eft_serve.errors.EftError` subclasses only.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+from eft_serve.engine.types import ModelInfo, SequenceQuery, SequenceResult
+
+
+class PoolClient(Protocol):
+    role: str
+
+    async def info(self) -> ModelInfo: ...
+
+    async def next_token_logprobs(
+        self, queries: Sequence[SequenceQuery], top_k: int, deadline: float | None
+    ) -> list[SequenceResult]: ...

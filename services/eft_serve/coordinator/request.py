@@ -1,0 +1,77 @@
+"""Transport-neutral request/response records of the coordinator (what a `Generate` carries).
+
+Owns the shapes only; validation lives with the code that knows the limits (`validate.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    recipe: str | None = None
+    beta: float | None = None
+    expert_weights: Mapping[str, float] = field(default_factory=dict)
+    conservative: bool = False
+    conservative_top_p: float | None = None
+    logprob_top_k: int | None = None  # None = server default; 0 = exact
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    merge: MergeOptions = field(default_factory=MergeOptions)
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int = 0
+    seed: int | None = None
+    max_new_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    return_logprobs: bool = False
+    return_model_logprobs: bool = False
+    timeout_s: float | None = None
+    request_id: str = ""
+
+
+@dataclass
+class TokenOutput:
+    token_id: int
+    text: str
+    logprob: float | None = None
+    model_logprobs: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    time_to_first_token_ms: float = 0.0
+    total_ms: float = 0.0
+    tokens_per_s: float = 0.0
+    seed: int = 0
+    pool_calls: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    cache_errors: int = 0
+    recipe: str = ""
+    logprob_top_k: int = 0
+
+
+@dataclass
+class GenerationChunk:
+    """One streamed message: new text, the tokens behind it, and at the end finish + usage."""
+
+    text: str
+    tokens: list[TokenOutput] = field(default_factory=list)
+    finish_reason: str | None = None  # "length" | "stop" | "eos" | "context"
+    usage: Usage | None = None
+
+
+@dataclass
+class ScoreResult:
+    total_logprob: float
+    tokens: list[TokenOutput]
+    prompt_tokens: int

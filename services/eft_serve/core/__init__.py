@@ -1,0 +1,4 @@
+"""The merge/sampling core: recipes, per-token logprob arithmetic, sampling, detokenisation, stops.
+
+Pure computation over numpy arrays; imports no Ray, gRPC, Redis or torch.
+"""

@@ -1,0 +1,89 @@
+"""Plain data types of the engine boundary: what a pool is asked and what it answers.
+
+Owns the in-process shape of a pool call (mirrors `eft.v1.NextTokenRequest`, without protobuf)
+and the model identity record. Knows nothing about transports, merging or sampling.
+
+Position semantics: a query with ``num_positions = m`` over ``token_ids`` of length ``n`` asks for
+``m`` distributions; result ``j`` (0-based) is the distribution of the token that follows
+``token_ids[: n - m + 1 + j]``. So ``m = 1`` is the usual "next token after the whole prefix", and
+``m > 1`` scores a trailing block (speculative decoding, `Score`) in one forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SequenceQuery:
+    """One sequence in a batched pool call. Stateless: carries the whole prefix."""
+
+    token_ids: Sequence[int]
+    num_positions: int = 1
+    # Exact logprobs of these ids are returned at every position (in this order).
+    candidate_ids: Sequence[int] = ()
+    # Routing/KV-cache affinity hint only; results never depend on it.
+    sequence_id: str = ""
+
+
+@dataclass
+class PositionLogprobs:
+    """The next-token distribution at one position, possibly truncated to top-k."""
+
+    # Top-k ids sorted by descending logprob; empty when the full vocabulary is returned.
+    top_ids: np.ndarray  # int64 [k]
+    top_logprobs: np.ndarray  # float32 [k]
+    # Aligned with the query's candidate_ids.
+    candidate_logprobs: np.ndarray  # float32 [c]
+    # log(probability mass outside top_ids); -inf when nothing is left out.
+    tail_logmass: float
+    # Full-vocabulary logprobs when the call asked for top_k = 0, else None.
+    full_logprobs: np.ndarray | None = None
+
+
+@dataclass
+class SequenceResult:
+    positions: list[PositionLogprobs]
+    # How many prefix tokens were served from the replica's KV cache (observability only).
+    cached_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    vocab_size: int
+    max_context: int
+    eos_token_id: int
+    # sha256 over the vocabulary (token -> id); pools that merge must share it.
+    vocab_fingerprint: str
+    # sha256 over config + weights: cache keys never mix different weights.
+    model_fingerprint: str
+    dtype: str = "float32"
+    device: str = "cpu"
+    num_parameters: int = 0
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DraftQuery:
+    """Ask a model to extend a prefix greedily by ``num_tokens`` (speculative-decoding drafts)."""
+
+    token_ids: Sequence[int]
+    num_tokens: int
+    sequence_id: str = ""
+
+
+class LogprobEngine(Protocol):
+    """What every engine (real or fake) offers. Synchronous; callers run it off their event loop."""
+
+    @property
+    def info(self) -> ModelInfo: ...
+
+    def next_token_logprobs(
+        self, queries: Sequence[SequenceQuery], top_k: int
+    ) -> list[SequenceResult]: ...
+
+    def draft(self, queries: Sequence[DraftQuery]) -> list[list[int]]: ...

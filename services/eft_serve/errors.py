@@ -1,0 +1,54 @@
+"""Domain errors with a transport-neutral status, raised by the core, engine wrappers and coordinator.
+
+Owns the mapping from *what went wrong* to a status name (INVALID_ARGUMENT, NOT_FOUND, ...).
+Knows nothing about gRPC: the transport layer turns `EftError.status` into a gRPC code, so no
+layer below it imports grpc, and anything that is not an `EftError` is a bug (reported as
+INTERNAL without a stack trace by the transport).
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Status(str, Enum):
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    NOT_FOUND = "NOT_FOUND"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    UNAVAILABLE = "UNAVAILABLE"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    CANCELLED = "CANCELLED"
+    INTERNAL = "INTERNAL"
+
+
+class EftError(Exception):
+    status: Status = Status.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(EftError):
+    status = Status.INVALID_ARGUMENT
+
+
+class NotFound(EftError):
+    status = Status.NOT_FOUND
+
+
+class ResourceExhausted(EftError):
+    status = Status.RESOURCE_EXHAUSTED
+
+
+class Unavailable(EftError):
+    status = Status.UNAVAILABLE
+
+
+class DeadlineExceeded(EftError):
+    status = Status.DEADLINE_EXCEEDED
+
+
+class FailedPrecondition(EftError):
+    status = Status.FAILED_PRECONDITION

@@ -1,0 +1,31 @@
+"""Where a pool's model lives: local Hugging Face directories or the built-in demo family.
+
+Owns resolving a `PoolConfig.model` string to a directory. `demo:<role>` builds the demo family
+on first use (cached); anything else must be an existing local directory — there is no hub
+download here, so a typo fails fast with the path in the message.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from eft_serve.config import DEMO_SCHEME
+from eft_serve.errors import InvalidArgument
+
+
+def resolve_model_path(spec: str) -> Path:
+    if spec.startswith(DEMO_SCHEME):
+        from eft_serve.demo.family import ensure_demo_family
+
+        role = spec[len(DEMO_SCHEME):]
+        family = ensure_demo_family()
+        if role not in family.paths:
+            raise InvalidArgument(f"the demo family has no model {role!r}; it has {sorted(family.paths)}")
+        return family.paths[role]
+    path = Path(spec).expanduser()
+    if not (path / "config.json").is_file():
+        raise InvalidArgument(
+            f"model directory {str(path)!r} has no config.json; give a local Hugging Face model directory "
+            f"(save_pretrained output) or demo:<role>"
+        )
+    return path

@@ -1,0 +1,94 @@
+"""Running the whole stack on a Ray cluster: start (or join) Ray, deploy every app, tear down.
+
+Owns the order of deployment (pools first, concurrently; then the coordinator, whose start-up
+checks the pools' vocabularies) and stopping only what it started: Serve apps via the Serve API
+and a Ray instance via `ray.shutdown()` of the driver that started it — never `ray stop`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable
+
+from eft_serve.config import EftConfig
+from eft_serve.serve.app import GRPC_SERVICER_FUNCTIONS, coordinator_app, pool_app
+from eft_serve.serve.names import COORDINATOR_APP, pool_app_name
+
+
+def ensure_ray_env() -> None:
+    # A stray token file would turn auth on for some processes only: say it explicitly.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def start_local_ray(cfg: EftConfig) -> bool:
+    """Connect to `cfg.ray.address` or start a local Ray instance; returns True if we started one."""
+    import ray
+
+    ensure_ray_env()
+    if ray.is_initialized():
+        return False
+    kwargs: dict = {"namespace": cfg.ray.namespace, "include_dashboard": False, "log_to_driver": False}
+    if cfg.ray.address:
+        ray.init(address=cfg.ray.address, **kwargs)
+        return False
+    ray.init(_node_ip_address=cfg.ray.node_ip_address, num_cpus=cfg.ray.num_cpus,
+             _temp_dir=cfg.ray.temp_dir, **kwargs)
+    return True
+
+
+def deploy_stack(cfg: EftConfig, http_port: int = 8000, log: Callable[[str], None] = print) -> None:
+    """Start Serve with the gRPC proxy and deploy every pool and the coordinator."""
+    from ray import serve
+    from ray.serve.config import gRPCOptions, HTTPOptions
+
+    serve.start(
+        proxy_location="HeadOnly",
+        http_options=HTTPOptions(host="127.0.0.1", port=http_port),
+        grpc_options=gRPCOptions(
+            port=cfg.grpc.port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS,
+            request_timeout_s=cfg.grpc.request_timeout_s,
+        ),
+    )
+    args = {"config": cfg.model_dump(mode="json")}
+    started = time.perf_counter()
+    for role in cfg.pools:
+        serve.run(pool_app({**args, "role": role}), name=pool_app_name(role), route_prefix=None, _blocking=False)
+        log(f"deploying pool {role!r} ({cfg.pools[role].model})")
+    wait_for_apps([pool_app_name(r) for r in cfg.pools], timeout_s=cfg.coordinator.startup_timeout_s)
+    log(f"pools ready in {time.perf_counter() - started:.1f}s; deploying the coordinator")
+    serve.run(coordinator_app(args), name=COORDINATOR_APP, route_prefix="/")
+    log(f"stack ready in {time.perf_counter() - started:.1f}s; gRPC on port {cfg.grpc.port}")
+
+
+def wait_for_apps(names: list[str], timeout_s: float) -> None:
+    from ray import serve
+    from ray.serve.schema import ApplicationStatus
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        statuses = serve.status().applications
+        pending = []
+        for name in names:
+            app = statuses.get(name)
+            if app is not None and app.status == ApplicationStatus.DEPLOY_FAILED:
+                raise RuntimeError(f"application {name!r} failed to deploy: {app.message}")
+            if app is None or app.status != ApplicationStatus.RUNNING:
+                pending.append(name)
+        if not pending:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"applications not running after {timeout_s:.0f}s: {pending}")
+        time.sleep(0.5)
+
+
+def teardown(started_ray: bool) -> None:
+    import ray
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    finally:
+        if started_ray:
+            ray.shutdown()

@@ -1,0 +1,95 @@
+"""The model-pool Serve deployment: one engine per replica, concurrent calls batched.
+
+Owns replica start-up (thread count, engine load) and Serve batching: concurrent
+`NextTokenLogprobs` calls to one replica are coalesced into one engine call so sequences from
+different requests share forward passes. Messages travel as serialized `eft.v1` protobuf bytes.
+Errors leave as `EftError`s; the caller maps them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from ray import serve
+
+from eft_serve.config import PoolConfig
+from eft_serve.errors import DeadlineExceeded, EftError, InvalidArgument
+from eft_serve.proto_gen.eft.v1 import pool_pb2
+from eft_serve.serve.names import POOL_DEPLOYMENT
+from eft_serve.transport.pool_rpc import PoolRpc
+
+
+@serve.deployment(name=POOL_DEPLOYMENT)
+class ModelPoolDeployment:
+    def __init__(self, role: str, pool: dict[str, Any]) -> None:
+        import torch
+
+        from eft_serve.engine.hf_engine import HFEngine
+        from eft_serve.models import resolve_model_path
+
+        cfg = PoolConfig.model_validate(pool)
+        torch.set_num_threads(cfg.torch_threads)
+        path = resolve_model_path(cfg.model)
+        engine = HFEngine.load(
+            path, name=f"{role}:{path.name}", dtype=cfg.dtype, device=cfg.device,
+            kv_cache_bytes=cfg.kv_cache_bytes, torch_threads=cfg.torch_threads,
+        )
+        self.role = role
+        self._rpc = PoolRpc(engine, role)
+        self._batched.set_max_batch_size(cfg.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+
+    async def NextTokenLogprobs(self, request: bytes) -> bytes:  # noqa: N802 (mirrors the RPC)
+        msg = pool_pb2.NextTokenLogprobsRequest.FromString(request)
+        if msg.deadline_unix_s and time.time() > msg.deadline_unix_s:
+            raise DeadlineExceeded(f"model pool {self.role!r}: the request's deadline passed while queued")
+        reply = await self._batched(msg)
+        if isinstance(reply, EftError):
+            raise reply
+        return reply.SerializeToString()
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.001)
+    async def _batched(self, requests: list[pool_pb2.NextTokenLogprobsRequest]) -> list[Any]:
+        if len(requests) == 1:
+            return [await self._one(requests[0])]
+        out: list[Any] = [None] * len(requests)
+        by_k: dict[int, list[int]] = {}
+        for i, r in enumerate(requests):
+            by_k.setdefault(r.top_k, []).append(i)
+        for top_k, idx in by_k.items():
+            merged = pool_pb2.NextTokenLogprobsRequest(top_k=top_k)
+            for i in idx:
+                merged.sequences.extend(requests[i].sequences)
+            try:
+                reply = await self._rpc.next_token_logprobs(merged)
+            except InvalidArgument:
+                # One bad request must not fail its batch-mates: answer them one by one.
+                for i in idx:
+                    out[i] = await self._one(requests[i])
+                continue
+            start = 0
+            for i in idx:
+                n = len(requests[i].sequences)
+                out[i] = pool_pb2.NextTokenLogprobsResponse(
+                    sequences=reply.sequences[start:start + n], model_fingerprint=reply.model_fingerprint
+                )
+                start += n
+        return out
+
+    async def _one(self, request: pool_pb2.NextTokenLogprobsRequest) -> Any:
+        try:
+            return await self._rpc.next_token_logprobs(request)
+        except EftError as e:
+            return e
+
+    async def Draft(self, request: bytes) -> bytes:  # noqa: N802
+        return (await self._rpc.draft(pool_pb2.DraftRequest.FromString(request))).SerializeToString()
+
+    async def Info(self) -> bytes:  # noqa: N802
+        return self._rpc.info().SerializeToString()
+
+    async def check_health(self) -> None:
+        # The engine is loaded in __init__; a replica that got here can serve.
+        await asyncio.sleep(0)

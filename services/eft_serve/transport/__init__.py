@@ -1,0 +1,1 @@
+"""Transports: thin layers that carry engine and coordinator calls (in-process, gRPC)."""

@@ -1,0 +1,77 @@
+"""The client-facing `eft.v1.EftService` over plain grpc.aio, with health and reflection.
+
+Owns the grpc.aio servicer (status codes via `context.abort`) and a server factory bound to
+loopback by default. Inside Ray Serve the proxy plays this role (`serve.coordinator_deployment`);
+this server runs the same `CoordinatorRpc` without Ray (integration tests, `eft serve --no-ray`).
+"""
+
+from __future__ import annotations
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from eft_serve.proto_gen.eft.v1 import eft_pb2, eft_pb2_grpc, pool_pb2, pool_pb2_grpc
+from eft_serve.transport.coordinator_rpc import CoordinatorRpc
+from eft_serve.transport.grpc_pool import PoolServicer
+from eft_serve.transport.pool_rpc import PoolRpc
+from eft_serve.transport.status import to_grpc_status
+
+SERVICE_NAME = eft_pb2.DESCRIPTOR.services_by_name["EftService"].full_name
+POOL_SERVICE_NAME = pool_pb2.DESCRIPTOR.services_by_name["ModelPool"].full_name
+
+
+class EftServicer(eft_pb2_grpc.EftServiceServicer):
+    def __init__(self, rpc: CoordinatorRpc) -> None:
+        self._rpc = rpc
+
+    async def Generate(self, request, context):  # noqa: N802 (gRPC method name)
+        try:
+            stream = await self._rpc.generate(request)
+            async for msg in stream:
+                yield msg
+        except Exception as e:
+            await context.abort(*to_grpc_status(e))
+
+    async def Complete(self, request, context):  # noqa: N802
+        try:
+            return await self._rpc.complete(request)
+        except Exception as e:
+            await context.abort(*to_grpc_status(e))
+
+    async def Score(self, request, context):  # noqa: N802
+        try:
+            return await self._rpc.score(request)
+        except Exception as e:
+            await context.abort(*to_grpc_status(e))
+
+    async def ListModels(self, request, context):  # noqa: N802
+        return self._rpc.list_models()
+
+    async def ListRecipes(self, request, context):  # noqa: N802
+        return self._rpc.list_recipes()
+
+
+async def start_coordinator_server(rpc: CoordinatorRpc, host: str = "127.0.0.1", port: int = 0) -> tuple[grpc.aio.Server, int]:
+    """Start a grpc.aio server with EftService, health and reflection; returns (server, port)."""
+    server = grpc.aio.server()
+    eft_pb2_grpc.add_EftServiceServicer_to_server(EftServicer(rpc), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    return server, bound
+
+
+async def start_pool_server(rpc: PoolRpc, host: str = "127.0.0.1", port: int = 0) -> tuple[grpc.aio.Server, int]:
+    server = grpc.aio.server()
+    pool_pb2_grpc.add_ModelPoolServicer_to_server(PoolServicer(rpc), server)
+    reflection.enable_server_reflection([POOL_SERVICE_NAME, reflection.SERVICE_NAME], server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    return server, bound

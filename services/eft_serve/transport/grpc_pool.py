@@ -1,0 +1,78 @@
+"""Model pools over plain grpc.aio: a servicer over `PoolRpc` and a `PoolClient` over a channel.
+
+Owns gRPC specifics only (status codes both ways, per-call timeouts). Used for pools outside
+Ray (integration tests, a bare-metal pool) — inside Ray Serve, `serve.pool_client` is the client.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import grpc
+
+from eft_serve.engine.types import ModelInfo, SequenceQuery, SequenceResult
+from eft_serve.errors import DeadlineExceeded, EftError, InvalidArgument, Status, Unavailable
+from eft_serve.proto_gen.eft.v1 import pool_pb2, pool_pb2_grpc
+from eft_serve.transport.convert import info_from_proto, queries_to_proto, results_from_proto
+from eft_serve.transport.pool_rpc import PoolRpc
+from eft_serve.transport.status import status_from_grpc, to_grpc_status
+
+
+class PoolServicer(pool_pb2_grpc.ModelPoolServicer):
+    def __init__(self, rpc: PoolRpc) -> None:
+        self._rpc = rpc
+
+    async def NextTokenLogprobs(self, request, context):  # noqa: N802 (gRPC method name)
+        try:
+            return await self._rpc.next_token_logprobs(request)
+        except Exception as e:
+            await context.abort(*to_grpc_status(e))
+
+    async def Draft(self, request, context):  # noqa: N802
+        try:
+            return await self._rpc.draft(request)
+        except Exception as e:
+            await context.abort(*to_grpc_status(e))
+
+    async def Info(self, request, context):  # noqa: N802
+        return self._rpc.info()
+
+
+_STATUS_ERRORS: dict[Status, type[EftError]] = {
+    Status.INVALID_ARGUMENT: InvalidArgument,
+    Status.DEADLINE_EXCEEDED: DeadlineExceeded,
+}
+
+
+class GrpcPoolClient:
+    """`PoolClient` over a grpc.aio channel to a `ModelPool` server."""
+
+    def __init__(self, address: str, role: str, timeout_s: float = 30.0) -> None:
+        self.role = role
+        self._address = address
+        self._timeout = timeout_s
+        self._channel = grpc.aio.insecure_channel(address)
+        self._stub = pool_pb2_grpc.ModelPoolStub(self._channel)
+
+    def _error(self, e: grpc.aio.AioRpcError) -> EftError:
+        status = status_from_grpc(e.code())
+        cls = _STATUS_ERRORS.get(status, Unavailable)
+        return cls(f"model pool {self.role!r} at {self._address}: {e.details() or e.code().name}")
+
+    async def info(self) -> ModelInfo:
+        try:
+            return info_from_proto(await self._stub.Info(pool_pb2.PoolInfoRequest(), timeout=self._timeout))
+        except grpc.aio.AioRpcError as e:
+            raise self._error(e) from None
+
+    async def next_token_logprobs(
+        self, queries: Sequence[SequenceQuery], top_k: int, deadline: float | None
+    ) -> list[SequenceResult]:
+        try:
+            reply = await self._stub.NextTokenLogprobs(queries_to_proto(queries, top_k, deadline), timeout=self._timeout)
+        except grpc.aio.AioRpcError as e:
+            raise self._error(e) from None
+        return results_from_proto(reply)
+
+    async def close(self) -> None:
+        await self._channel.close()
