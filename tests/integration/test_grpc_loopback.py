@@ -1,0 +1,98 @@
+"""Pools and coordinator over real gRPC on loopback (no Ray): streaming, status codes, health, reflection."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from eft_serve.client import AsyncEftClient
+from eft_serve.config import CoordinatorConfig
+from eft_serve.coordinator.service import EftCoordinator
+from eft_serve.proto_gen.eft.v1 import eft_pb2
+from eft_serve.transport.coordinator_rpc import CoordinatorRpc
+from eft_serve.transport.grpc_coordinator import SERVICE_NAME, start_coordinator_server, start_pool_server
+from eft_serve.transport.grpc_pool import GrpcPoolClient
+from eft_serve.transport.pool_rpc import PoolRpc
+
+from fakes import RECIPES, CharTokenizer, fake_engines
+
+
+@pytest.fixture
+async def stack():
+    servers, clients = [], []
+    engines = fake_engines()
+    pools = {}
+    for role, engine in engines.items():
+        server, port = await start_pool_server(PoolRpc(engine, role))
+        servers.append(server)
+        pools[role] = GrpcPoolClient(f"127.0.0.1:{port}", role, timeout_s=2.0)
+        clients.append(pools[role])
+    coord = EftCoordinator(pools, RECIPES, CharTokenizer(), CoordinatorConfig(max_new_tokens_cap=64, pool_call_timeout_s=2.0))
+    await coord.start()
+    server, port = await start_coordinator_server(CoordinatorRpc(coord))
+    servers.append(server)
+    try:
+        yield {"address": f"127.0.0.1:{port}", "pool_servers": servers[:-1], "engines": engines}
+    finally:
+        for c in clients:
+            await c.close()
+        for s in servers:
+            await s.stop(grace=None)
+
+
+async def test_stream_and_complete_agree(stack) -> None:
+    async with AsyncEftClient(stack["address"], timeout=20) as client:
+        msgs = [m async for m in client.generate("hello", temperature=0, max_new_tokens=12, ignore_eos=True,
+                                                 return_logprobs=True)]
+        assert msgs[-1].finish_reason == eft_pb2.FINISH_REASON_LENGTH
+        assert msgs[-1].usage.completion_tokens == 12
+        text = "".join(m.text for m in msgs)
+        done = await client.complete("hello", temperature=0, max_new_tokens=12, ignore_eos=True)
+        assert done.text == text and len(done.token_ids) == 12
+        models = await client.list_models()
+        assert {m.role for m in models.models} == set(stack["engines"])
+        recipes = await client.list_recipes()
+        assert "upscale" in {r.name for r in recipes.recipes}
+
+
+@pytest.mark.parametrize(
+    "kwargs, code",
+    [
+        (dict(prompt=""), grpc.StatusCode.INVALID_ARGUMENT),
+        (dict(prompt="a", temperature=-1.0), grpc.StatusCode.INVALID_ARGUMENT),
+        (dict(prompt="a", top_p=2.0), grpc.StatusCode.INVALID_ARGUMENT),
+        (dict(prompt="a", max_new_tokens=0), grpc.StatusCode.INVALID_ARGUMENT),
+        (dict(prompt="a", recipe="nope"), grpc.StatusCode.INVALID_ARGUMENT),
+        (dict(prompt="a", beta=float("nan")), grpc.StatusCode.INVALID_ARGUMENT),
+    ],
+)
+async def test_bad_input_status_codes(stack, kwargs, code) -> None:
+    async with AsyncEftClient(stack["address"], timeout=20) as client:
+        prompt = kwargs.pop("prompt")
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            [m async for m in client.generate(prompt, **kwargs)]
+        assert err.value.code() == code
+        assert "Traceback" not in (err.value.details() or "")
+        assert len(err.value.details()) > 10
+
+
+async def test_pool_down_is_unavailable(stack) -> None:
+    await stack["pool_servers"][1].stop(grace=None)  # small_base
+    async with AsyncEftClient(stack["address"], timeout=20) as client:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            [m async for m in client.generate("ab", temperature=0, max_new_tokens=3)]
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "small_base" in err.value.details()
+
+
+async def test_health_and_reflection(stack) -> None:
+    async with grpc.aio.insecure_channel(stack["address"]) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        refl = reflection_pb2_grpc.ServerReflectionStub(channel)
+        responses = refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        names = [s.name async for r in responses for s in r.list_services_response.service]
+        assert SERVICE_NAME in names
