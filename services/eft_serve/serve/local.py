@@ -54,7 +54,7 @@ def deploy_stack(cfg: EftConfig, http_port: int = 8000, log: Callable[[str], Non
     args = {"config": cfg.model_dump(mode="json")}
     started = time.perf_counter()
     for role in cfg.pools:
-        serve.run(pool_app({**args, "role": role}), name=pool_app_name(role), route_prefix=None, _blocking=False)
+        serve.run(pool_app({"role": role, "pool": cfg.pools[role].model_dump(mode="json")}), name=pool_app_name(role), route_prefix=None, _blocking=False)
         log(f"deploying pool {role!r} ({cfg.pools[role].model})")
     wait_for_apps([pool_app_name(r) for r in cfg.pools], timeout_s=cfg.coordinator.startup_timeout_s)
     log(f"pools ready in {time.perf_counter() - started:.1f}s; deploying the coordinator")

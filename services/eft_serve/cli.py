@@ -1,0 +1,207 @@
+"""The `eft` command: serve the stack, stream a generation, run the demo, render deploy configs.
+
+Owns argument parsing and printing only; everything it runs lives in `stack`, `client`,
+`serve.app` and `demo`. One config tree: YAML (or the built-in demo stack) plus flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Sequence
+
+import grpc
+
+from eft_serve.config import EftConfig, load_config
+
+
+def _config_from_args(args: argparse.Namespace) -> EftConfig:
+    cfg = load_config(args.config)
+    cfg = cfg.with_models(large_base=args.large_base, small_base=args.small_base, small_ft=args.small_ft)
+    if args.grpc_port is not None:
+        cfg = cfg.model_copy(update={"grpc": cfg.grpc.model_copy(update={"port": args.grpc_port})})
+    if getattr(args, "no_cache", False):
+        cfg = cfg.model_copy(update={"cache": cfg.cache.model_copy(update={"enabled": False})})
+    return EftConfig.model_validate(cfg.model_dump())
+
+
+def _add_stack_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config (default: the built-in demo stack)")
+    p.add_argument("--large-base", help="model directory of the large base model")
+    p.add_argument("--small-base", help="model directory of the small base model")
+    p.add_argument("--small-ft", help="model directory of the small fine-tuned model")
+    p.add_argument("--grpc-port", type=int, help="gRPC port of the service (default from config: 9000)")
+    p.add_argument("--http-port", type=int, default=8000, help="Serve's HTTP proxy port (loopback)")
+    p.add_argument("--no-cache", action="store_true", help="disable the result cache (and the local Redis)")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from eft_serve.stack import local_stack
+
+    cfg = _config_from_args(args)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with local_stack(cfg, http_port=args.http_port, log=lambda m: print(f"[eft] {m}", flush=True)):
+        print(f"[eft] serving on 127.0.0.1:{cfg.grpc.port}; Ctrl-C stops everything", flush=True)
+        stop.wait()
+        print("[eft] stopping", flush=True)
+    return 0
+
+
+def _generate_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    weights = {}
+    for item in args.expert_weight or []:
+        name, _, value = item.partition("=")
+        weights[name] = float(value)
+    return dict(
+        recipe=args.recipe, beta=args.beta, expert_weights=weights, conservative=args.conservative,
+        logprob_top_k=args.top_k, temperature=args.temperature, top_p=args.top_p, top_k=args.sample_top_k,
+        seed=args.seed, max_new_tokens=args.max_new_tokens, stop=args.stop or [],
+        return_logprobs=args.json, return_model_logprobs=args.json and args.model_logprobs,
+        timeout_s=args.timeout,
+    )
+
+
+def _add_generate_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", help="recipe name (see `eft recipes`); default: the server's (upscale)")
+    p.add_argument("--beta", type=float, help="strength of the behaviour delta (default 1)")
+    p.add_argument("--expert-weight", action="append", metavar="ROLE=W", help="per-expert weight (interpolation)")
+    p.add_argument("--conservative", action="store_true", help="conservative decoding")
+    p.add_argument("--top-k", type=int, help="per-model top-k logprobs merged; 0 = exact full vocabulary")
+    p.add_argument("--temperature", type=float, help="0 = greedy (default 1)")
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--sample-top-k", type=int, default=0, help="top-k truncation of the merged distribution")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--timeout", type=float, default=0.0, help="request deadline in seconds")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from eft_serve.client import EftClient
+
+    with EftClient(args.address) as client:
+        text: list[str] = []
+        ids: list[int] = []
+        try:
+            for msg in client.generate(args.prompt, **_generate_kwargs(args)):
+                text.append(msg.text)
+                ids.extend(t.token_id for t in msg.tokens)
+                if args.json:
+                    print(json.dumps({
+                        "text": msg.text,
+                        "tokens": [{"id": t.token_id, "logprob": t.logprob, **({"models": dict(t.model_logprobs)} if t.model_logprobs else {})} for t in msg.tokens],
+                    }), flush=True)
+                else:
+                    print(msg.text, end="", flush=True)
+                if msg.HasField("usage"):
+                    final = msg
+        except grpc.RpcError as e:
+            print(f"\nerror: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 2
+        u = final.usage
+        if args.json:
+            print(json.dumps({
+                "done": True, "text": "".join(text), "token_ids": ids,
+                "finish_reason": final.finish_reason, "usage": {
+                    "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+                    "tokens_per_s": u.tokens_per_s, "time_to_first_token_ms": u.time_to_first_token_ms,
+                    "seed": u.seed, "recipe": u.recipe, "logprob_top_k": u.logprob_top_k,
+                    "cache_hits": u.cache_hits, "cache_misses": u.cache_misses,
+                },
+            }), flush=True)
+        else:
+            print(f"\n[{u.completion_tokens} tokens, {u.tokens_per_s:.1f} tok/s, recipe {u.recipe}, seed {u.seed}]",
+                  file=sys.stderr)
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from eft_serve.client import EftClient
+
+    with EftClient(args.address, timeout=10) as client:
+        reply = client.list_recipes()
+        for r in reply.recipes:
+            mark = "*" if r.name == reply.default_recipe else " "
+            print(f"{mark} {r.name:12s} {r.formula}\n    {r.description}")
+        for m in client.list_models().models:
+            print(f"  pool {m.role:11s} {m.name} ({m.num_parameters:,} params, vocab {m.vocab_size}, ctx {m.max_context})")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from eft_serve.demo.showcase import run_demo
+
+    return run_demo(_config_from_args(args), http_port=args.http_port, n_prompts=args.prompts)
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    import yaml
+
+    from eft_serve.serve.app import render_serve_yaml
+
+    text = render_serve_yaml(load_config(args.config))
+    if args.out:
+        Path(args.out).write_text(text)
+    else:
+        print(text)
+    return 0
+
+
+def cmd_build_demo(args: argparse.Namespace) -> int:
+    from eft_serve.demo.family import ensure_demo_family
+
+    family = ensure_demo_family(seed=args.seed, log=print)
+    for role, path in family.paths.items():
+        print(f"{role:11s} {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="eft", description="Emulated fine-tuning / LM up-scaling as a service")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the whole stack in the foreground on a local Ray cluster")
+    _add_stack_flags(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("generate", help="stream a completion from a running server")
+    p.add_argument("prompt")
+    p.add_argument("--address", default="127.0.0.1:9000")
+    p.add_argument("--json", action="store_true", help="JSON lines; the last carries token_ids and text")
+    p.add_argument("--model-logprobs", action="store_true", help="with --json: each model's logprob per token")
+    _add_generate_flags(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("recipes", help="list a running server's recipes and models")
+    p.add_argument("--address", default="127.0.0.1:9000")
+    p.set_defaults(func=cmd_recipes)
+
+    p = sub.add_parser("demo", help="build the demo family, start the stack, compare models side by side, stop")
+    _add_stack_flags(p)
+    p.add_argument("--prompts", type=int, default=4, help="how many held-out prompts")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("render-serve-config", help="print the Serve config (serve run / KubeRay) for a config")
+    p.add_argument("--config")
+    p.add_argument("--out")
+    p.set_defaults(func=cmd_render)
+
+    p = sub.add_parser("build-demo", help="build (or find) the demo model family")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_build_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""The whole local stack as one context manager: local Redis, Ray, the Serve apps — and teardown.
+
+Owns lifecycle and order: build the demo family once in this process (so replicas do not race
+to train it), start a local Redis when the cache wants Redis and none is configured, start or
+join Ray, deploy, and on exit stop exactly what it started (Serve API, `ray.shutdown()`, the
+Redis PID). Used by `eft serve`, `eft demo` and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+from eft_serve.config import DEMO_SCHEME, EftConfig
+
+
+@contextlib.contextmanager
+def local_stack(cfg: EftConfig, http_port: int = 8000, log: Callable[[str], None] = print) -> Iterator[EftConfig]:
+    """Run the stack for `cfg`; yields the effective config (with the local Redis URL filled in)."""
+    from eft_serve.infra.redis_server import LocalRedisServer
+    from eft_serve.serve.local import deploy_stack, start_local_ray, teardown
+
+    if any(p.model.startswith(DEMO_SCHEME) for p in cfg.pools.values()):
+        from eft_serve.demo.family import ensure_demo_family
+
+        family = ensure_demo_family(log=log)
+        log(f"demo family ready at {family.root}")
+    redis: LocalRedisServer | None = None
+    started_ray = False
+    try:
+        if cfg.cache.enabled and not cfg.cache.url and cfg.cache.backend != "memory" and cfg.local_redis.enabled:
+            redis = LocalRedisServer(cfg.local_redis)
+            redis.start()
+            log(f"local Redis on {redis.url} (maxmemory {cfg.local_redis.maxmemory}, {cfg.local_redis.maxmemory_policy})")
+            cfg = cfg.model_copy(update={"cache": cfg.cache.model_copy(update={"url": redis.url})})
+        started_ray = start_local_ray(cfg)
+        deploy_stack(cfg, http_port=http_port, log=log)
+        yield cfg
+    finally:
+        with contextlib.suppress(Exception):
+            teardown(started_ray)
+        if redis is not None:
+            redis.stop()

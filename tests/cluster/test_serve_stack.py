@@ -1,0 +1,100 @@
+"""The whole stack on a real local Ray cluster, through Serve's gRPC proxy."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from transformers import AutoTokenizer
+
+from eft_serve.client import EftClient
+from eft_serve.config import demo_config
+from eft_serve.core.recipe import resolve_recipe
+from eft_serve.proto_gen.eft.v1 import eft_pb2
+from eft_serve.reference import ReferenceEFT
+
+pytestmark = pytest.mark.cluster
+
+
+def test_streamed_generate_exact_matches_reference(cluster_stack) -> None:
+    family = cluster_stack["family"]
+    q = family.world.held_out_questions()[0]
+    with EftClient(cluster_stack["address"], timeout=120) as client:
+        msgs = list(client.generate(q.prompt, temperature=0, logprob_top_k=0, max_new_tokens=20,
+                                    return_logprobs=True, return_model_logprobs=True))
+    assert len(msgs) >= 2, "expected a stream of several messages"
+    final = msgs[-1]
+    assert final.HasField("usage") and final.usage.completion_tokens == sum(len(m.tokens) for m in msgs)
+    ids = [t.token_id for m in msgs for t in m.tokens]
+    tok = AutoTokenizer.from_pretrained(family.paths["large_base"])
+    coefs = resolve_recipe(demo_config().recipes, "upscale").coefficients()
+    expected, _ = ReferenceEFT(family.paths, coefs).greedy(tok.encode(q.prompt), 20, tok.eos_token_id)
+    assert ids == expected
+    assert set(msgs[0].tokens[0].model_logprobs) == {"large_base", "small_ft", "small_base"}
+
+
+def test_seeded_sampling_reproducible_through_proxy(cluster_stack) -> None:
+    with EftClient(cluster_stack["address"], timeout=120) as client:
+        a = client.complete("Q: ", temperature=1.0, seed=11, max_new_tokens=16)
+        b = client.complete("Q: ", temperature=1.0, seed=11, max_new_tokens=16)
+    assert list(a.token_ids) == list(b.token_ids) and a.text == b.text and a.usage.seed == 11
+
+
+@pytest.mark.parametrize(
+    "kwargs, code",
+    [
+        (dict(prompt=""), grpc.StatusCode.INVALID_ARGUMENT),
+        (dict(prompt="x" * 3000), grpc.StatusCode.INVALID_ARGUMENT),
+        (dict(prompt="a", recipe="no-such-recipe"), grpc.StatusCode.INVALID_ARGUMENT),
+        (dict(prompt="a", beta=float("inf")), grpc.StatusCode.INVALID_ARGUMENT),
+        (dict(prompt="a", temperature=-1.0), grpc.StatusCode.INVALID_ARGUMENT),
+        (dict(prompt="a", top_p=0.0), grpc.StatusCode.INVALID_ARGUMENT),
+        (dict(prompt="a", max_new_tokens=0), grpc.StatusCode.INVALID_ARGUMENT),
+        (dict(prompt="a", max_new_tokens=100_000), grpc.StatusCode.INVALID_ARGUMENT),
+    ],
+)
+def test_bad_input_status_codes_through_proxy(cluster_stack, kwargs, code) -> None:
+    prompt = kwargs.pop("prompt")
+    with EftClient(cluster_stack["address"], timeout=60) as client:
+        with pytest.raises(grpc.RpcError) as err:
+            list(client.generate(prompt, **kwargs))
+    assert err.value.code() == code, err.value.details()
+    assert "Traceback" not in err.value.details()
+
+
+def test_health_reflection_and_discovery(cluster_stack) -> None:
+    with grpc.insecure_channel(cluster_stack["address"]) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        refl = reflection_pb2_grpc.ServerReflectionStub(channel)
+        names = [s.name for r in refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=30)
+                 for s in r.list_services_response.service]
+        assert "eft.v1.EftService" in names
+    with EftClient(cluster_stack["address"], timeout=30) as client:
+        assert {m.role for m in client.list_models().models} == {"large_base", "small_base", "small_ft"}
+        assert client.list_recipes().default_recipe == "upscale"
+        score = client.score("Q: ", "A")
+        assert score.total_logprob < 0 and len(score.tokens) >= 1
+
+
+def test_pool_down_is_unavailable_then_recovers(cluster_stack) -> None:
+    from ray import serve
+
+    from eft_serve.serve.app import pool_app
+    from eft_serve.serve.names import pool_app_name
+
+    cfg = cluster_stack["config"]
+    serve.delete(pool_app_name("small_base"), _blocking=True)
+    try:
+        with EftClient(cluster_stack["address"], timeout=60) as client:
+            with pytest.raises(grpc.RpcError) as err:
+                list(client.generate("Q: ", temperature=0, max_new_tokens=4))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+        assert "small_base" in err.value.details()
+    finally:
+        serve.run(pool_app({"role": "small_base", "pool": cfg.pools["small_base"].model_dump(mode="json")}),
+                  name=pool_app_name("small_base"), route_prefix=None)
+    with EftClient(cluster_stack["address"], timeout=120) as client:
+        done = client.complete("Q: ", temperature=0, max_new_tokens=4)
+    assert done.finish_reason in (eft_pb2.FINISH_REASON_LENGTH, eft_pb2.FINISH_REASON_EOS, eft_pb2.FINISH_REASON_STOP)

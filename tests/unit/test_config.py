@@ -1,0 +1,75 @@
+"""The config tree: strict validation, defaults, and the committed deploy files staying in sync."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from eft_serve.config import EftConfig, ReplicaConfig, demo_config, load_config
+from eft_serve.serve.app import render_serve_yaml, serve_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_unknown_keys_are_rejected_at_every_level() -> None:
+    data = demo_config().model_dump()
+    data["pools"]["large_base"]["replica"]["max_ongoing_request"] = 3  # typo
+    with pytest.raises(ValidationError, match="max_ongoing_request"):
+        EftConfig.model_validate(data)
+    data = demo_config().model_dump()
+    data["coordinatr"] = {}
+    with pytest.raises(ValidationError, match="coordinatr"):
+        EftConfig.model_validate(data)
+
+
+def test_autoscaling_target_must_be_below_max_ongoing() -> None:
+    with pytest.raises(ValidationError, match="never scales"):
+        ReplicaConfig(max_ongoing_requests=4, autoscaling={"target_ongoing_requests": 4, "max_replicas": 3})
+    ok = ReplicaConfig(max_ongoing_requests=8, autoscaling={"target_ongoing_requests": 2, "max_replicas": 3},
+                       node_group_resource="pool_large_base")
+    opts = ok.deployment_options()
+    assert opts["autoscaling_config"]["max_replicas"] == 3 and "num_replicas" not in opts
+    assert opts["ray_actor_options"]["resources"] == {"pool_large_base": 0.001}
+
+
+def test_recipes_must_reference_existing_pools() -> None:
+    data = demo_config().model_dump()
+    del data["pools"]["small_base"]
+    with pytest.raises(ValidationError, match="small_base"):
+        EftConfig.model_validate(data)
+    data = demo_config().model_dump()
+    data["coordinator"]["default_recipe"] = "missing"
+    with pytest.raises(ValidationError, match="default_recipe"):
+        EftConfig.model_validate(data)
+
+
+def test_with_models_overrides_paths() -> None:
+    cfg = demo_config().with_models(large_base="/models/big", small_ft=None)
+    assert cfg.pools["large_base"].model == "/models/big"
+    assert cfg.pools["small_ft"].model == "demo:small_ft"
+    with pytest.raises(ValueError, match="no pool"):
+        demo_config().with_models(huge="/x")
+
+
+def test_full_family_has_interpolation_and_downscale() -> None:
+    cfg = demo_config(full_family=True)
+    assert {"interpolate", "downscale", "upscale"} <= set(cfg.recipes)
+
+
+def test_committed_deploy_files_are_in_sync() -> None:
+    committed = load_config(ROOT / "deploy" / "demo.yaml")
+    assert committed == demo_config()
+    assert (ROOT / "deploy" / "serve_demo.yaml").read_text() == render_serve_yaml(committed)
+
+
+def test_serve_config_shape() -> None:
+    sc = serve_config(demo_config())
+    names = [a["name"] for a in sc["applications"]]
+    assert names[-1] == "eft" and {"pool-large_base", "pool-small_base", "pool-small_ft"} <= set(names)
+    # Only the coordinator is routable, so gRPC clients need no `application` metadata.
+    assert [a["route_prefix"] for a in sc["applications"] if a["route_prefix"]] == ["/"]
+    assert sc["proxy_location"] == "HeadOnly"
+    yaml.safe_load(render_serve_yaml(demo_config()))
