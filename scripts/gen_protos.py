@@ -33,6 +33,9 @@ def generate(out: Path) -> None:
         # protoc emits absolute imports (`from eft.v1 import x_pb2`); make them package-relative.
         text = py.read_text()
         text = re.sub(r"^from eft\.v1 import", "from eft_serve.proto_gen.eft.v1 import", text, flags=re.M)
+        # The module name given to the message builder becomes each class's __module__, which
+        # pickling (Ray Serve passes requests between processes) must be able to import.
+        text = re.sub(r"'eft\.v1\.(\w+_pb2)'", r"'eft_serve.proto_gen.eft.v1.\1'", text)
         py.write_text(text)
     for d in [out, *[p for p in out.rglob("*") if p.is_dir()]]:
         (d / "__init__.py").touch()

@@ -53,8 +53,13 @@ def deploy_stack(cfg: EftConfig, http_port: int = 8000, log: Callable[[str], Non
     )
     args = {"config": cfg.model_dump(mode="json")}
     started = time.perf_counter()
+    # All pools in one call so they load their models concurrently; wait_for_apps reports failures.
+    serve.run_many(
+        [serve.RunTarget(pool_app({"role": role, "pool": cfg.pools[role].model_dump(mode="json")}),
+                         name=pool_app_name(role), route_prefix=None) for role in cfg.pools],
+        wait_for_ingress_deployment_creation=False, wait_for_applications_running=False,
+    )
     for role in cfg.pools:
-        serve.run(pool_app({"role": role, "pool": cfg.pools[role].model_dump(mode="json")}), name=pool_app_name(role), route_prefix=None, _blocking=False)
         log(f"deploying pool {role!r} ({cfg.pools[role].model})")
     wait_for_apps([pool_app_name(r) for r in cfg.pools], timeout_s=cfg.coordinator.startup_timeout_s)
     log(f"pools ready in {time.perf_counter() - started:.1f}s; deploying the coordinator")

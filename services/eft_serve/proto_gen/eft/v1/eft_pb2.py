@@ -29,7 +29,7 @@ DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10\x65\x66t/v1/e
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'eft.v1.eft_pb2', _globals)
+_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'eft_serve.proto_gen.eft.v1.eft_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MERGEPARAMS_EXPERTWEIGHTSENTRY']._loaded_options = None
