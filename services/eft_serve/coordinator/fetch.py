@@ -78,6 +78,7 @@ class StepFetcher:
         out: dict[str, list[SequenceResult | None]] = {r: [None] * len(qs) for r, qs in role_queries.items()}
         keys: list[tuple[str, int, str]] = []
         cache = self._cache if use_cache else None
+        before = cache.stats() if cache is not None else None
         if cache is not None:
             keys = [(r, i, self._key(r, q, top_k)) for r, qs in role_queries.items() for i, q in enumerate(qs)]
             values = await cache.get_many([k for _, _, k in keys])
@@ -118,4 +119,9 @@ class StepFetcher:
                         fresh.append((key_of[(role, i)], result_to_proto(result).SerializeToString()))
             if cache is not None and fresh:
                 await cache.set_many(fresh)
+        if cache is not None and before is not None:
+            # Backend errors and bypasses (Redis down) are counted by the cache itself; under
+            # concurrent streams this per-stream attribution is approximate.
+            d = cache.stats().delta(before)
+            stats.cache_errors += d.errors + d.bypassed
         return {role: [r for r in results if r is not None] for role, results in out.items()}

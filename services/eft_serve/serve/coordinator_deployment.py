@@ -18,8 +18,9 @@ from ray import serve
 
 from eft_serve.config import EftConfig
 from eft_serve.coordinator.service import EftCoordinator
-from eft_serve.errors import EftError, FailedPrecondition, Unavailable
+from eft_serve.errors import FailedPrecondition, Unavailable
 from eft_serve.serve.names import COORDINATOR_DEPLOYMENT
+from eft_serve.serve.metrics import CacheMetrics
 from eft_serve.serve.pool_client import ServePoolClient
 from eft_serve.transport.coordinator_rpc import CoordinatorRpc
 from eft_serve.transport.status import to_grpc_status
@@ -50,9 +51,11 @@ class CoordinatorDeployment:
         base_role = cfg.recipes[cfg.coordinator.default_recipe].base
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.pools[base_role].model))
         pools = {role: ServePoolClient(role) for role in cfg.pools}
+        cache = build_cache(cfg.cache)
+        self._metrics = CacheMetrics(cache)
         self._coordinator = EftCoordinator(
             pools, cfg.recipes, tokenizer, cfg.coordinator,
-            cache=build_cache(cfg.cache) if cfg.cache.enabled else None,
+            cache=cache,
             cache_key_prefix=cfg.cache.key_prefix, cache_recipes=cfg.cache.recipes,
         )
         deadline = time.monotonic() + cfg.coordinator.startup_timeout_s
@@ -74,16 +77,18 @@ class CoordinatorDeployment:
             stream = await self._rpc.generate(request)
             async for msg in stream:
                 yield msg
-        except EftError as e:
+        except Exception as e:  # noqa: BLE001 - EftError keeps its code; anything else is INTERNAL, no trace
             raise _fail(grpc_context, e) from None
-        except Exception as e:  # noqa: BLE001 - reported as INTERNAL without a trace
-            raise _fail(grpc_context, e) from None
+        finally:
+            self._metrics.export()
 
     async def Complete(self, request, grpc_context):  # noqa: N802
         try:
             return await self._rpc.complete(request)
         except Exception as e:  # noqa: BLE001
             raise _fail(grpc_context, e) from None
+        finally:
+            self._metrics.export()
 
     async def Score(self, request, grpc_context):  # noqa: N802
         try:

@@ -1,0 +1,101 @@
+"""The result cache under the coordinator, against a real Redis: same output, faults tolerated."""
+
+from __future__ import annotations
+
+import asyncio
+
+import redis
+
+from eft_serve.cache.config import CacheConfig
+from eft_serve.cache.memory import MemoryCache
+from eft_serve.cache.redis_cache import RedisCache
+from eft_serve.coordinator.request import GenerationRequest, MergeOptions
+
+from fakes import fake_coordinator, fake_engines
+
+
+async def run(coord, **kw):
+    stream = await coord.generate(GenerationRequest(prompt="hello", max_new_tokens=20, ignore_eos=True, **kw))
+    chunks = [c async for c in stream]
+    return [t.token_id for c in chunks for t in c.tokens], "".join(c.text for c in chunks), chunks[-1].usage
+
+
+def redis_cache(url: str, **kw) -> RedisCache:
+    return RedisCache(CacheConfig(url=url, op_timeout_s=0.2, reconnect_backoff_s=0.3, **kw))
+
+
+async def test_cached_equals_uncached_greedy_and_seeded(redis_url: str) -> None:
+    plain = fake_coordinator()
+    await plain.start()
+    engines = fake_engines()
+    cached = fake_coordinator(engines, cache=redis_cache(redis_url))
+    await cached.start()
+    for kw in (dict(temperature=0), dict(temperature=1.0, seed=5), dict(temperature=0.7, seed=9, merge=MergeOptions(logprob_top_k=0))):
+        expected = await run(plain, **kw)
+        cold = await run(cached, **kw)
+        calls_before = sum(e.num_calls for e in engines.values())
+        warm = await run(cached, **kw)
+        assert cold[:2] == expected[:2] == warm[:2]
+        assert cold[2].cache_misses > 0
+        assert warm[2].cache_hits == warm[2].completion_tokens * 3 and warm[2].cache_misses == 0
+        assert warm[2].pool_calls == 0
+        assert sum(e.num_calls for e in engines.values()) == calls_before
+
+
+async def test_in_process_lru_behind_same_interface() -> None:
+    engines = fake_engines()
+    coord = fake_coordinator(engines, cache=MemoryCache(max_bytes=8 * 2**20))
+    await coord.start()
+    first = await run(coord, temperature=0)
+    second = await run(coord, temperature=0)
+    assert first[:2] == second[:2] and second[2].cache_hits > 0 and second[2].pool_calls == 0
+
+
+async def test_redis_killed_mid_stream_then_back(fresh_redis_server) -> None:
+    plain = fake_coordinator()
+    await plain.start()
+    expected = await run(plain, temperature=0)
+    coord = fake_coordinator(cache=redis_cache(fresh_redis_server.url))
+    await coord.start()
+    stream = await coord.generate(GenerationRequest(prompt="hello", max_new_tokens=20, ignore_eos=True, temperature=0))
+    chunks = []
+    async for c in stream:
+        chunks.append(c)
+        if len(chunks) == 5:
+            fresh_redis_server.kill()
+    ids = [t.token_id for c in chunks for t in c.tokens]
+    assert ids == expected[0], "the stream must complete correctly without Redis"
+    assert chunks[-1].usage.cache_misses > 0
+    # Redis is back (empty): after the reconnect backoff, writes land and hits resume.
+    fresh_redis_server.restart()
+    await asyncio.sleep(0.5)
+    await run(coord, temperature=0)
+    again = await run(coord, temperature=0)
+    assert again[0] == expected[0]
+    assert again[2].cache_hits > 0
+
+
+async def test_garbage_under_our_keys_is_ignored_and_overwritten(redis_url: str) -> None:
+    coord = fake_coordinator(cache=redis_cache(redis_url))
+    await coord.start()
+    expected = await run(coord, temperature=0)
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(match="eft:v1:*"))
+    assert keys
+    for i, key in enumerate(keys):
+        client.set(key, b"\x00garbage" if i % 2 else b"EFTc\x01not-a-protobuf")
+    polluted = await run(coord, temperature=0)
+    assert polluted[:2] == expected[:2]
+    healed = await run(coord, temperature=0)
+    assert healed[:2] == expected[:2] and healed[2].cache_hits == healed[2].completion_tokens * 3
+    client.close()
+
+
+async def test_cache_can_be_disabled_per_recipe(redis_url: str) -> None:
+    engines = fake_engines()
+    coord = fake_coordinator(engines, cache=redis_cache(redis_url))
+    coord._cache_recipes = {"upscale": False}
+    await coord.start()
+    await run(coord, temperature=0)
+    second = await run(coord, temperature=0)
+    assert second[2].cache_hits == 0 and second[2].pool_calls > 0
