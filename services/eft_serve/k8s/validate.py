@@ -1,0 +1,446 @@
+"""Offline validation of rendered Kubernetes manifests: no cluster, no network.
+
+Owns four checks, each returning messages that name the object and the field path:
+
+1. Custom resources (`RayService`, `RayCluster`) against the KubeRay CRD's openAPIV3Schema from
+   `../shared/schemas/kuberay/`, made strict: CRD schemas never say `additionalProperties:
+   false`, so every object schema with `properties` (and without
+   `x-kubernetes-preserve-unknown-fields`) gets it here; a misspelled or misplaced field fails.
+2. Core objects (Namespace, Secret, Deployment, Service, NetworkPolicy, PodDisruptionBudget)
+   against the Kubernetes OpenAPI schemas bundled by `kubernetes-validate`, strict mode.
+3. `serveConfigV2` through `eft_serve.serve.config_check.check_serve_config`.
+4. Cross-object facts one schema cannot see: every pool's node-group resource advertised by
+   exactly one worker group, GPUs where replicas need them, selectors that select something,
+   every pod isolated by a NetworkPolicy, the cache url pointing at a rendered Service.
+
+Also reads a kustomize directory (resources + namespace only) so overlays are checked as built.
+Does NOT know how manifests are rendered (`k8s.render`), and cannot evaluate CEL rules
+(`x-kubernetes-validations`) or anything that needs the API server (admission, quotas).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import json
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import jsonschema
+import yaml
+
+from eft_serve.serve.config_check import check_serve_config
+from eft_serve.serve.names import pool_app_name
+
+DEFAULT_K8S_VERSION = "1.30"
+CORE_KINDS = {("v1", "Namespace"), ("v1", "Secret"), ("v1", "Service"), ("v1", "ConfigMap"),
+              ("apps/v1", "Deployment"), ("networking.k8s.io/v1", "NetworkPolicy"),
+              ("policy/v1", "PodDisruptionBudget")}
+CRD_FILES = {"RayService": "ray.io_rayservices.yaml", "RayCluster": "ray.io_rayclusters.yaml"}
+# KubeRay selects its head Service endpoints on these; a pod template must not override them.
+KUBERAY_OWNED_LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/created-by")
+
+
+# ---------------------------------------------------------------------------- locating inputs
+
+
+def kuberay_schema_dir(repo_root: Path) -> Path:
+    """`<repo>/../shared/schemas/kuberay` (CI clones the repo with `shared/` beside it)."""
+    d = Path(repo_root).resolve().parent / "shared" / "schemas" / "kuberay"
+    missing = [f for f in CRD_FILES.values() if not (d / f).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"KubeRay CRD schemas not found: {d} lacks {', '.join(missing)}. They come from the "
+            f"shared/ checkout that sits beside the repository (see shared/schemas/kuberay/SOURCE.md); "
+            f"clone it next to {Path(repo_root).resolve().name}/ to validate the RayService offline."
+        )
+    return d
+
+
+def load_documents(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def load_kustomization(directory: Path) -> list[dict[str, Any]]:
+    """The objects a kustomize directory builds, for the two features we use: `resources`
+    (files and directories) and `namespace`. Anything else is refused, not ignored."""
+    k_path = directory / "kustomization.yaml"
+    k = yaml.safe_load(k_path.read_text()) or {}
+    unsupported = set(k) - {"apiVersion", "kind", "resources", "namespace"}
+    if unsupported:
+        raise ValueError(f"{k_path}: kustomize features this checker does not emulate: {sorted(unsupported)}")
+    docs: list[dict[str, Any]] = []
+    for res in k.get("resources") or []:
+        target = (directory / res).resolve()
+        docs += load_kustomization(target) if target.is_dir() else load_documents(target)
+    ns = k.get("namespace")
+    if ns:
+        for d in docs:
+            if d.get("kind") != "Namespace":
+                d.setdefault("metadata", {})["namespace"] = ns
+    return docs
+
+
+# ---------------------------------------------------------------------------- CRD schemas
+
+
+def strict_schema(schema: Any) -> Any:
+    """A copy of an openAPIV3Schema in which unknown object fields are errors."""
+    schema = copy.deepcopy(schema)
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if ("properties" in node and "additionalProperties" not in node
+                    and not node.get("x-kubernetes-preserve-unknown-fields")):
+                node["additionalProperties"] = False
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(schema)
+    return schema
+
+
+@functools.lru_cache(maxsize=8)
+def _crd_validator(path: str, version: str) -> jsonschema.protocols.Validator:
+    crd = yaml.safe_load(Path(path).read_text())
+    for v in crd["spec"]["versions"]:
+        if v["name"] == version:
+            schema = strict_schema(v["schema"]["openAPIV3Schema"])
+            return jsonschema.Draft202012Validator(schema)
+    raise ValueError(f"{path} has no version {version!r}")
+
+
+def _path(parts: Iterable[Any]) -> str:
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "<root>"
+
+
+def validate_custom(doc: dict[str, Any], kuberay_dir: Path) -> list[str]:
+    kind: str = doc["kind"]
+    api: str = doc.get("apiVersion", "")
+    group, _, version = api.partition("/")
+    if group != "ray.io":
+        return [f"apiVersion {api!r}: expected ray.io/<version>"]
+    validator = _crd_validator(str(kuberay_dir / CRD_FILES[kind]), version)
+    errors = sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.absolute_path)))
+    problems = [f"{_path(e.absolute_path)}: {e.message}" for e in errors]
+    # The CRD leaves metadata as a bare object; hold it to what an ObjectMeta we write may hold.
+    problems += _check_metadata(doc.get("metadata"))
+    return problems
+
+
+def _check_metadata(meta: Any) -> list[str]:
+    if not isinstance(meta, dict):
+        return ["metadata: must be a mapping"]
+    allowed = {"name", "namespace", "labels", "annotations"}
+    problems = [f"metadata.{k}: unexpected field (allowed here: {', '.join(sorted(allowed))})"
+                for k in meta if k not in allowed]
+    if not meta.get("name"):
+        problems.append("metadata.name: required")
+    for key in ("labels", "annotations"):
+        if key in meta and not all(isinstance(v, str) for v in (meta[key] or {}).values()):
+            problems.append(f"metadata.{key}: values must be strings")
+    return problems
+
+
+# ---------------------------------------------------------------------------- core objects
+
+
+def validate_core(doc: dict[str, Any], k8s_version: str) -> list[str]:
+    try:
+        from kubernetes_validate.utils import SchemaNotFoundError, ValidationError, validate
+    except ImportError:
+        # A silent pass would be worse than a failure: the dependency is part of the dev tools.
+        return ["kubernetes-validate is not installed (pip install kubernetes-validate): core objects unchecked"]
+    try:
+        validate(doc, k8s_version, strict=True)
+    except ValidationError as e:
+        return [f"{_path(e.absolute_path)}: {e.message}"]
+    except SchemaNotFoundError as e:
+        return [e.message]
+    return []
+
+
+# ---------------------------------------------------------------------------- one manifest
+
+
+def _name(doc: dict[str, Any]) -> str:
+    meta = doc.get("metadata") or {}
+    ns = f"{meta['namespace']}/" if meta.get("namespace") else ""
+    return f"{doc.get('kind', '?')}/{ns}{meta.get('name', '?')}"
+
+
+def validate_manifest(doc: dict[str, Any], kuberay_dir: Path, k8s_version: str = DEFAULT_K8S_VERSION) -> list[str]:
+    """Schema problems of one object, each prefixed with `Kind/namespace/name:`."""
+    if not isinstance(doc, dict) or "kind" not in doc or "apiVersion" not in doc:
+        return ["<document>: not a Kubernetes object (needs apiVersion and kind)"]
+    kind = doc["kind"]
+    if kind in CRD_FILES:
+        problems = validate_custom(doc, kuberay_dir)
+        if kind == "RayService":
+            problems += [f"spec.serveConfigV2: {p}" for p in _check_serve(doc)]
+    elif (doc["apiVersion"], kind) in CORE_KINDS:
+        problems = validate_core(doc, k8s_version)
+    else:
+        problems = [f"kind {kind!r} ({doc['apiVersion']}) is none this checker knows"]
+    return [f"{_name(doc)}: {p}" for p in problems]
+
+
+def _check_serve(doc: dict[str, Any]) -> list[str]:
+    text = (doc.get("spec") or {}).get("serveConfigV2")
+    if not isinstance(text, str):
+        return ["missing (a Serve config YAML string)"]
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        return [f"not YAML: {e}"]
+    problems = check_serve_config(data)
+    http = (data or {}).get("http_options") or {} if isinstance(data, dict) else {}
+    if http.get("host") not in ("0.0.0.0", "::"):
+        # KubeRay probes http://<pod IP>:<serve port>/-/healthz to mark the head ready to serve.
+        problems.append(f"http_options.host: {http.get('host')!r} is unreachable for KubeRay's proxy "
+                        "health probe; use 0.0.0.0")
+    return problems
+
+
+# ---------------------------------------------------------------------------- cross-object checks
+
+
+def _pod_templates(docs: Sequence[dict[str, Any]]) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """(where, labels as they will be at run time, pod spec) of every pod the objects create."""
+    out = []
+    for d in docs:
+        spec = d.get("spec") or {}
+        if d.get("kind") == "Deployment":
+            t = spec.get("template") or {}
+            out.append((f"{_name(d)} pod", dict((t.get("metadata") or {}).get("labels") or {}), t.get("spec") or {}))
+        elif d.get("kind") == "RayService":
+            rc = spec.get("rayClusterConfig") or {}
+            head = (rc.get("headGroupSpec") or {}).get("template") or {}
+            # KubeRay adds these; the ray.io/serve value flips with the proxy's health.
+            extra = {"ray.io/node-type": "head", "ray.io/serve": "true"}
+            out.append((f"{_name(d)} head", {**((head.get("metadata") or {}).get("labels") or {}), **extra},
+                        head.get("spec") or {}))
+            for g in rc.get("workerGroupSpecs") or []:
+                t = g.get("template") or {}
+                labels = {**((t.get("metadata") or {}).get("labels") or {}), "ray.io/node-type": "worker",
+                          "ray.io/group": str(g.get("groupName"))}
+                out.append((f"{_name(d)} group {g.get('groupName')}", labels, t.get("spec") or {}))
+    return out
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    for k, v in (selector.get("matchLabels") or {}).items():
+        if labels.get(k) != v:
+            return False
+    for e in selector.get("matchExpressions") or []:
+        key, op, values = e.get("key"), e.get("operator"), e.get("values") or []
+        present = key in labels
+        if ((op == "In" and (not present or labels[key] not in values))
+                or (op == "NotIn" and present and labels[key] in values)
+                or (op == "Exists" and not present) or (op == "DoesNotExist" and present)):
+            return False
+    return True
+
+
+def _ray_start_resources(group: dict[str, Any]) -> dict[str, float]:
+    raw = (group.get("rayStartParams") or {}).get("resources")
+    if not raw:
+        return {}
+    try:
+        return json.loads(str(raw).strip("'\"` "))
+    except ValueError:
+        return {}
+
+
+def check_release(docs: Sequence[dict[str, Any]]) -> list[str]:
+    """Facts that span objects; `docs` is everything one environment applies."""
+    problems: list[str] = []
+    pods = _pod_templates(docs)
+    for where, labels, _ in pods:
+        if " head" in where or " group " in where:
+            owned = [k for k in KUBERAY_OWNED_LABELS if k in labels]
+            if owned:
+                problems.append(f"{where}: sets {owned}, which KubeRay's head Service selects on")
+    for d in docs:
+        kind, spec = d.get("kind"), d.get("spec") or {}
+        selector = None
+        if kind == "Service":
+            selector = {"matchLabels": spec.get("selector") or {}}
+        elif kind in ("PodDisruptionBudget", "Deployment"):
+            selector = spec.get("selector") or {}
+        elif kind == "NetworkPolicy":
+            selector = spec.get("podSelector") or {}
+        if selector is not None and not any(_selects(selector, labels) for _, labels, _ in pods):
+            problems.append(f"{_name(d)}: its selector matches no pod this release creates")
+    isolated = [d for d in docs
+                if d.get("kind") == "NetworkPolicy" and "Ingress" in (d["spec"].get("policyTypes") or [])]
+    for where, labels, _ in pods:
+        if not any(_selects(p["spec"].get("podSelector") or {}, labels) for p in isolated):
+            problems.append(f"{where}: no NetworkPolicy restricts its ingress")
+    for d in docs:
+        if d.get("kind") == "RayService":
+            problems += [f"{_name(d)}: {p}" for p in _check_rayservice(d, docs)]
+    return problems
+
+
+def _check_rayservice(rs: dict[str, Any], docs: Sequence[dict[str, Any]]) -> list[str]:
+    spec = rs.get("spec") or {}
+    try:
+        serve = yaml.safe_load(spec.get("serveConfigV2") or "") or {}
+    except yaml.YAMLError:
+        return []  # reported by the schema check
+    rc = spec.get("rayClusterConfig") or {}
+    head = rc.get("headGroupSpec") or {}
+    groups = rc.get("workerGroupSpecs") or []
+    apps = {a.get("name"): a for a in serve.get("applications") or [] if isinstance(a, dict)}
+    coordinator = next((a for a in apps.values() if "config" in (a.get("args") or {})), None)
+    if coordinator is None:
+        return []
+    cfg = coordinator["args"]["config"]
+    problems: list[str] = []
+    advertised = {g.get("groupName"): _ray_start_resources(g) for g in groups}
+    for role, pool in (cfg.get("pools") or {}).items():
+        replica = pool.get("replica") or {}
+        res = replica.get("node_group_resource")
+        if pool_app_name(role) not in apps:
+            problems.append(f"pool {role}: no Serve application {pool_app_name(role)!r}")
+        if not res:
+            problems.append(f"pool {role}: replica.node_group_resource is unset; its replicas may land on any node")
+            continue
+        owners = [g for g, r in advertised.items() if res in r]
+        if len(owners) != 1:
+            problems.append(f"pool {role}: resource {res!r} must be advertised by exactly one worker group, "
+                            f"found {owners or 'none'}")
+            continue
+        group = next(g for g in groups if g.get("groupName") == owners[0])
+        problems += _check_group_fits(role, replica, group)
+    head_res = ((cfg.get("coordinator") or {}).get("replica") or {}).get("node_group_resource")
+    if head_res and head_res not in _ray_start_resources(head):
+        problems.append(f"coordinator: resource {head_res!r} is not advertised by the head group")
+    problems += _check_grpc(serve, head, docs)
+    problems += _check_cache(cfg, head, groups, head_res, docs)
+    return problems
+
+
+def _check_group_fits(role: str, replica: dict[str, Any], group: dict[str, Any]) -> list[str]:
+    name = group.get("groupName")
+    containers = ((group.get("template") or {}).get("spec") or {}).get("containers") or [{}]
+    limits = (containers[0].get("resources") or {}).get("limits") or {}
+    gpus = sum(int(v) for k, v in limits.items() if k.endswith("/gpu"))
+    problems = []
+    if float(replica.get("num_gpus") or 0) > gpus:
+        problems.append(f"pool {role}: replicas need {replica.get('num_gpus')} GPU, group {name} pods have {gpus}")
+    ray_cpus = (group.get("rayStartParams") or {}).get("num-cpus")
+    if ray_cpus is not None and float(replica.get("num_cpus") or 0) > float(ray_cpus):
+        problems.append(f"pool {role}: replicas need {replica.get('num_cpus')} CPU, group {name} offers {ray_cpus}")
+    if int(group.get("maxReplicas", 0)) < 1:
+        problems.append(f"pool {role}: group {name} has maxReplicas < 1")
+    return problems
+
+
+def _check_grpc(serve: dict[str, Any], head: dict[str, Any], docs: Sequence[dict[str, Any]]) -> list[str]:
+    port = (serve.get("grpc_options") or {}).get("port")
+    containers = ((head.get("template") or {}).get("spec") or {}).get("containers") or [{}]
+    named = {p.get("name"): p.get("containerPort") for p in containers[0].get("ports") or []}
+    problems = []
+    if named.get("grpc") != port:
+        problems.append(f"head container port 'grpc' is {named.get('grpc')}, Serve's gRPC port is {port}")
+    services = [d for d in docs if d.get("kind") == "Service"
+                and any(p.get("name") == "grpc" for p in (d.get("spec") or {}).get("ports") or [])]
+    if not services:
+        problems.append("no Service exposes a port named 'grpc'")
+    for svc in services:
+        for p in svc["spec"]["ports"]:
+            if p.get("name") == "grpc" and p.get("targetPort") not in ("grpc", port):
+                problems.append(f"{_name(svc)}: port grpc targets {p.get('targetPort')}, not the gRPC port {port}")
+    return problems
+
+
+def _env_names(spec: dict[str, Any]) -> set[str]:
+    containers = ((spec.get("template") or {}).get("spec") or {}).get("containers") or [{}]
+    return {e.get("name") for e in containers[0].get("env") or []}
+
+
+def _check_cache(cfg: dict[str, Any], head: dict[str, Any], groups: list[dict[str, Any]], head_res: str | None,
+                 docs: Sequence[dict[str, Any]]) -> list[str]:
+    cache = cfg.get("cache") or {}
+    if not cache.get("enabled", True) or not cache.get("url"):
+        return []
+    problems = []
+    url = urlparse(cache["url"])
+    services = {(d.get("metadata") or {}).get("name"): d for d in docs if d.get("kind") == "Service"}
+    # A dotted host is outside this release (managed Redis): not ours to find.
+    if url.hostname and "." not in url.hostname:
+        svc = services.get(url.hostname)
+        if svc is None:
+            problems.append(f"cache.url host {url.hostname!r} is no Service of this release")
+        elif (url.port or 6379) not in [p.get("port") for p in svc["spec"].get("ports") or []]:
+            problems.append(f"cache.url port {url.port or 6379} is not a port of Service {url.hostname!r}")
+    env = cache.get("password_env")
+    if env:
+        # The coordinator runs where its resource is (the head), or anywhere when unpinned.
+        hosts = [("head", head)] + ([] if head_res else [(g.get("groupName"), g) for g in groups])
+        for where, spec in hosts:
+            if env not in _env_names(spec):
+                problems.append(f"cache.password_env {env!r} is not set in the {where} pods, "
+                                "which may run the coordinator")
+    return problems
+
+
+# ---------------------------------------------------------------------------- entry points
+
+
+def validate_documents(docs: Sequence[dict[str, Any]], kuberay_dir: Path,
+                       k8s_version: str = DEFAULT_K8S_VERSION) -> list[str]:
+    """Schema problems of every object, then the cross-object ones (empty = OK)."""
+    problems: list[str] = []
+    for d in docs:
+        problems += validate_manifest(d, kuberay_dir, k8s_version)
+    return problems + check_release(docs)
+
+
+def load_target(path: Path) -> list[dict[str, Any]]:
+    """A kustomize directory (as built), a directory of YAML files, or one file."""
+    if path.is_dir():
+        if (path / "kustomization.yaml").is_file():
+            return load_kustomization(path)
+        return [d for f in sorted(path.glob("*.yaml")) for d in load_documents(f)]
+    return load_documents(path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from eft_serve.k8s.render import output_dir, repo_root
+
+    p = argparse.ArgumentParser(
+        prog="python -m eft_serve.k8s.validate",
+        description="Validate rendered manifests offline (KubeRay CRDs, Kubernetes schemas, Serve config).")
+    p.add_argument("targets", nargs="*", type=Path,
+                   help="kustomize dirs, manifest dirs or files (default: k8s/base and every k8s/overlays/*)")
+    p.add_argument("--kubernetes-version", default=DEFAULT_K8S_VERSION)
+    p.add_argument("--root", type=Path, help="repository root (default: detected)")
+    args = p.parse_args(argv)
+    root = (args.root or repo_root()).resolve()
+    targets = args.targets or [output_dir(root, "base"), *sorted((root / "k8s" / "overlays").iterdir())]
+    kuberay = kuberay_schema_dir(root)
+    failed = False
+    for t in targets:
+        problems = validate_documents(load_target(t), kuberay, args.kubernetes_version)
+        for line in problems:
+            print(f"{t}: {line}")
+        print(f"{t}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
+        failed = failed or bool(problems)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
