@@ -160,6 +160,9 @@ class CoordinatorConfig(_Strict):
     default_timeout_s: float = Field(120.0, gt=0)
     # One pool call slower than this is reported UNAVAILABLE instead of hanging the stream.
     pool_call_timeout_s: float = Field(30.0, gt=0)
+    # The wire is stateless, so a failed pool call is retried (another replica may serve it)
+    # while the request's deadline allows; a lost replica costs a recompute, not a request.
+    pool_call_retries: int = Field(2, ge=0)
     conservative_top_p: float = Field(0.9, gt=0, le=1)
     # How long startup waits for the pools to answer Info (vocabulary check).
     startup_timeout_s: float = Field(300.0, gt=0)

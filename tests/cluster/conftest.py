@@ -1,4 +1,9 @@
-"""One local Ray cluster + the whole Serve stack for the whole test session (started once)."""
+"""One local multi-node Ray cluster + the whole Serve stack for the whole test session.
+
+A head node (127.0.0.2: Serve controller, gRPC proxy, coordinator) and one worker node per
+pool (127.0.0.3-5), each offering only its pool's resource, so placement is real. The large-base
+pool autoscales (1-3 replicas); the small pools autoscale too but with a target they never reach.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,9 @@ import socket
 import pytest
 
 from eft_serve.config import EftConfig, demo_config
+from eft_serve.serve.multinode import LocalMultiNodeCluster, with_node_groups
+
+ROLES = ["large_base", "small_base", "small_ft"]
 
 
 def free_port() -> int:
@@ -15,15 +23,42 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def cluster_config(redis_url: str) -> EftConfig:
+    data = with_node_groups(demo_config()).model_dump()
+    data["grpc"]["port"] = free_port()
+    data["coordinator"].update(pool_call_timeout_s=10.0, max_new_tokens_cap=128, startup_timeout_s=180.0)
+    data["cache"]["url"] = redis_url
+    fast = dict(upscale_delay_s=1.0, downscale_delay_s=6.0, metrics_interval_s=0.5, look_back_period_s=2.0)
+    data["pools"]["large_base"]["replica"].update(
+        max_ongoing_requests=4, num_cpus=1.0,
+        autoscaling=dict(min_replicas=1, max_replicas=3, target_ongoing_requests=1.0, **fast),
+    )
+    for role in ("small_base", "small_ft"):
+        data["pools"][role]["replica"].update(
+            max_ongoing_requests=64, num_cpus=1.0,
+            autoscaling=dict(min_replicas=1, max_replicas=2, target_ongoing_requests=32.0, **fast),
+        )
+    return EftConfig.model_validate(data)
+
+
 @pytest.fixture(scope="session")
-def cluster_stack(demo_family, redis_server):
+def ray_cluster():
+    import ray
+
+    cluster = LocalMultiNodeCluster(ROLES).start()
+    try:
+        ray.init(address=cluster.address, _node_ip_address=cluster.head_ip, namespace="eft", log_to_driver=False)
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def cluster_stack(demo_family, redis_server, ray_cluster):
     from eft_serve.stack import local_stack
 
-    data = demo_config().model_dump()
-    data["grpc"]["port"] = free_port()
-    data["coordinator"].update(pool_call_timeout_s=10.0, max_new_tokens_cap=128, startup_timeout_s=120.0)
-    data["cache"]["url"] = redis_server.url
-    data["ray"]["num_cpus"] = 8
-    cfg = EftConfig.model_validate(data)
+    cfg = cluster_config(redis_server.url)
     with local_stack(cfg, http_port=free_port(), log=lambda m: print(f"[cluster] {m}")) as effective:
-        yield {"config": effective, "address": f"127.0.0.1:{effective.grpc.port}", "family": demo_family}
+        yield {"config": effective, "address": f"127.0.0.1:{effective.grpc.port}", "family": demo_family,
+               "cluster": ray_cluster}

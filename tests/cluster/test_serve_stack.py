@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -89,7 +91,8 @@ def test_pool_down_is_unavailable_then_recovers(cluster_stack) -> None:
     try:
         with EftClient(cluster_stack["address"], timeout=60) as client:
             with pytest.raises(grpc.RpcError) as err:
-                list(client.generate("Q: ", temperature=0, max_new_tokens=4))
+                # A prompt never seen before: no step of this request can come from the result cache.
+                list(client.generate(f"Q: {time.time_ns()}", temperature=0, max_new_tokens=4))
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
         assert "small_base" in err.value.details()
     finally:

@@ -166,3 +166,33 @@ async def test_score_matches_sum_of_merged_logprobs() -> None:
     # Top-k mode with candidates is exact for the scored tokens too.
     res_k = await coord.score("hello", " there", MergeOptions(logprob_top_k=5))
     assert len(res_k.tokens) == len(res.tokens)
+
+
+class FlakyPool(InProcessPool):
+    """Fails the first `failures` calls as a lost replica would, then serves."""
+
+    def __init__(self, engine, role, failures: int) -> None:
+        super().__init__(engine, role)
+        self.failures = failures
+
+    async def next_token_logprobs(self, queries, top_k, deadline=None):
+        if self.failures > 0:
+            self.failures -= 1
+            raise Unavailable(f"model pool {self.role!r} lost a replica")
+        return await super().next_token_logprobs(queries, top_k, deadline)
+
+
+async def test_lost_replica_costs_a_retry_not_the_request() -> None:
+    engines = fake_engines()
+    plain = fake_coordinator(fake_engines())
+    await plain.start()
+    expected = await collect(plain, GenerationRequest(prompt="ab", temperature=0, max_new_tokens=6, ignore_eos=True))
+    coord = fake_coordinator(engines, pool_call_retries=2)
+    await coord.start()
+    coord._pools["large_base"] = FlakyPool(engines["large_base"], "large_base", failures=2)
+    coord._fetcher._pools = coord._pools
+    got = await collect(coord, GenerationRequest(prompt="ab", temperature=0, max_new_tokens=6, ignore_eos=True))
+    assert got[1] == expected[1]
+    coord._pools["large_base"].failures = 3  # more failures than retries: UNAVAILABLE, not a hang
+    with pytest.raises(Unavailable):
+        await collect(coord, GenerationRequest(prompt="ba", temperature=0, max_new_tokens=6, ignore_eos=True))

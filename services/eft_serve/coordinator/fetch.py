@@ -21,6 +21,9 @@ from eft_serve.proto_gen.eft.v1 import pool_pb2
 from eft_serve.transport.convert import result_from_proto, result_to_proto
 
 
+_RETRY_BACKOFF_S = 0.2
+
+
 @dataclass
 class FetchStats:
     pool_calls: int = 0
@@ -37,7 +40,9 @@ class StepFetcher:
         pool_call_timeout_s: float,
         cache: Any | None = None,
         cache_key_prefix: str = "eft:v1:",
+        retries: int = 0,
     ) -> None:
+        self._retries = retries
         self._pools = pools
         self._infos = infos
         self._timeout = pool_call_timeout_s
@@ -49,6 +54,16 @@ class StepFetcher:
         return next_token_key(self._prefix, self._infos[role].model_fingerprint, q.token_ids, shape)
 
     async def _call(self, role: str, queries: list[SequenceQuery], top_k: int, deadline: float) -> list[SequenceResult]:
+        for attempt in range(self._retries + 1):
+            try:
+                return await self._call_once(role, queries, top_k, deadline)
+            except Unavailable:
+                if attempt == self._retries or time.time() + _RETRY_BACKOFF_S * 2**attempt >= deadline:
+                    raise
+                await asyncio.sleep(_RETRY_BACKOFF_S * 2**attempt)
+        raise AssertionError("unreachable")
+
+    async def _call_once(self, role: str, queries: list[SequenceQuery], top_k: int, deadline: float) -> list[SequenceResult]:
         remaining = deadline - time.time()
         if remaining <= 0:
             raise DeadlineExceeded("the request's deadline passed before the model pools answered")

@@ -79,7 +79,10 @@ class EftCoordinator:
                 f"the coordinator's tokenizer has {tok_vocab} tokens but the models' vocabulary is "
                 f"{first.vocab_size}; point the coordinator at the models' own tokenizer"
             )
-        self._fetcher = StepFetcher(self._pools, self.infos, self._cfg.pool_call_timeout_s, self._cache, self._cache_prefix)
+        self._fetcher = StepFetcher(
+            self._pools, self.infos, self._cfg.pool_call_timeout_s, self._cache, self._cache_prefix,
+            retries=self._cfg.pool_call_retries,
+        )
 
     @property
     def vocab_size(self) -> int:
