@@ -12,7 +12,7 @@ import socket
 import pytest
 
 from eft_serve.config import EftConfig, demo_config
-from eft_serve.serve.multinode import LocalMultiNodeCluster, with_node_groups
+from eft_serve.serve.multinode import LocalMultiNodeCluster, autoscaling_demo_config
 
 ROLES = ["large_base", "small_base", "small_ft"]
 
@@ -24,20 +24,10 @@ def free_port() -> int:
 
 
 def cluster_config(redis_url: str) -> EftConfig:
-    data = with_node_groups(demo_config()).model_dump()
+    data = autoscaling_demo_config(demo_config()).model_dump()
     data["grpc"]["port"] = free_port()
     data["coordinator"].update(pool_call_timeout_s=10.0, max_new_tokens_cap=128, startup_timeout_s=180.0)
     data["cache"]["url"] = redis_url
-    fast = dict(upscale_delay_s=1.0, downscale_delay_s=6.0, metrics_interval_s=0.5, look_back_period_s=2.0)
-    data["pools"]["large_base"]["replica"].update(
-        max_ongoing_requests=4, num_cpus=1.0,
-        autoscaling=dict(min_replicas=1, max_replicas=3, target_ongoing_requests=1.0, **fast),
-    )
-    for role in ("small_base", "small_ft"):
-        data["pools"][role]["replica"].update(
-            max_ongoing_requests=64, num_cpus=1.0,
-            autoscaling=dict(min_replicas=1, max_replicas=2, target_ongoing_requests=32.0, **fast),
-        )
     return EftConfig.model_validate(data)
 
 

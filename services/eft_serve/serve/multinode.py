@@ -105,3 +105,22 @@ def running_replicas(app_name: str, deployment: str) -> int:
     if app is None or deployment not in app.deployments:
         return 0
     return int(app.deployments[deployment].replica_states.get("RUNNING", 0))
+
+
+def autoscaling_demo_config(cfg: EftConfig, large_max_replicas: int = 3) -> EftConfig:
+    """The demo stack pinned to node groups, with fast autoscaling for demonstrations and tests:
+    the large base scales 1..N at one ongoing request per replica; the small pools autoscale too,
+    but with a target (32 ongoing) that ordinary load never reaches, so they stay at one replica."""
+    data = with_node_groups(cfg).model_dump()
+    fast = dict(upscale_delay_s=1.0, downscale_delay_s=6.0, metrics_interval_s=0.5, look_back_period_s=2.0)
+    data["pools"]["large_base"]["replica"].update(
+        max_ongoing_requests=4,
+        autoscaling=dict(min_replicas=1, max_replicas=large_max_replicas, target_ongoing_requests=1.0, **fast),
+    )
+    for role in data["pools"]:
+        if role != "large_base":
+            data["pools"][role]["replica"].update(
+                max_ongoing_requests=64,
+                autoscaling=dict(min_replicas=1, max_replicas=2, target_ongoing_requests=32.0, **fast),
+            )
+    return EftConfig.model_validate(data)
