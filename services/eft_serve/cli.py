@@ -141,8 +141,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    import yaml
-
     from eft_serve.serve.app import render_serve_yaml
 
     text = render_serve_yaml(load_config(args.config))
@@ -160,6 +158,15 @@ def cmd_build_demo(args: argparse.Namespace) -> int:
     for role, path in family.paths.items():
         print(f"{role:11s} {path}")
     return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from eft_serve.evaluation.command import EvalOptions, run_eval
+
+    return run_eval(EvalOptions(
+        address=args.address, prompts=args.prompts, out=Path(args.out), seed=args.seed, sweeps=args.sweeps,
+        topk_table=args.topk_table, threads=args.threads,
+    ), log=lambda m: print(m, flush=True))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -191,6 +198,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config")
     p.add_argument("--out")
     p.set_defaults(func=cmd_render)
+
+    p = sub.add_parser("eval", help="held-out knowledge/behaviour evaluation through the service; writes docs/results")
+    p.add_argument("--address", help="a running server (default: start the full-family stack, stop it after)")
+    p.add_argument("--prompts", type=int, help="how many held-out questions (default: all 180)")
+    p.add_argument("--out", default="docs/results", help="where CSV, PNG, summary.json and README.md go")
+    p.add_argument("--seed", type=int, default=0, help="picks the --prompts subset; sent as the request seed")
+    p.add_argument("--sweeps", action="store_true", help="also the β sweep (upscale) and λ sweep (interpolate) + plots")
+    p.add_argument("--topk-table", action="store_true", help="also top-k × conservative: scores + agreement/TV vs exact")
+    p.add_argument("--threads", type=int, default=4, help="concurrent requests")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("build-demo", help="build (or find) the demo model family")
     p.add_argument("--seed", type=int, default=0)

@@ -12,14 +12,9 @@ reach, streams sampled requests from N client threads for --load-seconds, then i
 from __future__ import annotations
 
 import argparse
-import socket
 import time
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from eft_serve.infra.ports import free_port
 
 
 def main() -> None:
@@ -30,12 +25,15 @@ def main() -> None:
     args = ap.parse_args()
 
     import ray
-
     from eft_serve.config import EftConfig, demo_config
     from eft_serve.demo.family import ensure_demo_family
     from eft_serve.serve.loadgen import LoadGenerator, ReplicaTimeline
     from eft_serve.serve.local import ensure_ray_env
-    from eft_serve.serve.multinode import LocalMultiNodeCluster, autoscaling_demo_config, replica_ips
+    from eft_serve.serve.multinode import (
+        LocalMultiNodeCluster,
+        autoscaling_demo_config,
+        replica_ips,
+    )
     from eft_serve.serve.names import pool_app_name
     from eft_serve.stack import local_stack
 
@@ -62,7 +60,7 @@ def main() -> None:
             print("\nRUNNING replicas per pool (rows where a count changed; load for the first "
                   f"{args.load_seconds:.0f}s, then idle):")
             print(timeline.render())
-            print(f"\nmax replicas: " + ", ".join(f"{r}={timeline.max_of(r)}" for r in ROLES)
+            print("\nmax replicas: " + ", ".join(f"{r}={timeline.max_of(r)}" for r in ROLES)
                   + "; final: " + ", ".join(f"{r}={c}" for r, c in timeline.latest().items()))
     finally:
         ray.shutdown()

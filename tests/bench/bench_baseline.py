@@ -19,18 +19,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from eft_serve.infra.ports import free_port
 
 
 def summarize(name: str, tokens: int, wall: float, itls: list[float]) -> dict:
@@ -79,8 +73,6 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
-    from transformers import AutoTokenizer
-
     from eft_serve.config import EftConfig, demo_config
     from eft_serve.coordinator.request import GenerationRequest
     from eft_serve.coordinator.service import EftCoordinator
@@ -90,6 +82,7 @@ def main() -> None:
     from eft_serve.reference import ReferenceEFT
     from eft_serve.stack import local_stack
     from eft_serve.transport.inprocess import InProcessPool
+    from transformers import AutoTokenizer
 
     torch.set_num_threads(1)
     family = ensure_demo_family()
@@ -127,7 +120,6 @@ def main() -> None:
 
     count, wall, itls = asyncio.run(inproc())
     rows.append(summarize("engine+coordinator in-process", count, wall, itls))
-    del engines, coord
 
     # 3-5. Through the service.
     data = cfg.model_dump()

@@ -13,16 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
 import time
 from pathlib import Path
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from eft_serve.infra.ports import free_port
 
 
 def timed(client, prompt: str, n: int):
@@ -43,7 +38,6 @@ def main() -> None:
     args = ap.parse_args()
 
     import redis
-
     from eft_serve.client import EftClient
     from eft_serve.config import EftConfig, demo_config
     from eft_serve.demo.family import ensure_demo_family

@@ -7,20 +7,13 @@ pool autoscales (1-3 replicas); the small pools autoscale too but with a target 
 
 from __future__ import annotations
 
-import socket
-
 import pytest
-
 from eft_serve.config import EftConfig, demo_config
+from eft_serve.infra.ports import free_port
 from eft_serve.serve.multinode import LocalMultiNodeCluster, autoscaling_demo_config
 
 ROLES = ["large_base", "small_base", "small_ft"]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cluster_config(redis_url: str) -> EftConfig:

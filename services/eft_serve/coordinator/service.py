@@ -201,7 +201,7 @@ class EftCoordinator:
                 out.model_logprobs = {role: dist.model_logprob_of(role, token) for role in plan.recipe.roles}
             if token == eos and not plan.sampling.ignore_eos:
                 finish = "eos"
-                text = stops.flush() + _tail(detok)
+                text = stops.feed(detok.flush()) + stops.flush()
                 yield GenerationChunk(text=text, tokens=[out])
                 break
             prefix.append(token)
@@ -224,7 +224,8 @@ class EftCoordinator:
             cache_misses=stats.cache_misses, cache_errors=stats.cache_errors,
             recipe=plan.recipe.name, logprob_top_k=plan.top_k,
         )
-        tail = "" if finish in ("eos", "stop", "length") else stops.flush() + _tail(detok)
+        # Only a context-length finish can still hold undecoded bytes or held-back stop-prefix text.
+        tail = stops.feed(detok.flush()) + stops.flush() if finish == "context" else ""
         yield GenerationChunk(text=tail, finish_reason=finish, usage=usage)
 
     # ---- scoring -------------------------------------------------------------------------
@@ -265,10 +266,6 @@ class EftCoordinator:
 
     def recipe_table(self) -> Mapping[str, RecipeConfig]:
         return self._recipes
-
-
-def _tail(detok: IncrementalDetokenizer) -> str:
-    return detok.flush()
 
 
 def check_shared_vocabulary(infos: Mapping[str, ModelInfo]) -> None:

@@ -9,7 +9,9 @@ process is started and stopped through `ray.cluster_utils.Cluster` or by PID —
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import tempfile
 from typing import Any
 
 from eft_serve.config import EftConfig
@@ -38,13 +40,19 @@ class LocalMultiNodeCluster:
         self.cluster: Any = None
         self.nodes: dict[str, Any] = {}
         self.node_ips: dict[str, str] = {}
+        self.temp_dir: str | None = None
 
     def start(self) -> "LocalMultiNodeCluster":
         from ray.cluster_utils import Cluster
 
+        from eft_serve.infra.ports import free_port
+
+        # Our own session directory and GCS port: another Ray on this machine (a user's, a second
+        # test run) must not share /tmp/ray's session files or port 6379 with this cluster.
+        self.temp_dir = tempfile.mkdtemp(prefix="eftray-", dir="/tmp")
         self.cluster = Cluster(initialize_head=True, head_node_args={
             "node_ip_address": self.head_ip, "num_cpus": self.cpus, "resources": {HEAD_RESOURCE: 1000},
-            "include_dashboard": False,
+            "include_dashboard": False, "temp_dir": self.temp_dir, "gcs_server_port": free_port(self.head_ip),
         })
         prefix = self.head_ip.rsplit(".", 1)[0]
         base = int(self.head_ip.rsplit(".", 1)[1])
@@ -55,7 +63,8 @@ class LocalMultiNodeCluster:
 
     def _add(self, role: str) -> None:
         self.nodes[role] = self.cluster.add_node(
-            node_ip_address=self.node_ips[role], num_cpus=self.cpus, resources={pool_resource(role): 1000}
+            node_ip_address=self.node_ips[role], num_cpus=self.cpus, resources={pool_resource(role): 1000},
+            temp_dir=self.temp_dir,
         )
 
     @property
@@ -84,6 +93,8 @@ class LocalMultiNodeCluster:
         if self.cluster is not None:
             self.cluster.shutdown()
             self.cluster = None
+        if self.temp_dir:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 def replica_ips(app_name: str) -> list[str]:
