@@ -33,7 +33,9 @@ def start_local_ray(cfg: EftConfig) -> bool:
     if cfg.ray.address:
         ray.init(address=cfg.ray.address, **kwargs)
         return False
-    ray.init(_node_ip_address=cfg.ray.node_ip_address, num_cpus=cfg.ray.num_cpus,
+    # address="local" always starts a fresh instance: a bare ray.init() would attach to whatever
+    # cluster /tmp/ray last recorded (another user's, or a dead one, where it then hangs).
+    ray.init(address="local", _node_ip_address=cfg.ray.node_ip_address, num_cpus=cfg.ray.num_cpus,
              _temp_dir=cfg.ray.temp_dir, **kwargs)
     return True
 
@@ -92,6 +94,9 @@ def teardown(started_ray: bool) -> None:
     import ray
     from ray import serve
 
+    # Without a Ray connection serve.shutdown() would try to connect (and could start or hang).
+    if not ray.is_initialized():
+        return
     try:
         serve.shutdown()
     finally:
