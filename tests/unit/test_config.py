@@ -73,3 +73,16 @@ def test_serve_config_shape() -> None:
     assert [a["route_prefix"] for a in sc["applications"] if a["route_prefix"]] == ["/"]
     assert sc["proxy_location"] == "HeadOnly"
     yaml.safe_load(render_serve_yaml(demo_config()))
+
+
+def test_local_ray_has_room_for_every_replica_at_full_scale() -> None:
+    from eft_serve.serve.local import local_num_cpus
+    from eft_serve.serve.multinode import autoscaling_demo_config
+
+    # demo: 3 pools x 1 CPU + coordinator 0.5 -> 4, even on a 2-core machine
+    assert local_num_cpus(demo_config()) >= 4
+    # large_base autoscales to 3 replicas, small pools to 2 each: 3 + 2 + 2 + 0.5 -> 8
+    assert local_num_cpus(autoscaling_demo_config(demo_config())) >= 8
+    data = demo_config().model_dump()
+    data["ray"]["num_cpus"] = 3
+    assert local_num_cpus(EftConfig.model_validate(data)) == 3

@@ -26,13 +26,14 @@ def run_demo(cfg: EftConfig, http_port: int = 8000, n_prompts: int = 4, max_new_
     from eft_serve.stack import local_stack
 
     family = ensure_demo_family(log=print)
-    questions = family.world.held_out_questions()[:n_prompts]
+    # One question per entity (they come three to an entity), so the demo shows several entities.
+    questions = family.world.held_out_questions()[::3][:n_prompts]
     address = f"127.0.0.1:{cfg.grpc.port}"
     with local_stack(cfg, http_port=http_port, log=lambda m: print(f"[eft] {m}", flush=True)):
         with EftClient(address, timeout=300) as client:
             print("\nHeld-out questions (entities never seen in fine-tuning), greedy, streamed over gRPC:\n")
             for q in questions:
-                print(f"Q: {q.prompt.strip()!r}   (true answer: {q.answer})")
+                print(f"{q.prompt.splitlines()[0]}   (true answer: {q.answer})")
                 for recipe, label in SHOWN:
                     print(f"  {label:18s}|", end="", flush=True)
                     text: list[str] = []

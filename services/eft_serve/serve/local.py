@@ -7,6 +7,7 @@ and a Ray instance via `ray.shutdown()` of the driver that started it — never 
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from typing import Callable
@@ -35,9 +36,26 @@ def start_local_ray(cfg: EftConfig) -> bool:
         return False
     # address="local" always starts a fresh instance: a bare ray.init() would attach to whatever
     # cluster /tmp/ray last recorded (another user's, or a dead one, where it then hangs).
-    ray.init(address="local", _node_ip_address=cfg.ray.node_ip_address, num_cpus=cfg.ray.num_cpus,
+    ray.init(address="local", _node_ip_address=cfg.ray.node_ip_address, num_cpus=local_num_cpus(cfg),
              _temp_dir=cfg.ray.temp_dir, **kwargs)
     return True
+
+
+def local_num_cpus(cfg: EftConfig) -> int:
+    """Logical CPUs for a one-machine Ray: at least what every replica asks for at full scale.
+
+    Replicas run torch on one thread each and Ray CPUs are only accounting, so on a small machine
+    the stack may oversubscribe rather than leave a pool unschedulable (which would hang start-up).
+    """
+    if cfg.ray.num_cpus is not None:
+        return cfg.ray.num_cpus
+
+    def most(replica) -> float:
+        n = replica.autoscaling.max_replicas if replica.autoscaling else replica.num_replicas
+        return n * replica.num_cpus
+
+    wanted = sum(most(p.replica) for p in cfg.pools.values()) + most(cfg.coordinator.replica)
+    return max(os.cpu_count() or 1, math.ceil(wanted))
 
 
 def deploy_stack(cfg: EftConfig, http_port: int = 8000, log: Callable[[str], None] = print) -> None:
@@ -86,7 +104,12 @@ def wait_for_apps(names: list[str], timeout_s: float) -> None:
         if not pending:
             return
         if time.monotonic() > deadline:
-            raise TimeoutError(f"applications not running after {timeout_s:.0f}s: {pending}")
+            details = "; ".join(
+                f"{name}: {statuses[name].status} {statuses[name].message or ''} "
+                + " ".join(f"[{d}: {ds.status} {ds.message}]" for d, ds in statuses[name].deployments.items())
+                for name in pending if name in statuses
+            )
+            raise TimeoutError(f"applications not running after {timeout_s:.0f}s: {details or pending}")
         time.sleep(0.5)
 
 
