@@ -6,15 +6,14 @@ import time
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from transformers import AutoTokenizer
-
 from eft_serve.client import EftClient
 from eft_serve.config import demo_config
 from eft_serve.core.recipe import resolve_recipe
 from eft_serve.proto_gen.eft.v1 import eft_pb2
 from eft_serve.reference import ReferenceEFT
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from transformers import AutoTokenizer
 
 pytestmark = pytest.mark.cluster
 
@@ -81,10 +80,9 @@ def test_health_reflection_and_discovery(cluster_stack) -> None:
 
 
 def test_pool_down_is_unavailable_then_recovers(cluster_stack) -> None:
-    from ray import serve
-
     from eft_serve.serve.app import pool_app
     from eft_serve.serve.names import pool_app_name
+    from ray import serve
 
     cfg = cluster_stack["config"]
     serve.delete(pool_app_name("small_base"), _blocking=True)
@@ -101,3 +99,36 @@ def test_pool_down_is_unavailable_then_recovers(cluster_stack) -> None:
     with EftClient(cluster_stack["address"], timeout=120) as client:
         done = client.complete("Q: ", temperature=0, max_new_tokens=4)
     assert done.finish_reason in (eft_pb2.FINISH_REASON_LENGTH, eft_pb2.FINISH_REASON_EOS, eft_pb2.FINISH_REASON_STOP)
+
+
+def test_demo_side_by_side_shows_upscaling(cluster_stack) -> None:
+    import io
+
+    from eft_serve.demo.showcase import show_side_by_side
+
+    out = io.StringIO()
+    tally = show_side_by_side(cluster_stack["address"], cluster_stack["family"], n_prompts=4, out=out)
+    # Up-scaling answers in the fine-tune's style and knows at least as much as the small fine-tune.
+    assert tally["upscale"]["style_a"] == 4
+    assert tally["upscale"]["fact"] >= tally["small_ft"]["fact"]
+    assert "up-scaled (EFT)" in out.getvalue()
+
+
+def test_cli_generate_json_last_line_has_ids_and_text(cluster_stack) -> None:
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "eft_serve.cli", "generate", "Q: What is the river of", "--address",
+         cluster_stack["address"], "--temperature", "0", "--max-new-tokens", "6", "--json"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    last = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert last["done"] and len(last["token_ids"]) == 6 and isinstance(last["text"], str)
+    bad = subprocess.run(
+        [sys.executable, "-m", "eft_serve.cli", "generate", "x", "--address", cluster_stack["address"], "--top-p", "7"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert bad.returncode == 2 and "INVALID_ARGUMENT" in bad.stderr and "top_p" in bad.stderr
