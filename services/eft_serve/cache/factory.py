@@ -9,7 +9,6 @@ from __future__ import annotations
 from .base import ResultCache
 from .config import CacheConfig
 from .memory import MemoryCache
-from .redis_cache import RedisCache
 
 
 def build_cache(cfg: CacheConfig) -> ResultCache | None:
@@ -17,6 +16,8 @@ def build_cache(cfg: CacheConfig) -> ResultCache | None:
     if not cfg.enabled:
         return None
     if cfg.resolved_backend() == "redis":
+        from .redis_cache import RedisCache  # only a Redis-backed cache needs the Redis client
+
         return RedisCache(cfg)
     return MemoryCache(
         max_bytes=cfg.memory_max_bytes,
