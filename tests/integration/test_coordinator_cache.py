@@ -39,6 +39,7 @@ async def test_cached_equals_uncached_greedy_and_seeded(redis_url: str) -> None:
         assert cold[2].cache_misses > 0
         assert warm[2].cache_hits == warm[2].completion_tokens * 3 and warm[2].cache_misses == 0
         assert warm[2].pool_calls == 0
+        assert warm[2].cache_bytes_read > 0 and cold[2].cache_bytes_written > 0
         assert sum(e.num_calls for e in engines.values()) == calls_before
 
 

@@ -30,6 +30,8 @@ class FetchStats:
     cache_hits: int = 0
     cache_misses: int = 0
     cache_errors: int = 0
+    cache_bytes_read: int = 0
+    cache_bytes_written: int = 0
 
 
 class StepFetcher:
@@ -139,4 +141,6 @@ class StepFetcher:
             # concurrent streams this per-stream attribution is approximate.
             d = cache.stats().delta(before)
             stats.cache_errors += d.errors + d.bypassed
+            stats.cache_bytes_read += d.bytes_read
+            stats.cache_bytes_written += d.bytes_written
         return {role: [r for r in results if r is not None] for role, results in out.items()}

@@ -58,6 +58,8 @@ class Usage:
     cache_errors: int = 0
     recipe: str = ""
     logprob_top_k: int = 0
+    cache_bytes_read: int = 0
+    cache_bytes_written: int = 0
 
 
 @dataclass

@@ -222,6 +222,7 @@ class EftCoordinator:
             total_ms=1000 * total, tokens_per_s=generated / total if total > 0 else 0.0,
             seed=plan.sampling.seed, pool_calls=stats.pool_calls, cache_hits=stats.cache_hits,
             cache_misses=stats.cache_misses, cache_errors=stats.cache_errors,
+            cache_bytes_read=stats.cache_bytes_read, cache_bytes_written=stats.cache_bytes_written,
             recipe=plan.recipe.name, logprob_top_k=plan.top_k,
         )
         # Only a context-length finish can still hold undecoded bytes or held-back stop-prefix text.

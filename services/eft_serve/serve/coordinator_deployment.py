@@ -103,4 +103,10 @@ class CoordinatorDeployment:
         return self._rpc.list_recipes()
 
     async def Check(self, request):  # noqa: N802 (grpc.health.v1.Health/Check)
+        # A replica exists only after its start-up vocabulary check passed: it can serve.
         return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+    async def Watch(self, request) -> AsyncIterator[Any]:  # noqa: N802 (grpc.health.v1.Health/Watch)
+        # One update, then the stream ends: holding a replica slot per watcher would starve
+        # real requests; watchers re-subscribe (or poll Check) as gRPC health clients do on end.
+        yield health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)

@@ -100,7 +100,7 @@ class TokenInfo(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., text: _Optional[str] = ..., logprob: _Optional[float] = ..., model_logprobs: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens", "time_to_first_token_ms", "total_ms", "tokens_per_s", "seed", "pool_calls", "cache_hits", "cache_misses", "cache_errors", "recipe", "logprob_top_k")
+    __slots__ = ("prompt_tokens", "completion_tokens", "time_to_first_token_ms", "total_ms", "tokens_per_s", "seed", "pool_calls", "cache_hits", "cache_misses", "cache_errors", "recipe", "logprob_top_k", "cache_bytes_read", "cache_bytes_written")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TIME_TO_FIRST_TOKEN_MS_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +113,8 @@ class Usage(_message.Message):
     CACHE_ERRORS_FIELD_NUMBER: _ClassVar[int]
     RECIPE_FIELD_NUMBER: _ClassVar[int]
     LOGPROB_TOP_K_FIELD_NUMBER: _ClassVar[int]
+    CACHE_BYTES_READ_FIELD_NUMBER: _ClassVar[int]
+    CACHE_BYTES_WRITTEN_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
     time_to_first_token_ms: float
@@ -125,7 +127,9 @@ class Usage(_message.Message):
     cache_errors: int
     recipe: str
     logprob_top_k: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., time_to_first_token_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., seed: _Optional[int] = ..., pool_calls: _Optional[int] = ..., cache_hits: _Optional[int] = ..., cache_misses: _Optional[int] = ..., cache_errors: _Optional[int] = ..., recipe: _Optional[str] = ..., logprob_top_k: _Optional[int] = ...) -> None: ...
+    cache_bytes_read: int
+    cache_bytes_written: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., time_to_first_token_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., seed: _Optional[int] = ..., pool_calls: _Optional[int] = ..., cache_hits: _Optional[int] = ..., cache_misses: _Optional[int] = ..., cache_errors: _Optional[int] = ..., recipe: _Optional[str] = ..., logprob_top_k: _Optional[int] = ..., cache_bytes_read: _Optional[int] = ..., cache_bytes_written: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("text", "tokens", "finish_reason", "usage", "request_id")
