@@ -59,6 +59,8 @@ class EftCoordinator:
         self._cache_prefix = cache_key_prefix
         self._cache_recipes = dict(cache_recipes or {})
         self.infos: dict[str, ModelInfo] = {}
+        self._vocab_size = 0
+        self._max_context = 0
         self._fetcher: StepFetcher | None = None
 
     # ---- startup -------------------------------------------------------------------------
@@ -72,6 +74,9 @@ class EftCoordinator:
                 raise Unavailable(f"model pool {name!r} did not answer its info call: {a}") from a
         self.infos = dict(zip(names, answers))  # type: ignore[arg-type]
         check_shared_vocabulary(self.infos)
+        # Fixed once the pools are known; read on every decoding step.
+        self._vocab_size = next(iter(self.infos.values())).vocab_size
+        self._max_context = min(i.max_context for i in self.infos.values())
         tok_vocab = len(self._tok)
         first = next(iter(self.infos.values()))
         if tok_vocab > first.vocab_size:
@@ -86,11 +91,11 @@ class EftCoordinator:
 
     @property
     def vocab_size(self) -> int:
-        return next(iter(self.infos.values())).vocab_size
+        return self._vocab_size
 
     @property
     def max_context(self) -> int:
-        return min(i.max_context for i in self.infos.values())
+        return self._max_context
 
     @property
     def default_recipe(self) -> str:
