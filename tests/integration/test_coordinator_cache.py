@@ -100,3 +100,15 @@ async def test_cache_can_be_disabled_per_recipe(redis_url: str) -> None:
     await run(coord, temperature=0)
     second = await run(coord, temperature=0)
     assert second[2].cache_hits == 0 and second[2].pool_calls > 0
+
+
+async def test_score_honours_per_recipe_cache_switch(redis_url: str) -> None:
+    from eft_serve.coordinator.request import MergeOptions as M
+
+    coord = fake_coordinator(cache=redis_cache(redis_url))
+    coord._cache_recipes = {"upscale": False}
+    await coord.start()
+    await coord.score("hello", " there", M())
+    assert coord._cache.stats().sets == 0
+    await coord.score("hello", " there", M(recipe="large_base"))
+    assert coord._cache.stats().sets > 0

@@ -159,8 +159,11 @@ class EftCoordinator:
                 f"prompt is {len(prompt_ids)} tokens but the models' context length is {self.max_context}; "
                 f"shorten it to at most {self.max_context - 1} tokens"
             )
-        use_cache = self._cache is not None and self._cache_recipes.get(recipe.name, True)
-        return _Plan(recipe, top_k, conservative, sampling, prompt_ids, time.time() + timeout, use_cache)
+        return _Plan(recipe, top_k, conservative, sampling, prompt_ids, time.time() + timeout,
+                     self._cache_on(recipe.name))
+
+    def _cache_on(self, recipe_name: str) -> bool:
+        return self._cache is not None and self._cache_recipes.get(recipe_name, True)
 
     # ---- generation ----------------------------------------------------------------------
 
@@ -253,7 +256,7 @@ class EftCoordinator:
         query = SequenceQuery(token_ids=ids[:-1], num_positions=len(cont_ids), candidate_ids=candidates)
         deadline = time.time() + (timeout_s or self._cfg.default_timeout_s)
         results = await self._fetcher.fetch(
-            {role: [query] for role in recipe.roles}, top_k, deadline, self._cache is not None, FetchStats()
+            {role: [query] for role in recipe.roles}, top_k, deadline, self._cache_on(recipe.name), FetchStats()
         )
         tokens: list[TokenOutput] = []
         total = 0.0
