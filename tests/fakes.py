@@ -7,6 +7,7 @@ from typing import Sequence
 
 from eft_serve.config import CoordinatorConfig, RecipeConfig
 from eft_serve.coordinator.service import EftCoordinator
+from eft_serve.cache.next_token_cache import NextTokenCache
 from eft_serve.engine.fake import FakeEngine
 from eft_serve.transport.inprocess import InProcessPool
 
@@ -53,4 +54,6 @@ def fake_coordinator(engines: dict[str, FakeEngine] | None = None, cache=None, *
     engines = engines or fake_engines()
     pools = {role: InProcessPool(e, role) for role, e in engines.items()}
     config = CoordinatorConfig(**{"max_new_tokens_cap": 64, "default_max_new_tokens": 16, **cfg})
-    return EftCoordinator(pools, RECIPES, CharTokenizer(), config, cache=cache)
+    return EftCoordinator(
+        pools, RECIPES, CharTokenizer(), config, cache=NextTokenCache(cache) if cache is not None else None
+    )

@@ -60,11 +60,25 @@ def _generate_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         weights[name] = float(value)
     return dict(
         recipe=args.recipe, beta=args.beta, expert_weights=weights, conservative=args.conservative,
-        logprob_top_k=args.top_k, temperature=args.temperature, top_p=args.top_p, top_k=args.sample_top_k,
+        logprob_top_k=args.logprob_top_k, temperature=args.temperature, top_p=args.top_p, top_k=args.sample_top_k,
         seed=args.seed, max_new_tokens=args.max_new_tokens, stop=args.stop or [],
         return_logprobs=args.json, return_model_logprobs=args.json and args.model_logprobs,
         timeout_s=args.timeout,
     )
+
+
+class _ChangedMeaning(argparse.Action):
+    """`--top-k` used to set the merge's per-model logprob truncation, while the request field
+    `top_k` is the sampling truncation. Rather than silently change what it does, it fails with
+    the new spelling for one release; afterwards it will mean `sampling.top_k`."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        parser.error(
+            "--top-k is retired for this release because its meaning is changing: use --logprob-top-k K "
+            "for the per-model logprob truncation it used to set (merge.logprob_top_k; 0 = exact), or "
+            "--sample-top-k K for top-k sampling of the merged distribution (sampling.top_k)"
+        )
 
 
 def _add_generate_flags(p: argparse.ArgumentParser) -> None:
@@ -72,10 +86,13 @@ def _add_generate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beta", type=float, help="strength of the behaviour delta (default 1)")
     p.add_argument("--expert-weight", action="append", metavar="ROLE=W", help="per-expert weight (interpolation)")
     p.add_argument("--conservative", action="store_true", help="conservative decoding")
-    p.add_argument("--top-k", type=int, help="per-model top-k logprobs merged; 0 = exact full vocabulary")
+    p.add_argument("--logprob-top-k", type=int, metavar="K",
+                   help="merge.logprob_top_k: per-model top-k logprobs merged; 0 = exact full vocabulary")
+    p.add_argument("--top-k", action=_ChangedMeaning, nargs="?", help=argparse.SUPPRESS)
     p.add_argument("--temperature", type=float, help="0 = greedy (default 1)")
     p.add_argument("--top-p", type=float)
-    p.add_argument("--sample-top-k", type=int, default=0, help="top-k truncation of the merged distribution")
+    p.add_argument("--sample-top-k", type=int, default=0, metavar="K",
+                   help="sampling.top_k: top-k truncation of the merged distribution (0 = off)")
     p.add_argument("--seed", type=int)
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
@@ -144,6 +161,21 @@ def cmd_render(args: argparse.Namespace) -> int:
     from eft_serve.serve.app import render_serve_yaml
 
     text = render_serve_yaml(load_config(args.config))
+    if args.check:
+        # The --check convention of every generated artifact: compare in memory, name the file
+        # and the command that regenerates it, exit 1 on drift.
+        if not args.out:
+            print("error: --check needs --out (the committed file to compare with)", file=sys.stderr)
+            return 2
+        out = Path(args.out)
+        if out.is_file() and out.read_text() == text:
+            print(f"{out}: up to date")
+            return 0
+        regenerate = " ".join(["eft render-serve-config", *([f"--config {args.config}"] if args.config else []),
+                               f"--out {args.out}"])
+        print(f"{out}: {'differs from a fresh render' if out.is_file() else 'missing'}", file=sys.stderr)
+        print(f"regenerate with: {regenerate}", file=sys.stderr)
+        return 1
     if args.out:
         Path(args.out).write_text(text)
     else:
@@ -197,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("render-serve-config", help="print the Serve config (serve run / KubeRay) for a config")
     p.add_argument("--config")
     p.add_argument("--out")
+    p.add_argument("--check", action="store_true",
+                   help="write nothing; exit 1 if --out differs from a fresh render (names the file and the fix)")
     p.set_defaults(func=cmd_render)
 
     p = sub.add_parser("eval", help="held-out knowledge/behaviour evaluation through the service; writes docs/results")

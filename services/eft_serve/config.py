@@ -13,18 +13,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from eft_serve.cache.config import CacheConfig, LocalRedisConfig
+from eft_serve.strict_model import StrictModel
 
 DEMO_SCHEME = "demo:"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class AutoscalingConfig(_Strict):
+class AutoscalingConfig(StrictModel):
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
     initial_replicas: int | None = Field(None, ge=0)
@@ -41,7 +38,7 @@ class AutoscalingConfig(_Strict):
         return self
 
 
-class ReplicaConfig(_Strict):
+class ReplicaConfig(StrictModel):
     """Ray Serve replica options for one deployment (a pool or the coordinator)."""
 
     num_replicas: int = Field(1, ge=1, description="fixed replica count when autoscaling is off")
@@ -106,7 +103,7 @@ class ReplicaConfig(_Strict):
         return options
 
 
-class PoolConfig(_Strict):
+class PoolConfig(StrictModel):
     """One model pool: a model role served by its own Serve application."""
 
     # Local Hugging Face model directory, or `demo:<role>` for the built-in demo family.
@@ -121,7 +118,7 @@ class PoolConfig(_Strict):
     replica: ReplicaConfig = Field(default_factory=ReplicaConfig)
 
 
-class RecipeConfig(_Strict):
+class RecipeConfig(StrictModel):
     """score = log p_base + Σ_j w_j · (log p_expert_j − log p_reference), renormalised per token."""
 
     description: str = ""
@@ -149,7 +146,7 @@ class RecipeConfig(_Strict):
         return [self.base, *self.experts, *([self.reference] if self.reference else [])]
 
 
-class CoordinatorConfig(_Strict):
+class CoordinatorConfig(StrictModel):
     default_recipe: str = "upscale"
     # Per-model top-k used for merging when a request does not say; 0 = exact full vocabulary.
     default_logprob_top_k: int = Field(20, ge=0)
@@ -169,12 +166,12 @@ class CoordinatorConfig(_Strict):
     replica: ReplicaConfig = Field(default_factory=lambda: ReplicaConfig(num_cpus=0.5, max_ongoing_requests=64))
 
 
-class GrpcConfig(_Strict):
+class GrpcConfig(StrictModel):
     port: int = Field(9000, ge=0, le=65535)
     request_timeout_s: float | None = Field(None, gt=0)
 
 
-class RayConfig(_Strict):
+class RayConfig(StrictModel):
     # None: start a local cluster (`eft serve`); else connect, e.g. "ray://..." or "auto".
     address: str | None = None
     # 127.0.0.1 is silently replaced by Ray with the interface address; 127.0.0.2 is kept.
@@ -185,7 +182,7 @@ class RayConfig(_Strict):
     temp_dir: str | None = None
 
 
-class EftConfig(_Strict):
+class EftConfig(StrictModel):
     pools: dict[str, PoolConfig]
     recipes: dict[str, RecipeConfig]
     coordinator: CoordinatorConfig = Field(default_factory=CoordinatorConfig)

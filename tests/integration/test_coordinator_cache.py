@@ -36,10 +36,10 @@ async def test_cached_equals_uncached_greedy_and_seeded(redis_url: str) -> None:
         calls_before = sum(e.num_calls for e in engines.values())
         warm = await run(cached, **kw)
         assert cold[:2] == expected[:2] == warm[:2]
-        assert cold[2].cache_misses > 0
-        assert warm[2].cache_hits == warm[2].completion_tokens * 3 and warm[2].cache_misses == 0
-        assert warm[2].pool_calls == 0
-        assert warm[2].cache_bytes_read > 0 and cold[2].cache_bytes_written > 0
+        assert cold[2].fetch.cache_misses > 0
+        assert warm[2].fetch.cache_hits == warm[2].completion_tokens * 3 and warm[2].fetch.cache_misses == 0
+        assert warm[2].fetch.pool_calls == 0
+        assert warm[2].fetch.cache_bytes_read > 0 and cold[2].fetch.cache_bytes_written > 0
         assert sum(e.num_calls for e in engines.values()) == calls_before
 
 
@@ -49,7 +49,7 @@ async def test_in_process_lru_behind_same_interface() -> None:
     await coord.start()
     first = await run(coord, temperature=0)
     second = await run(coord, temperature=0)
-    assert first[:2] == second[:2] and second[2].cache_hits > 0 and second[2].pool_calls == 0
+    assert first[:2] == second[:2] and second[2].fetch.cache_hits > 0 and second[2].fetch.pool_calls == 0
 
 
 async def test_redis_killed_mid_stream_then_back(fresh_redis_server) -> None:
@@ -66,14 +66,14 @@ async def test_redis_killed_mid_stream_then_back(fresh_redis_server) -> None:
             fresh_redis_server.kill()
     ids = [t.token_id for c in chunks for t in c.tokens]
     assert ids == expected[0], "the stream must complete correctly without Redis"
-    assert chunks[-1].usage.cache_misses > 0
+    assert chunks[-1].usage.fetch.cache_misses > 0
     # Redis is back (empty): after the reconnect backoff, writes land and hits resume.
     fresh_redis_server.restart()
     await asyncio.sleep(0.5)
     await run(coord, temperature=0)
     again = await run(coord, temperature=0)
     assert again[0] == expected[0]
-    assert again[2].cache_hits > 0
+    assert again[2].fetch.cache_hits > 0
 
 
 async def test_garbage_under_our_keys_is_ignored_and_overwritten(redis_url: str) -> None:
@@ -88,27 +88,27 @@ async def test_garbage_under_our_keys_is_ignored_and_overwritten(redis_url: str)
     polluted = await run(coord, temperature=0)
     assert polluted[:2] == expected[:2]
     healed = await run(coord, temperature=0)
-    assert healed[:2] == expected[:2] and healed[2].cache_hits == healed[2].completion_tokens * 3
+    assert healed[:2] == expected[:2] and healed[2].fetch.cache_hits == healed[2].completion_tokens * 3
     client.close()
 
 
 async def test_cache_can_be_disabled_per_recipe(redis_url: str) -> None:
     engines = fake_engines()
     coord = fake_coordinator(engines, cache=redis_cache(redis_url))
-    coord._cache_recipes = {"upscale": False}
+    coord.cache.set_recipe_enabled("upscale", False)
     await coord.start()
     await run(coord, temperature=0)
     second = await run(coord, temperature=0)
-    assert second[2].cache_hits == 0 and second[2].pool_calls > 0
+    assert second[2].fetch.cache_hits == 0 and second[2].fetch.pool_calls > 0
 
 
 async def test_score_honours_per_recipe_cache_switch(redis_url: str) -> None:
     from eft_serve.coordinator.request import MergeOptions as M
 
     coord = fake_coordinator(cache=redis_cache(redis_url))
-    coord._cache_recipes = {"upscale": False}
+    coord.cache.set_recipe_enabled("upscale", False)
     await coord.start()
     await coord.score("hello", " there", M())
-    assert coord._cache.stats().sets == 0
+    assert coord.cache.stats().sets == 0
     await coord.score("hello", " there", M(recipe="large_base"))
-    assert coord._cache.stats().sets > 0
+    assert coord.cache.stats().sets > 0

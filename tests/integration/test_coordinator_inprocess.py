@@ -9,7 +9,7 @@ import pytest
 
 from eft_serve.coordinator.request import GenerationRequest, MergeOptions
 from eft_serve.engine.fake import FakeEngine
-from eft_serve.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, Unavailable
+from eft_serve.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from eft_serve.transport.inprocess import InProcessPool
 
 from fakes import EOS, VOCAB, CharTokenizer, fake_coordinator, fake_engines
@@ -100,7 +100,6 @@ async def test_eos_finishes() -> None:
     [
         (GenerationRequest(prompt=""), "empty"),
         (GenerationRequest(prompt="a" * 200), "context length"),
-        (GenerationRequest(prompt="a", merge=MergeOptions(recipe="nope")), "unknown recipe"),
         (GenerationRequest(prompt="a", merge=MergeOptions(beta=float("inf"))), "finite"),
         (GenerationRequest(prompt="a", merge=MergeOptions(recipe="interpolate", expert_weights={"small_ft_b": float("nan")})), "finite"),
         (GenerationRequest(prompt="a", temperature=-0.5), "temperature"),
@@ -118,6 +117,18 @@ async def test_bad_input_is_invalid_argument(req: GenerationRequest, match: str)
         await coord.generate(req)
 
 
+@pytest.mark.parametrize("call", ["generate", "score"])
+async def test_unknown_recipe_is_not_found_on_every_path(call: str) -> None:
+    # One status for one mistake: the named recipe does not exist (NOT_FOUND), generate or score.
+    coord = fake_coordinator()
+    await coord.start()
+    with pytest.raises(NotFound, match="unknown recipe 'nope'; available recipes: .*upscale"):
+        if call == "generate":
+            await coord.generate(GenerationRequest(prompt="a", merge=MergeOptions(recipe="nope")))
+        else:
+            await coord.score("a", "b", MergeOptions(recipe="nope"))
+
+
 async def test_vocabulary_mismatch_refused_naming_pools() -> None:
     other = FakeEngine(VOCAB, seed=9, name="alien", vocab_fingerprint="different", eos_token_id=EOS)
     coord = fake_coordinator(fake_engines(small_ft=other))
@@ -126,7 +137,7 @@ async def test_vocabulary_mismatch_refused_naming_pools() -> None:
 
 
 class HangingPool(InProcessPool):
-    async def next_token_logprobs(self, queries, top_k, deadline=None):
+    async def next_token_logprobs(self, queries, logprob_top_k, deadline=None):
         await asyncio.sleep(3600)
 
 
@@ -134,7 +145,6 @@ async def test_pool_down_is_unavailable_not_a_hang() -> None:
     coord = fake_coordinator(pool_call_timeout_s=0.5)
     await coord.start()
     coord._pools["small_base"] = HangingPool(fake_engines()["small_base"], "small_base")
-    coord._fetcher._pools = coord._pools
     with pytest.raises(Unavailable, match="small_base"):
         await collect(coord, GenerationRequest(prompt="ab", temperature=0, max_new_tokens=3))
 
@@ -143,7 +153,6 @@ async def test_deadline_exceeded() -> None:
     coord = fake_coordinator()
     await coord.start()
     coord._pools["small_base"] = HangingPool(fake_engines()["small_base"], "small_base")
-    coord._fetcher._pools = coord._pools
     with pytest.raises(DeadlineExceeded):
         await collect(coord, GenerationRequest(prompt="ab", temperature=0, max_new_tokens=3, timeout_s=0.3))
 
@@ -175,11 +184,11 @@ class FlakyPool(InProcessPool):
         super().__init__(engine, role)
         self.failures = failures
 
-    async def next_token_logprobs(self, queries, top_k, deadline=None):
+    async def next_token_logprobs(self, queries, logprob_top_k, deadline=None):
         if self.failures > 0:
             self.failures -= 1
             raise Unavailable(f"model pool {self.role!r} lost a replica")
-        return await super().next_token_logprobs(queries, top_k, deadline)
+        return await super().next_token_logprobs(queries, logprob_top_k, deadline)
 
 
 async def test_lost_replica_costs_a_retry_not_the_request() -> None:
@@ -190,7 +199,6 @@ async def test_lost_replica_costs_a_retry_not_the_request() -> None:
     coord = fake_coordinator(engines, pool_call_retries=2)
     await coord.start()
     coord._pools["large_base"] = FlakyPool(engines["large_base"], "large_base", failures=2)
-    coord._fetcher._pools = coord._pools
     got = await collect(coord, GenerationRequest(prompt="ab", temperature=0, max_new_tokens=6, ignore_eos=True))
     assert got[1] == expected[1]
     coord._pools["large_base"].failures = 3  # more failures than retries: UNAVAILABLE, not a hang

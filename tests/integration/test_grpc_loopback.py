@@ -64,7 +64,7 @@ async def test_stream_and_complete_agree(stack) -> None:
         (dict(prompt="a", temperature=-1.0), grpc.StatusCode.INVALID_ARGUMENT),
         (dict(prompt="a", top_p=2.0), grpc.StatusCode.INVALID_ARGUMENT),
         (dict(prompt="a", max_new_tokens=0), grpc.StatusCode.INVALID_ARGUMENT),
-        (dict(prompt="a", recipe="nope"), grpc.StatusCode.INVALID_ARGUMENT),
+        (dict(prompt="a", recipe="nope"), grpc.StatusCode.NOT_FOUND),
         (dict(prompt="a", beta=float("nan")), grpc.StatusCode.INVALID_ARGUMENT),
     ],
 )

@@ -31,8 +31,8 @@ def test_deterministic_and_depends_on_last_two_tokens():
 def test_record_invariants():
     eng: LogprobEngine = FakeEngine(V, seed=0)
     toks, cands = [1, 2, 3, 4, 5], [0, 7, 7, 49]
-    topk = eng.next_token_logprobs([SequenceQuery(toks, 3, cands)], top_k=6)[0]
-    full = eng.next_token_logprobs([SequenceQuery(toks, 3, cands)], top_k=0)[0]
+    topk = eng.next_token_logprobs([SequenceQuery(toks, 3, cands)], logprob_top_k=6)[0]
+    full = eng.next_token_logprobs([SequenceQuery(toks, 3, cands)], logprob_top_k=0)[0]
     assert topk.cached_tokens == 0 and len(topk.positions) == 3
     for j, (p, f) in enumerate(zip(topk.positions, full.positions)):
         expect = eng.logprobs(toks[: 5 - 3 + 1 + j])
@@ -53,7 +53,7 @@ def test_peaked_distribution_keeps_tail_finite_and_exact():
     table = np.zeros((V, V))
     table[:, 0] = 50.0
     eng = FakeEngine(V, table=table)
-    p = eng.next_token_logprobs([SequenceQuery([3])], top_k=1)[0].positions[0]
+    p = eng.next_token_logprobs([SequenceQuery([3])], logprob_top_k=1)[0].positions[0]
     assert p.top_ids.tolist() == [0]
     expected_tail = math.log(V - 1) - 50.0  # log((V-1) e^0 / (e^50 + ...)) ~= log(V-1) - 50
     assert p.tail_logmass == pytest.approx(expected_tail, abs=1e-3)
@@ -61,7 +61,7 @@ def test_peaked_distribution_keeps_tail_finite_and_exact():
 
 def test_logits_fn_and_fingerprints():
     eng = FakeEngine(8, logits_fn=lambda prefix: np.arange(8.0) * (len(prefix) % 2), name="fn")
-    assert eng.next_token_logprobs([SequenceQuery([1])], top_k=1)[0].positions[0].top_ids.tolist() == [7]
+    assert eng.next_token_logprobs([SequenceQuery([1])], logprob_top_k=1)[0].positions[0].top_ids.tolist() == [7]
     same_vocab = FakeEngine(V, seed=3).info.vocab_fingerprint == FakeEngine(V, seed=4).info.vocab_fingerprint
     assert same_vocab
     assert FakeEngine(V).info.vocab_fingerprint != FakeEngine(V + 1).info.vocab_fingerprint
@@ -92,13 +92,13 @@ def test_validation_matches_real_engine_rules():
         SequenceQuery([1], candidate_ids=[-1]),
     ):
         with pytest.raises(ValueError):
-            eng.next_token_logprobs([q], top_k=2)
+            eng.next_token_logprobs([q], logprob_top_k=2)
     with pytest.raises(ValueError):
-        eng.next_token_logprobs([SequenceQuery([1])], top_k=-3)
+        eng.next_token_logprobs([SequenceQuery([1])], logprob_top_k=-3)
     with pytest.raises(ValueError):
         eng.draft([DraftQuery(list(range(8)), 2)])
     with pytest.raises(ValueError):
         FakeEngine(V, table=np.zeros((3, 3)))
     assert eng.num_calls == 0  # rejected calls are not counted
-    eng.next_token_logprobs([SequenceQuery([1]), SequenceQuery([2])], top_k=3)
-    assert (eng.num_calls, eng.num_queries, eng.last_top_k) == (1, 2, 3)
+    eng.next_token_logprobs([SequenceQuery([1]), SequenceQuery([2])], logprob_top_k=3)
+    assert (eng.num_calls, eng.num_queries, eng.last_logprob_top_k) == (1, 2, 3)

@@ -67,7 +67,7 @@ def ref_engine(model_dir) -> HFEngine:
 
 def fresh_full(ref: HFEngine, prefix) -> np.ndarray:
     """Full-vocab logprobs after ``prefix`` from a single uncached forward."""
-    return ref.next_token_logprobs([SequenceQuery(token_ids=list(prefix))], top_k=0)[0].positions[0].full_logprobs
+    return ref.next_token_logprobs([SequenceQuery(token_ids=list(prefix))], logprob_top_k=0)[0].positions[0].full_logprobs
 
 
 def rand_tokens(rng, n):
@@ -89,8 +89,8 @@ def test_topk_tail_candidates_and_full(engine):
     rng = np.random.default_rng(1)
     toks = rand_tokens(rng, 10)
     cands = [0, 5, 299, 5]
-    topk = engine.next_token_logprobs([SequenceQuery(toks, 3, cands)], top_k=8)[0]
-    full = engine.next_token_logprobs([SequenceQuery(toks, 3, cands)], top_k=0)[0]
+    topk = engine.next_token_logprobs([SequenceQuery(toks, 3, cands)], logprob_top_k=8)[0]
+    full = engine.next_token_logprobs([SequenceQuery(toks, 3, cands)], logprob_top_k=0)[0]
     assert len(topk.positions) == len(full.positions) == 3
     for p, f in zip(topk.positions, full.positions):
         assert p.top_ids.dtype == np.int64 and p.top_ids.shape == (8,)
@@ -107,14 +107,14 @@ def test_topk_tail_candidates_and_full(engine):
         np.testing.assert_allclose(p.candidate_logprobs, fl[cands], atol=TOL)
         np.testing.assert_allclose(f.candidate_logprobs, fl[cands], atol=TOL)
     # top_k >= vocab: everything is "top", nothing left in the tail.
-    allk = engine.next_token_logprobs([SequenceQuery(toks)], top_k=V + 5)[0].positions[0]
+    allk = engine.next_token_logprobs([SequenceQuery(toks)], logprob_top_k=V + 5)[0].positions[0]
     assert allk.top_ids.shape == (V,) and allk.tail_logmass == -math.inf
 
 
 def test_num_positions_match_shorter_prefixes(engine, ref_engine):
     rng = np.random.default_rng(2)
     toks = rand_tokens(rng, 12)
-    res = engine.next_token_logprobs([SequenceQuery(toks, num_positions=4)], top_k=0)[0]
+    res = engine.next_token_logprobs([SequenceQuery(toks, num_positions=4)], logprob_top_k=0)[0]
     for j, pos in enumerate(res.positions):
         np.testing.assert_allclose(pos.full_logprobs, fresh_full(ref_engine, toks[: 12 - 4 + 1 + j]), atol=TOL)
 
@@ -122,21 +122,21 @@ def test_num_positions_match_shorter_prefixes(engine, ref_engine):
 def test_cache_hit_equals_fresh_forward(engine, ref_engine):
     rng = np.random.default_rng(3)
     base = rand_tokens(rng, 20)
-    first = engine.next_token_logprobs([SequenceQuery(base, sequence_id="s")], top_k=0)[0]
+    first = engine.next_token_logprobs([SequenceQuery(base, sequence_id="s")], logprob_top_k=0)[0]
     assert first.cached_tokens == 0
     # Extend by a few tokens and score a trailing block: served over the cached prefix.
     ext = base + rand_tokens(rng, 3)
-    res = engine.next_token_logprobs([SequenceQuery(ext, num_positions=2, sequence_id="s")], top_k=0)[0]
+    res = engine.next_token_logprobs([SequenceQuery(ext, num_positions=2, sequence_id="s")], logprob_top_k=0)[0]
     assert res.cached_tokens == 20
     for j, pos in enumerate(res.positions):
         np.testing.assert_allclose(pos.full_logprobs, fresh_full(ref_engine, ext[: len(ext) - 1 + j]), atol=TOL)
     # The exact same prefix again: the cache holds all of it but the last token is recomputed.
-    again = engine.next_token_logprobs([SequenceQuery(ext)], top_k=0)[0]
+    again = engine.next_token_logprobs([SequenceQuery(ext)], logprob_top_k=0)[0]
     assert again.cached_tokens == len(ext) - 1
     np.testing.assert_allclose(again.positions[0].full_logprobs, fresh_full(ref_engine, ext), atol=TOL)
     # A diverging sequence reuses only the shared part.
     div = base[:10] + rand_tokens(rng, 5)
-    dres = engine.next_token_logprobs([SequenceQuery(div)], top_k=0)[0]
+    dres = engine.next_token_logprobs([SequenceQuery(div)], logprob_top_k=0)[0]
     assert dres.cached_tokens == 10
     np.testing.assert_allclose(dres.positions[0].full_logprobs, fresh_full(ref_engine, div), atol=TOL)
     s = engine.kv_cache.stats()
@@ -148,7 +148,7 @@ def test_batched_equals_per_query(engine, ref_engine):
     # Warm the cache with prefixes of different lengths, then ask for a few new tokens each:
     # the common decode step, batched over different cached lengths.
     bases = [rand_tokens(rng, n) for n in (5, 17, 30, 9)]
-    engine.next_token_logprobs([SequenceQuery(b, sequence_id=f"q{i}") for i, b in enumerate(bases)], top_k=4)
+    engine.next_token_logprobs([SequenceQuery(b, sequence_id=f"q{i}") for i, b in enumerate(bases)], logprob_top_k=4)
     queries = [
         SequenceQuery(bases[0] + rand_tokens(rng, 1), 1, [1, 2], "q0"),
         SequenceQuery(bases[1] + rand_tokens(rng, 3), 2, [3], "q1"),
@@ -157,19 +157,19 @@ def test_batched_equals_per_query(engine, ref_engine):
         SequenceQuery(rand_tokens(rng, 6), 2, [8, 9]),  # a fresh one in the same batch
     ]
     before = engine.counters.forward_passes
-    batched = engine.next_token_logprobs(queries, top_k=0)
+    batched = engine.next_token_logprobs(queries, logprob_top_k=0)
     assert engine.counters.forward_passes - before == 1, "one padded forward for the whole batch"
     # cached_len is capped at len - num_positions (those logits must be computed)
     assert [r.cached_tokens for r in batched] == [5, 17, 29, 9, 0]
     for q, res in zip(queries, batched):
-        single = ref_engine.next_token_logprobs([q], top_k=0)[0]
+        single = ref_engine.next_token_logprobs([q], logprob_top_k=0)[0]
         assert len(res.positions) == q.num_positions
         for a, b in zip(res.positions, single.positions):
             np.testing.assert_allclose(a.full_logprobs, b.full_logprobs, atol=TOL)
             np.testing.assert_allclose(a.candidate_logprobs, b.candidate_logprobs, atol=TOL)
     # Uncached batch of mixed lengths also equals per-query results.
     fresh = [SequenceQuery(rand_tokens(rng, n), m) for n, m in ((4, 1), (4, 2), (7, 1), (40, 5))]
-    out = ref_engine.next_token_logprobs(fresh, top_k=0)
+    out = ref_engine.next_token_logprobs(fresh, logprob_top_k=0)
     for q, res in zip(fresh, out):
         for j, pos in enumerate(res.positions):
             prefix = list(q.token_ids)[: len(q.token_ids) - q.num_positions + 1 + j]
@@ -180,7 +180,7 @@ def test_small_batch_budget_splits_groups(model_dir, ref_engine):
     eng = HFEngine.load(model_dir, name="tiny", device=DEVICE, max_batch_tokens=16, torch_threads=None)
     rng = np.random.default_rng(5)
     queries = [SequenceQuery(rand_tokens(rng, n)) for n in (10, 10, 3, 12)]
-    res = eng.next_token_logprobs(queries, top_k=0)
+    res = eng.next_token_logprobs(queries, logprob_top_k=0)
     assert eng.counters.forward_passes >= 3
     for q, r in zip(queries, res):
         np.testing.assert_allclose(r.positions[0].full_logprobs, fresh_full(ref_engine, q.token_ids), atol=TOL)
@@ -198,16 +198,16 @@ def test_bad_inputs_raise_value_error(engine):
     ]
     for q in bad:
         with pytest.raises(ValueError):
-            engine.next_token_logprobs([SequenceQuery([1, 2, 3]), q], top_k=5)
+            engine.next_token_logprobs([SequenceQuery([1, 2, 3]), q], logprob_top_k=5)
     with pytest.raises(ValueError):
-        engine.next_token_logprobs([SequenceQuery([1])], top_k=-1)
+        engine.next_token_logprobs([SequenceQuery([1])], logprob_top_k=-1)
     with pytest.raises(ValueError):
         engine.draft([DraftQuery(list(range(CTX)), num_tokens=2)])
     with pytest.raises(ValueError):
         engine.draft([DraftQuery([1], num_tokens=-1)])
-    assert engine.next_token_logprobs([], top_k=3) == []
+    assert engine.next_token_logprobs([], logprob_top_k=3) == []
     # A prompt of exactly max_context is fine.
-    assert len(engine.next_token_logprobs([SequenceQuery(list(range(CTX)))], top_k=1)[0].positions) == 1
+    assert len(engine.next_token_logprobs([SequenceQuery(list(range(CTX)))], logprob_top_k=1)[0].positions) == 1
 
 
 def test_kv_cache_bytes_bounded(model_dir):
@@ -215,7 +215,7 @@ def test_kv_cache_bytes_bounded(model_dir):
     eng = HFEngine.load(model_dir, name="tiny", device=DEVICE, kv_cache_bytes=budget, torch_threads=None)
     rng = np.random.default_rng(6)
     for i in range(12):
-        eng.next_token_logprobs([SequenceQuery(rand_tokens(rng, 30), sequence_id=f"s{i}")], top_k=2)
+        eng.next_token_logprobs([SequenceQuery(rand_tokens(rng, 30), sequence_id=f"s{i}")], logprob_top_k=2)
         assert eng.kv_cache.stats().bytes <= budget
     s = eng.kv_cache.stats()
     assert s.evictions > 0 and s.entries >= 1
@@ -234,7 +234,7 @@ def test_draft_equals_argmax_chain(engine, ref_engine):
             seq.append(t)
     # The drafted prefix is now cached: scoring the draft reuses it and agrees.
     seq = prompts[0] + drafts[0]
-    res = engine.next_token_logprobs([SequenceQuery(seq, num_positions=6, sequence_id="d0")], top_k=1)[0]
+    res = engine.next_token_logprobs([SequenceQuery(seq, num_positions=6, sequence_id="d0")], logprob_top_k=1)[0]
     assert res.cached_tokens == len(seq) - 6
     assert [int(p.top_ids[0]) for p in res.positions[:-1]] == drafts[0][1:]
     # Without a cache the draft is the same.
@@ -279,9 +279,9 @@ def test_rope_gqa_model_batched_over_cache(tmp_path):
     ref = HFEngine.load(tmp_path, name="llama", device=DEVICE, kv_cache_bytes=0, torch_threads=None)
     rng = np.random.default_rng(8)
     bases = [rand_tokens(rng, n) for n in (5, 17, 30)]
-    eng.next_token_logprobs([SequenceQuery(b) for b in bases], top_k=1)
+    eng.next_token_logprobs([SequenceQuery(b) for b in bases], logprob_top_k=1)
     queries = [SequenceQuery(b + rand_tokens(rng, k), k) for b, k in zip(bases, (1, 3, 2))]
-    out = eng.next_token_logprobs(queries, top_k=0)
+    out = eng.next_token_logprobs(queries, logprob_top_k=0)
     assert [r.cached_tokens for r in out] == [5, 17, 30]
     for q, r in zip(queries, out):
         n = len(q.token_ids)

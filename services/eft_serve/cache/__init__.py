@@ -16,6 +16,8 @@ _EXPORTS = {
     "CacheConfig": ".config",
     "LocalRedisConfig": ".config",
     "build_cache": ".factory",
+    "build_next_token_cache": ".factory",
+    "NextTokenCache": ".next_token_cache",
     "candidates_shape": ".keys",
     "next_token_key": ".keys",
     "MemoryCache": ".memory",

@@ -10,15 +10,17 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, model_validator
+
+from eft_serve.cache.keys import DEFAULT_KEY_PREFIX
+from eft_serve.strict_model import StrictModel
 
 _MiB = 1024 * 1024
 
 
-class CacheConfig(BaseModel):
+class CacheConfig(StrictModel):
     """Settings of the next-token result cache."""
 
-    model_config = ConfigDict(extra="forbid")
 
     enabled: bool = True
     # auto = redis when a url is set, else the in-process LRU.
@@ -30,7 +32,7 @@ class CacheConfig(BaseModel):
     password_env: str | None = None
     tls: bool = False
     tls_ca_file: str | None = None
-    key_prefix: str = "eft:v1:"
+    key_prefix: str = DEFAULT_KEY_PREFIX
     ttl_s: int = Field(3600, gt=0)
     # Short on purpose: a cache lookup that is slower than recomputing is worse than no cache.
     op_timeout_s: float = Field(0.05, gt=0)
@@ -80,10 +82,9 @@ class CacheConfig(BaseModel):
         return bool(self.url) and (self.tls or self.url.startswith("rediss://"))
 
 
-class LocalRedisConfig(BaseModel):
+class LocalRedisConfig(StrictModel):
     """Settings of a redis-server started by us on loopback (dev, tests, single node)."""
 
-    model_config = ConfigDict(extra="forbid")
 
     # Start one when no cache url is configured.
     enabled: bool = True

@@ -1,6 +1,7 @@
-"""Build the configured ``ResultCache``.
+"""Build the configured cache: a ``ResultCache`` backend, and the coordinator's ``NextTokenCache``.
 
-Owns: mapping ``CacheConfig`` to a backend instance. Does NOT start Redis (see
+Owns: mapping ``CacheConfig`` to a backend instance and wrapping it with the key prefix and the
+per-recipe switch. Does NOT start Redis (see
 ``eft_serve.infra.redis_server``): callers that start one put its url into the config.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 from .base import ResultCache
 from .config import CacheConfig
 from .memory import MemoryCache
+from .next_token_cache import NextTokenCache
 
 
 def build_cache(cfg: CacheConfig) -> ResultCache | None:
@@ -24,3 +26,11 @@ def build_cache(cfg: CacheConfig) -> ResultCache | None:
         max_value_bytes=cfg.max_value_bytes,
         ttl_s=cfg.ttl_s,
     )
+
+
+def build_next_token_cache(cfg: CacheConfig) -> NextTokenCache | None:
+    """The coordinator's typed cache for ``cfg``, or ``None`` when caching is disabled."""
+    backend = build_cache(cfg)
+    if backend is None:
+        return None
+    return NextTokenCache(backend, key_prefix=cfg.key_prefix, recipes=cfg.recipes)

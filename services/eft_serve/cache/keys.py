@@ -15,6 +15,8 @@ import hashlib
 import sys
 from typing import Sequence
 
+# Every key starts with this unless configured otherwise; bump the version when values change shape.
+DEFAULT_KEY_PREFIX = "eft:v1:"
 _TOKENS_DIGEST = 16  # 128 bits: collisions across realistic prefix counts are negligible
 _SHAPE_DIGEST = 6  # shape strings are few; a short hash keeps keys compact
 

@@ -18,5 +18,5 @@ class PoolClient(Protocol):
     async def info(self) -> ModelInfo: ...
 
     async def next_token_logprobs(
-        self, queries: Sequence[SequenceQuery], top_k: int, deadline: float | None
+        self, queries: Sequence[SequenceQuery], logprob_top_k: int, deadline: float | None
     ) -> list[SequenceResult]: ...

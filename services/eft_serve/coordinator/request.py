@@ -1,6 +1,7 @@
 """Transport-neutral request/response records of the coordinator (what a `Generate` carries).
 
-Owns the shapes only; validation lives with the code that knows the limits (`validate.py`).
+Owns the shapes only; `coordinator.validate` checks requests against the server's limits and
+turns them into plans, `coordinator.decode` produces the chunks.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ class GenerationRequest:
     merge: MergeOptions = field(default_factory=MergeOptions)
     temperature: float | None = None
     top_p: float | None = None
-    top_k: int = 0
+    top_k: int = 0  # sampling truncation of the merged distribution (0 = off); see MergeOptions.logprob_top_k
     seed: int | None = None
     max_new_tokens: int | None = None
     stop: tuple[str, ...] = ()
@@ -45,6 +46,18 @@ class TokenOutput:
 
 
 @dataclass
+class FetchStats:
+    """Pool and cache traffic of one request, counted by `coordinator.fetch`."""
+
+    pool_calls: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    cache_errors: int = 0
+    cache_bytes_read: int = 0
+    cache_bytes_written: int = 0
+
+
+@dataclass
 class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -52,14 +65,9 @@ class Usage:
     total_ms: float = 0.0
     tokens_per_s: float = 0.0
     seed: int = 0
-    pool_calls: int = 0
-    cache_hits: int = 0
-    cache_misses: int = 0
-    cache_errors: int = 0
     recipe: str = ""
     logprob_top_k: int = 0
-    cache_bytes_read: int = 0
-    cache_bytes_written: int = 0
+    fetch: FetchStats = field(default_factory=FetchStats)
 
 
 @dataclass

@@ -8,10 +8,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Protocol, Sequence
 
-from eft_serve.config import RecipeConfig
 from eft_serve.errors import InvalidArgument, NotFound
+
+
+class RecipeDefinition(Protocol):
+    """A configured recipe as the core sees it (`config.RecipeConfig` is one): no pydantic here."""
+
+    @property
+    def base(self) -> str: ...
+    @property
+    def experts(self) -> Sequence[str]: ...
+    @property
+    def reference(self) -> str | None: ...
+    @property
+    def default_weights(self) -> Mapping[str, float]: ...
 
 
 @dataclass(frozen=True)
@@ -43,7 +55,7 @@ class ResolvedRecipe:
 
 
 def resolve_recipe(
-    recipes: Mapping[str, RecipeConfig],
+    recipes: Mapping[str, RecipeDefinition],
     name: str,
     beta: float | None = None,
     expert_weights: Mapping[str, float] | None = None,

@@ -24,7 +24,7 @@ from eft_serve.engine.logprob_view import (
     build_position_logprobs,
     validate_draft_queries,
     validate_queries,
-    validate_top_k,
+    validate_logprob_top_k,
 )
 from eft_serve.engine.types import DraftQuery, ModelInfo, SequenceQuery, SequenceResult
 
@@ -81,7 +81,7 @@ class FakeEngine:
         self.num_calls = 0
         self.num_draft_calls = 0
         self.num_queries = 0
-        self.last_top_k: int | None = None
+        self.last_logprob_top_k: int | None = None
         self._info = ModelInfo(
             name=name,
             vocab_size=self.vocab_size,
@@ -140,16 +140,16 @@ class FakeEngine:
 
     # ------------------------------------------------------------- protocol
     def next_token_logprobs(
-        self, queries: Sequence[SequenceQuery], top_k: int
+        self, queries: Sequence[SequenceQuery], logprob_top_k: int
     ) -> list[SequenceResult]:
-        validate_top_k(top_k)
+        validate_logprob_top_k(logprob_top_k)
         checked = validate_queries(
             queries, vocab_size=self.vocab_size, max_context=self._info.max_context, model=self._info.name
         )
         with self._lock:
             self.num_calls += 1
             self.num_queries += len(queries)
-            self.last_top_k = top_k
+            self.last_logprob_top_k = logprob_top_k
         if self.delay_s:
             time.sleep(self.delay_s)
         if not queries:
@@ -163,7 +163,7 @@ class FakeEngine:
                 prefixes.append(tuple(toks[: n - m + 1 + j].tolist()))
                 cand_rows.append(cands)
             counts.append(m)
-        positions = build_position_logprobs(self._logprob_rows(prefixes), top_k, cand_rows)
+        positions = build_position_logprobs(self._logprob_rows(prefixes), logprob_top_k, cand_rows)
         results, start = [], 0
         for m in counts:
             results.append(SequenceResult(positions[start : start + m], cached_tokens=0))

@@ -46,7 +46,7 @@ from eft_serve.engine.logprob_view import (
     build_position_logprobs,
     validate_draft_queries,
     validate_queries,
-    validate_top_k,
+    validate_logprob_top_k,
 )
 from eft_serve.engine.types import DraftQuery, ModelInfo, SequenceQuery, SequenceResult
 
@@ -253,9 +253,9 @@ class HFEngine:
     # --------------------------------------------------------------- protocol
     @torch.inference_mode()
     def next_token_logprobs(
-        self, queries: Sequence[SequenceQuery], top_k: int
+        self, queries: Sequence[SequenceQuery], logprob_top_k: int
     ) -> list[SequenceResult]:
-        validate_top_k(top_k)
+        validate_logprob_top_k(logprob_top_k)
         checked = validate_queries(
             queries,
             vocab_size=self._info.vocab_size,
@@ -280,7 +280,7 @@ class HFEngine:
             cand_rows.extend([cands] * row.num_logits)
             if layers is not None:
                 self.kv_cache.store(row.tokens, layers, q.sequence_id)
-        positions = build_position_logprobs(torch.cat(lp_rows, dim=0), top_k, cand_rows)
+        positions = build_position_logprobs(torch.cat(lp_rows, dim=0), logprob_top_k, cand_rows)
         results: list[SequenceResult] = []
         start = 0
         for row in rows:

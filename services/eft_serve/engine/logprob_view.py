@@ -3,7 +3,7 @@
 Owns the rules every engine (real or fake) must apply identically: what a valid query is (with
 actionable ``ValueError`` messages) and how a normalized next-token distribution becomes the
 boundary record (top-k sorted descending, tail mass outside the top-k, candidate logprobs, or the
-full vocabulary when ``top_k == 0``). Written once so the fake engine cannot drift from the real one.
+full vocabulary when ``logprob_top_k == 0``). Written once so the fake engine cannot drift from the real one.
 
 Does NOT know: models, KV caches, batching, devices beyond "a torch tensor lives somewhere".
 """
@@ -22,13 +22,13 @@ __all__ = [
     "build_position_logprobs",
     "validate_draft_queries",
     "validate_queries",
-    "validate_top_k",
+    "validate_logprob_top_k",
 ]
 
 
-def validate_top_k(top_k: int) -> None:
-    if not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool) or top_k < 0:
-        raise ValueError(f"top_k must be an int >= 0 (0 = full vocabulary), got {top_k!r}")
+def validate_logprob_top_k(logprob_top_k: int) -> None:
+    if not isinstance(logprob_top_k, (int, np.integer)) or isinstance(logprob_top_k, bool) or logprob_top_k < 0:
+        raise ValueError(f"logprob_top_k must be an int >= 0 (0 = full vocabulary), got {logprob_top_k!r}")
 
 
 def _check_ids(
@@ -119,7 +119,7 @@ def validate_draft_queries(
 
 def build_position_logprobs(
     logprobs: torch.Tensor,
-    top_k: int,
+    logprob_top_k: int,
     candidate_ids: Sequence[np.ndarray | Sequence[int]],
 ) -> list[PositionLogprobs]:
     """Turn normalized logprob rows ``[N, V]`` (float32, any device) into ``N`` records.
@@ -132,7 +132,7 @@ def build_position_logprobs(
         raise ValueError(f"expected [positions, vocab] logprobs, got shape {tuple(logprobs.shape)}")
     if len(candidate_ids) != logprobs.shape[0]:
         raise ValueError("candidate_ids must give one list per logprob row")
-    validate_top_k(top_k)
+    validate_logprob_top_k(logprob_top_k)
     lp = logprobs.float()
     n_rows, vocab = lp.shape
     device = lp.device
@@ -151,7 +151,7 @@ def build_position_logprobs(
     empty_lp = np.zeros(0, dtype=np.float32)
     out: list[PositionLogprobs] = []
 
-    if top_k == 0:
+    if logprob_top_k == 0:
         full = lp.cpu().numpy()
         for r in range(n_rows):
             out.append(
@@ -165,7 +165,7 @@ def build_position_logprobs(
             )
         return out
 
-    k = min(int(top_k), vocab)
+    k = min(int(logprob_top_k), vocab)
     top_lp, top_idx = torch.topk(lp, k, dim=-1, largest=True, sorted=True)
     if k >= vocab:
         tail = torch.full((n_rows,), -math.inf, device=device)

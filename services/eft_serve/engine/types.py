@@ -40,7 +40,7 @@ class PositionLogprobs:
     candidate_logprobs: np.ndarray  # float32 [c]
     # log(probability mass outside top_ids); -inf when nothing is left out.
     tail_logmass: float
-    # Full-vocabulary logprobs when the call asked for top_k = 0, else None.
+    # Full-vocabulary logprobs when the call asked for logprob_top_k = 0, else None.
     full_logprobs: np.ndarray | None = None
 
 
@@ -83,7 +83,7 @@ class LogprobEngine(Protocol):
     def info(self) -> ModelInfo: ...
 
     def next_token_logprobs(
-        self, queries: Sequence[SequenceQuery], top_k: int
+        self, queries: Sequence[SequenceQuery], logprob_top_k: int
     ) -> list[SequenceResult]: ...
 
     def draft(self, queries: Sequence[DraftQuery]) -> list[list[int]]: ...

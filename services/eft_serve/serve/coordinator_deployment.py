@@ -1,9 +1,9 @@
 """The coordinator Serve deployment: the `eft.v1.EftService` methods behind Serve's gRPC proxy.
 
 Owns replica start-up (tokenizer, pool handles, result cache, the vocabulary check — a mismatch
-fails the deployment with a message naming the pools) and status codes on the proxy path: an
-`EftError` sets its code and details on the Serve gRPC context; anything else becomes INTERNAL
-with a reference, never a stack trace. Also answers `grpc.health.v1.Health/Check`.
+fails the deployment with a message naming the pools); status codes on the proxy path come from
+the shared `transport.error_boundary` (set on Serve's gRPC context). Also answers
+`grpc.health.v1.Health/Check`.
 """
 
 from __future__ import annotations
@@ -21,22 +21,11 @@ from eft_serve.coordinator.service import EftCoordinator
 from eft_serve.errors import FailedPrecondition, Unavailable
 from eft_serve.serve.names import COORDINATOR_DEPLOYMENT
 from eft_serve.serve.metrics import CacheMetrics
-from eft_serve.serve.pool_client import ServePoolClient
+from eft_serve.serve.pool_handle import ServePoolClient
 from eft_serve.transport.coordinator_rpc import CoordinatorRpc
-from eft_serve.transport.status import to_grpc_status
+from eft_serve.transport.error_boundary import error_boundary, set_on_serve_context
 
 log = logging.getLogger("eft_serve")
-
-
-class _RpcFailed(Exception):
-    """Raised after the status is set on the Serve gRPC context (Serve requires an exception)."""
-
-
-def _fail(grpc_context: Any, exc: BaseException) -> _RpcFailed:
-    code, details = to_grpc_status(exc)
-    grpc_context.set_code(code)
-    grpc_context.set_details(details)
-    return _RpcFailed(details)
 
 
 @serve.deployment(name=COORDINATOR_DEPLOYMENT)
@@ -44,20 +33,16 @@ class CoordinatorDeployment:
     async def __init__(self, config: dict[str, Any]) -> None:
         from transformers import AutoTokenizer
 
-        from eft_serve.cache.factory import build_cache
+        from eft_serve.cache.factory import build_next_token_cache
         from eft_serve.models import resolve_model_path
 
         cfg = EftConfig.model_validate(config)
         base_role = cfg.recipes[cfg.coordinator.default_recipe].base
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.pools[base_role].model))
         pools = {role: ServePoolClient(role) for role in cfg.pools}
-        cache = build_cache(cfg.cache)
+        cache = build_next_token_cache(cfg.cache)
         self._metrics = CacheMetrics(cache)
-        self._coordinator = EftCoordinator(
-            pools, cfg.recipes, tokenizer, cfg.coordinator,
-            cache=cache,
-            cache_key_prefix=cfg.cache.key_prefix, cache_recipes=cfg.cache.recipes,
-        )
+        self._coordinator = EftCoordinator(pools, cfg.recipes, tokenizer, cfg.coordinator, cache=cache)
         deadline = time.monotonic() + cfg.coordinator.startup_timeout_s
         while True:
             try:
@@ -72,34 +57,33 @@ class CoordinatorDeployment:
                 await asyncio.sleep(1.0)
         self._rpc = CoordinatorRpc(self._coordinator)
 
+    # Serve passes its gRPC context to methods with a `grpc_context` parameter; the boundary
+    # sets the status there (Serve's proxy reads it when the method raises).
+    @error_boundary(set_on_serve_context)
     async def Generate(self, request, grpc_context) -> AsyncIterator[Any]:  # noqa: N802 (RPC name)
         try:
-            stream = await self._rpc.generate(request)
-            async for msg in stream:
+            async for msg in await self._rpc.generate(request):
                 yield msg
-        except Exception as e:  # noqa: BLE001 - EftError keeps its code; anything else is INTERNAL, no trace
-            raise _fail(grpc_context, e) from None
         finally:
             self._metrics.export()
 
+    @error_boundary(set_on_serve_context)
     async def Complete(self, request, grpc_context):  # noqa: N802
         try:
             return await self._rpc.complete(request)
-        except Exception as e:  # noqa: BLE001
-            raise _fail(grpc_context, e) from None
         finally:
             self._metrics.export()
 
+    @error_boundary(set_on_serve_context)
     async def Score(self, request, grpc_context):  # noqa: N802
-        try:
-            return await self._rpc.score(request)
-        except Exception as e:  # noqa: BLE001
-            raise _fail(grpc_context, e) from None
+        return await self._rpc.score(request)
 
-    async def ListModels(self, request):  # noqa: N802
+    @error_boundary(set_on_serve_context)
+    async def ListModels(self, request, grpc_context):  # noqa: N802
         return self._rpc.list_models()
 
-    async def ListRecipes(self, request):  # noqa: N802
+    @error_boundary(set_on_serve_context)
+    async def ListRecipes(self, request, grpc_context):  # noqa: N802
         return self._rpc.list_recipes()
 
     async def Check(self, request):  # noqa: N802 (grpc.health.v1.Health/Check)

@@ -1,6 +1,6 @@
 """The model-pool Serve deployment: one engine per replica, concurrent calls batched.
 
-Owns replica start-up (thread count, engine load) and Serve batching: concurrent
+Owns replica start-up (engine load; the engine sets torch's thread count) and Serve batching: concurrent
 `NextTokenLogprobs` calls to one replica are coalesced into one engine call so sequences from
 different requests share forward passes. Messages travel as serialized `eft.v1` protobuf bytes.
 Errors leave as `EftError`s; the caller maps them.
@@ -9,13 +9,13 @@ Errors leave as `EftError`s; the caller maps them.
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 from ray import serve
 
 from eft_serve.config import PoolConfig
-from eft_serve.errors import DeadlineExceeded, EftError, InvalidArgument
+from eft_serve.deadline import raise_if_expired
+from eft_serve.errors import EftError, InvalidArgument
 from eft_serve.proto_gen.eft.v1 import pool_pb2
 from eft_serve.serve.names import POOL_DEPLOYMENT
 from eft_serve.transport.pool_rpc import PoolRpc
@@ -24,13 +24,10 @@ from eft_serve.transport.pool_rpc import PoolRpc
 @serve.deployment(name=POOL_DEPLOYMENT)
 class ModelPoolDeployment:
     def __init__(self, role: str, pool: dict[str, Any]) -> None:
-        import torch
-
         from eft_serve.engine.hf_engine import HFEngine
         from eft_serve.models import resolve_model_path
 
         cfg = PoolConfig.model_validate(pool)
-        torch.set_num_threads(cfg.torch_threads)
         path = resolve_model_path(cfg.model)
         engine = HFEngine.load(
             path, name=f"{role}:{path.name}", dtype=cfg.dtype, device=cfg.device,
@@ -43,8 +40,7 @@ class ModelPoolDeployment:
 
     async def NextTokenLogprobs(self, request: bytes) -> bytes:  # noqa: N802 (mirrors the RPC)
         msg = pool_pb2.NextTokenLogprobsRequest.FromString(request)
-        if msg.deadline_unix_s and time.time() > msg.deadline_unix_s:
-            raise DeadlineExceeded(f"model pool {self.role!r}: the request's deadline passed while queued")
+        raise_if_expired(msg.deadline_unix_s, f"model pool {self.role!r} (queued)")
         reply = await self._batched(msg)
         if isinstance(reply, EftError):
             raise reply
@@ -57,9 +53,9 @@ class ModelPoolDeployment:
         out: list[Any] = [None] * len(requests)
         by_k: dict[int, list[int]] = {}
         for i, r in enumerate(requests):
-            by_k.setdefault(r.top_k, []).append(i)
-        for top_k, idx in by_k.items():
-            merged = pool_pb2.NextTokenLogprobsRequest(top_k=top_k)
+            by_k.setdefault(r.logprob_top_k, []).append(i)
+        for logprob_top_k, idx in by_k.items():
+            merged = pool_pb2.NextTokenLogprobsRequest(logprob_top_k=logprob_top_k)
             for i in idx:
                 merged.sequences.extend(requests[i].sequences)
             try:

@@ -1,7 +1,7 @@
 """The bodies of the client-facing `eft.v1.EftService` RPCs, over an `EftCoordinator`.
 
-Owns proto <-> coordinator conversion per RPC. Raises `EftError`s; each transport (the plain
-grpc.aio servicer, the Ray Serve deployment) turns them into a status in its own way.
+Owns proto <-> coordinator conversion per RPC. Raises `EftError`s; every servicer (the plain
+grpc.aio one, the Ray Serve deployment) maps them through `transport.error_boundary`.
 """
 
 from __future__ import annotations
@@ -10,10 +10,11 @@ from typing import AsyncIterator
 
 from eft_serve.coordinator.service import EftCoordinator
 from eft_serve.proto_gen.eft.v1 import eft_pb2
-from eft_serve.transport.convert import (
-    FINISH_TO_PROTO, generation_request_from_proto, info_to_proto, merge_from_proto,
+from eft_serve.transport.client_messages import (
+    FINISH_TO_PROTO, generation_request_from_proto, merge_from_proto,
     score_to_proto, token_to_proto, usage_to_proto,
 )
+from eft_serve.wire.pool_messages import info_to_proto
 
 
 class CoordinatorRpc:

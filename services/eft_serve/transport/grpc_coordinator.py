@@ -2,7 +2,8 @@
 
 Owns the grpc.aio servicer (status codes via `context.abort`) and a server factory bound to
 loopback by default. Inside Ray Serve the proxy plays this role (`serve.coordinator_deployment`);
-this server runs the same `CoordinatorRpc` without Ray (integration tests, `eft serve --no-ray`).
+this server runs the same `CoordinatorRpc` without Ray (integration tests, a Ray-less deployment).
+Errors leave servicer methods through the shared `transport.error_boundary`.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from grpc_reflection.v1alpha import reflection
 
 from eft_serve.proto_gen.eft.v1 import eft_pb2, eft_pb2_grpc, pool_pb2, pool_pb2_grpc
 from eft_serve.transport.coordinator_rpc import CoordinatorRpc
+from eft_serve.transport.error_boundary import abort_grpc_aio, error_boundary
 from eft_serve.transport.grpc_pool import PoolServicer
 from eft_serve.transport.pool_rpc import PoolRpc
-from eft_serve.transport.status import to_grpc_status
 
 SERVICE_NAME = eft_pb2.DESCRIPTOR.services_by_name["EftService"].full_name
 POOL_SERVICE_NAME = pool_pb2.DESCRIPTOR.services_by_name["ModelPool"].full_name
@@ -25,29 +26,24 @@ class EftServicer(eft_pb2_grpc.EftServiceServicer):
     def __init__(self, rpc: CoordinatorRpc) -> None:
         self._rpc = rpc
 
+    @error_boundary(abort_grpc_aio)
     async def Generate(self, request, context):  # noqa: N802 (gRPC method name)
-        try:
-            stream = await self._rpc.generate(request)
-            async for msg in stream:
-                yield msg
-        except Exception as e:
-            await context.abort(*to_grpc_status(e))
+        async for msg in await self._rpc.generate(request):
+            yield msg
 
+    @error_boundary(abort_grpc_aio)
     async def Complete(self, request, context):  # noqa: N802
-        try:
-            return await self._rpc.complete(request)
-        except Exception as e:
-            await context.abort(*to_grpc_status(e))
+        return await self._rpc.complete(request)
 
+    @error_boundary(abort_grpc_aio)
     async def Score(self, request, context):  # noqa: N802
-        try:
-            return await self._rpc.score(request)
-        except Exception as e:
-            await context.abort(*to_grpc_status(e))
+        return await self._rpc.score(request)
 
+    @error_boundary(abort_grpc_aio)
     async def ListModels(self, request, context):  # noqa: N802
         return self._rpc.list_models()
 
+    @error_boundary(abort_grpc_aio)
     async def ListRecipes(self, request, context):  # noqa: N802
         return self._rpc.list_recipes()
 

@@ -1,7 +1,8 @@
 """Model pools over plain grpc.aio: a servicer over `PoolRpc` and a `PoolClient` over a channel.
 
 Owns gRPC specifics only (status codes both ways, per-call timeouts). Used for pools outside
-Ray (integration tests, a bare-metal pool) — inside Ray Serve, `serve.pool_client` is the client.
+Ray (integration tests, a bare-metal pool) — inside Ray Serve, `serve.pool_handle` is the client.
+Errors leave servicer methods through the shared `transport.error_boundary`.
 """
 
 from __future__ import annotations
@@ -13,27 +14,25 @@ import grpc
 from eft_serve.engine.types import ModelInfo, SequenceQuery, SequenceResult
 from eft_serve.errors import DeadlineExceeded, EftError, InvalidArgument, Status, Unavailable
 from eft_serve.proto_gen.eft.v1 import pool_pb2, pool_pb2_grpc
-from eft_serve.transport.convert import info_from_proto, queries_to_proto, results_from_proto
+from eft_serve.transport.error_boundary import abort_grpc_aio, error_boundary
 from eft_serve.transport.pool_rpc import PoolRpc
-from eft_serve.transport.status import status_from_grpc, to_grpc_status
+from eft_serve.transport.status import status_from_grpc
+from eft_serve.wire.pool_messages import info_from_proto, queries_to_proto, results_from_proto
 
 
 class PoolServicer(pool_pb2_grpc.ModelPoolServicer):
     def __init__(self, rpc: PoolRpc) -> None:
         self._rpc = rpc
 
+    @error_boundary(abort_grpc_aio)
     async def NextTokenLogprobs(self, request, context):  # noqa: N802 (gRPC method name)
-        try:
-            return await self._rpc.next_token_logprobs(request)
-        except Exception as e:
-            await context.abort(*to_grpc_status(e))
+        return await self._rpc.next_token_logprobs(request)
 
+    @error_boundary(abort_grpc_aio)
     async def Draft(self, request, context):  # noqa: N802
-        try:
-            return await self._rpc.draft(request)
-        except Exception as e:
-            await context.abort(*to_grpc_status(e))
+        return await self._rpc.draft(request)
 
+    @error_boundary(abort_grpc_aio)
     async def Info(self, request, context):  # noqa: N802
         return self._rpc.info()
 
@@ -66,10 +65,10 @@ class GrpcPoolClient:
             raise self._error(e) from None
 
     async def next_token_logprobs(
-        self, queries: Sequence[SequenceQuery], top_k: int, deadline: float | None
+        self, queries: Sequence[SequenceQuery], logprob_top_k: int, deadline: float | None
     ) -> list[SequenceResult]:
         try:
-            reply = await self._stub.NextTokenLogprobs(queries_to_proto(queries, top_k, deadline), timeout=self._timeout)
+            reply = await self._stub.NextTokenLogprobs(queries_to_proto(queries, logprob_top_k, deadline), timeout=self._timeout)
         except grpc.aio.AioRpcError as e:
             raise self._error(e) from None
         return results_from_proto(reply)

@@ -19,14 +19,14 @@ class SequenceQuery(_message.Message):
     def __init__(self, sequence_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., num_positions: _Optional[int] = ..., candidate_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class NextTokenLogprobsRequest(_message.Message):
-    __slots__ = ("sequences", "top_k", "deadline_unix_s")
+    __slots__ = ("sequences", "logprob_top_k", "deadline_unix_s")
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
-    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_TOP_K_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_S_FIELD_NUMBER: _ClassVar[int]
     sequences: _containers.RepeatedCompositeFieldContainer[SequenceQuery]
-    top_k: int
+    logprob_top_k: int
     deadline_unix_s: float
-    def __init__(self, sequences: _Optional[_Iterable[_Union[SequenceQuery, _Mapping]]] = ..., top_k: _Optional[int] = ..., deadline_unix_s: _Optional[float] = ...) -> None: ...
+    def __init__(self, sequences: _Optional[_Iterable[_Union[SequenceQuery, _Mapping]]] = ..., logprob_top_k: _Optional[int] = ..., deadline_unix_s: _Optional[float] = ...) -> None: ...
 
 class PositionLogprobs(_message.Message):
     __slots__ = ("top_ids", "top_logprobs", "candidate_logprobs", "tail_logmass", "full_logprobs")

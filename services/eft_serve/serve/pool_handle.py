@@ -17,7 +17,7 @@ from eft_serve.engine.types import ModelInfo, SequenceQuery, SequenceResult
 from eft_serve.errors import EftError, ResourceExhausted, Unavailable
 from eft_serve.proto_gen.eft.v1 import pool_pb2
 from eft_serve.serve.names import POOL_DEPLOYMENT, pool_app_name
-from eft_serve.transport.convert import info_from_proto, queries_to_proto, results_from_proto
+from eft_serve.wire.pool_messages import info_from_proto, queries_to_proto, results_from_proto
 
 
 class ServePoolClient:
@@ -49,9 +49,9 @@ class ServePoolClient:
         return info_from_proto(pool_pb2.ModelInfo.FromString(raw))
 
     async def next_token_logprobs(
-        self, queries: Sequence[SequenceQuery], top_k: int, deadline: float | None
+        self, queries: Sequence[SequenceQuery], logprob_top_k: int, deadline: float | None
     ) -> list[SequenceResult]:
-        request = queries_to_proto(queries, top_k, deadline).SerializeToString()
+        request = queries_to_proto(queries, logprob_top_k, deadline).SerializeToString()
         try:
             raw = await self._handle.NextTokenLogprobs.remote(request)
         except Exception as e:

@@ -1,0 +1,89 @@
+"""Typed next-token results over any bytes `ResultCache`: keys, codec and the per-recipe switch.
+
+Owns what the coordinator needs of a cache: look up a step's (model, query) pairs in one round
+trip and get `SequenceResult`s or misses back, write fresh results in one round trip, say
+whether a recipe may use the cache, and report per-call counters. Knows nothing of pools,
+merging or which backend (Redis, in-process LRU) sits underneath.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+from eft_serve.cache.base import CacheStats, ResultCache
+from eft_serve.cache.codec import CorruptValue, decode_result, encode_result
+from eft_serve.cache.keys import DEFAULT_KEY_PREFIX, candidates_shape, next_token_key
+from eft_serve.engine.types import SequenceQuery, SequenceResult
+
+
+@dataclass(frozen=True)
+class CachedQuery:
+    """One model's query of a step, with what besides the prefix shapes its answer."""
+
+    model_fingerprint: str
+    query: SequenceQuery
+    logprob_top_k: int
+
+
+@dataclass
+class LookupOutcome:
+    results: list[SequenceResult | None]
+    corrupt: int  # values that were present but unusable (counted as misses)
+
+
+class NextTokenCache:
+    def __init__(
+        self,
+        backend: ResultCache,
+        key_prefix: str = DEFAULT_KEY_PREFIX,
+        recipes: Mapping[str, bool] | None = None,
+    ) -> None:
+        self.backend = backend
+        self._prefix = key_prefix
+        self._recipes = dict(recipes or {})
+
+    def enabled_for(self, recipe: str) -> bool:
+        """Whether requests of `recipe` read and write the cache (default: yes)."""
+        return self._recipes.get(recipe, True)
+
+    def set_recipe_enabled(self, recipe: str, enabled: bool) -> None:
+        self._recipes[recipe] = enabled
+
+    def key(self, item: CachedQuery) -> str:
+        q = item.query
+        shape = candidates_shape(item.logprob_top_k, q.candidate_ids, q.num_positions)
+        return next_token_key(self._prefix, item.model_fingerprint, q.token_ids, shape)
+
+    async def lookup(self, items: Sequence[CachedQuery]) -> LookupOutcome:
+        """Results aligned with `items`; None where missing or corrupt. Never raises for the backend."""
+        raw_values = await self.backend.get_many([self.key(i) for i in items])
+        results: list[SequenceResult | None] = []
+        corrupt = 0
+        for item, raw in zip(items, raw_values):
+            if raw is None:
+                results.append(None)
+                continue
+            try:
+                result = decode_result(raw)
+            except CorruptValue:
+                corrupt += 1  # a miss now; the fresh result overwrites it
+                results.append(None)
+                continue
+            if len(result.positions) != item.query.num_positions:
+                corrupt += 1
+                results.append(None)
+                continue
+            results.append(result)
+        return LookupOutcome(results=results, corrupt=corrupt)
+
+    async def store(self, items: Sequence[tuple[CachedQuery, SequenceResult]]) -> None:
+        """Write fresh results best-effort (the backend drops what it cannot store)."""
+        if items:
+            await self.backend.set_many([(self.key(i), encode_result(r)) for i, r in items])
+
+    def stats(self) -> CacheStats:
+        return self.backend.stats()
+
+    async def close(self) -> None:
+        await self.backend.close()

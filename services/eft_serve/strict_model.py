@@ -1,0 +1,12 @@
+"""The base of every config model: pydantic, and unknown keys are an error, not silently ignored.
+
+Owns that one rule (a typo in a YAML key must fail loudly). Knows nothing of what is configured.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")

@@ -1,0 +1,72 @@
+"""The one error boundary of every servicer: any exception leaves as a proper status, never a trace.
+
+Owns the wrapping of servicer methods — unary (`async def`) and server-streaming (async
+generators) alike — so that an `EftError` reaches the client with its own code and message and
+anything else becomes INTERNAL with a reference id (the trace goes to the server log only; see
+`transport.status`). How the status is delivered differs by host, so the decorator takes a
+`StatusSink`: grpc.aio servicers abort the call, Ray Serve's gRPC proxy reads the code set on
+its context. Knows nothing of what the methods do.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, AsyncIterator, Awaitable, Callable, NoReturn, Protocol, TypeVar, cast
+
+import grpc
+
+from eft_serve.transport.status import to_grpc_status
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class StatusSink(Protocol):
+    """Delivers (code, details) for a failed call through `context`; must not return normally."""
+
+    async def __call__(self, context: Any, code: grpc.StatusCode, details: str) -> NoReturn: ...
+
+
+async def abort_grpc_aio(context: Any, code: grpc.StatusCode, details: str) -> NoReturn:
+    """For grpc.aio servicers: `context.abort` ends the call with the status."""
+    await context.abort(code, details)
+    raise AssertionError("grpc.aio context.abort returned")  # it always raises
+
+
+class RpcFailed(Exception):
+    """Raised after the status is set on a Ray Serve gRPC context (Serve needs an exception)."""
+
+
+async def set_on_serve_context(context: Any, code: grpc.StatusCode, details: str) -> NoReturn:
+    """For Ray Serve deployments behind its gRPC proxy: the proxy sends the code set here."""
+    context.set_code(code)
+    context.set_details(details)
+    raise RpcFailed(details) from None  # the status says it all; no chained trace
+
+
+def error_boundary(sink: StatusSink) -> Callable[[F], F]:
+    """Decorate a servicer method `(self, request, context, ...)` so errors become statuses."""
+
+    def wrap(method: F) -> F:
+        if inspect.isasyncgenfunction(method):
+
+            @functools.wraps(method)
+            async def streaming(self: Any, request: Any, context: Any, *args: Any) -> AsyncIterator[Any]:
+                try:
+                    async for item in method(self, request, context, *args):
+                        yield item
+                except Exception as e:  # noqa: BLE001 - this is the boundary
+                    await sink(context, *to_grpc_status(e))
+
+            return cast(F, streaming)
+
+        @functools.wraps(method)
+        async def unary(self: Any, request: Any, context: Any, *args: Any) -> Any:
+            try:
+                return await cast(Callable[..., Awaitable[Any]], method)(self, request, context, *args)
+            except Exception as e:  # noqa: BLE001 - this is the boundary
+                await sink(context, *to_grpc_status(e))
+
+        return cast(F, unary)
+
+    return wrap
