@@ -1,8 +1,10 @@
 """Regenerate the Python protobuf/gRPC stubs from protos/ (the one command: `python scripts/gen_protos.py`).
 
 Output goes to services/eft_serve/proto_gen/, with imports rewritten to be package-relative so
-the stubs import as `eft_serve.proto_gen.eft.v1...`. `--check` exits non-zero if the committed
-stubs differ from a fresh generation (used by a test so they cannot drift).
+the stubs import as `eft_serve.proto_gen.eft.v1...`. `--check` follows the convention of every
+generated artifact: generate in a temporary directory, compare with the committed stubs, exit 1
+naming each drifted file and the command that regenerates it, exit 0 when in sync
+(tests/unit/test_generated_in_sync.py runs it).
 """
 
 from __future__ import annotations
@@ -41,32 +43,42 @@ def generate(out: Path) -> None:
         (d / "__init__.py").touch()
 
 
-def same_tree(a: Path, b: Path) -> list[str]:
-    files_a = {p.relative_to(a) for p in a.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
-    files_b = {p.relative_to(b) for p in b.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
-    diffs = sorted(str(p) for p in files_a ^ files_b)
-    diffs += sorted(str(p) for p in files_a & files_b if not filecmp.cmp(a / p, b / p, shallow=False))
-    return diffs
+def _files(root: Path) -> set[Path]:
+    return {p.relative_to(root) for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--check", action="store_true", help="fail if committed stubs drift")
-    args = parser.parse_args()
+def drift(fresh: Path, committed: Path) -> list[str]:
+    """`path: why` for each file of `committed` that differs from the `fresh` tree (empty = in sync)."""
+    new, old = _files(fresh), _files(committed)
+    problems = [f"{committed / p}: missing" for p in sorted(new - old)]
+    problems += [f"{committed / p}: not generated from protos/ (stale)" for p in sorted(old - new)]
+    problems += [f"{committed / p}: differs from a fresh generation" for p in sorted(new & old)
+                 if not filecmp.cmp(fresh / p, committed / p, shallow=False)]
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true",
+                        help="write nothing; exit 1 naming each stub that differs from a fresh generation")
+    parser.add_argument("--out", type=Path, help=f"stubs directory (default: {OUT.relative_to(ROOT)})")
+    args = parser.parse_args(argv)
+    out: Path = args.out or OUT
     if args.check:
         with tempfile.TemporaryDirectory() as tmp:
             generate(Path(tmp))
-            diffs = same_tree(Path(tmp), OUT)
-        if diffs:
-            print("generated stubs drift from protos/: " + ", ".join(diffs), file=sys.stderr)
-            print("run: python scripts/gen_protos.py", file=sys.stderr)
+            problems = drift(Path(tmp), out)
+        if problems:
+            regenerate = "python scripts/gen_protos.py" + (f" --out {args.out}" if args.out else "")
+            print("\n".join(problems), file=sys.stderr)
+            print(f"regenerate with: {regenerate}", file=sys.stderr)
             return 1
         print("stubs up to date")
         return 0
-    if OUT.exists():
-        shutil.rmtree(OUT)
-    generate(OUT)
-    print(f"wrote {OUT}")
+    if out.exists():
+        shutil.rmtree(out)
+    generate(out)
+    print(f"wrote {out}")
     return 0
 
 

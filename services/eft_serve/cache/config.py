@@ -79,7 +79,7 @@ class CacheConfig(StrictModel):
         return self.url
 
     def uses_tls(self) -> bool:
-        return bool(self.url) and (self.tls or self.url.startswith("rediss://"))
+        return self.url is not None and bool(self.url) and (self.tls or self.url.startswith("rediss://"))
 
 
 class LocalRedisConfig(StrictModel):

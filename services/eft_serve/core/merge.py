@@ -62,7 +62,9 @@ def _support(results: Mapping[str, PositionLogprobs], candidate_ids: Sequence[in
 
 def _values_on(support: np.ndarray, result: PositionLogprobs, candidate_ids: Sequence[int], vocab_size: int) -> np.ndarray:
     if result.full_logprobs is not None:
-        return np.asarray(result.full_logprobs, dtype=np.float64)[support]
+        full = np.asarray(result.full_logprobs, dtype=np.float64)
+        values: np.ndarray = full[support]
+        return values
     top_ids = np.asarray(result.top_ids, dtype=np.int64)
     unreported = vocab_size - len(top_ids)
     # Mass the model put outside its top-k, spread evenly over what it did not report.

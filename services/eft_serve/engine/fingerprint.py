@@ -51,7 +51,8 @@ def vocab_fingerprint(tokenizer: Any) -> str:
 
 
 _cache_lock = threading.Lock()
-_model_cache: dict[tuple, str] = {}
+# (model dir, (file name, mtime_ns, size) per weight file) -> digest
+_model_cache: dict[tuple[str, tuple[tuple[str, int, int], ...]], str] = {}
 
 
 def _weight_files(model_dir: Path) -> list[Path]:

@@ -203,8 +203,8 @@ class HFEngine:
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-        model.to(dev)
-        model.eval()
+        model.to(dev)  # type: ignore[arg-type]  # transformers' stubs type .to() as a dtype-only wrapper
+        model.eval()  # type: ignore[no-untyped-call]
         tok_path = Path(tokenizer_dir) if tokenizer_dir is not None else path
         try:
             tokenizer = AutoTokenizer.from_pretrained(tok_path)
@@ -214,9 +214,9 @@ class HFEngine:
                 f"and EOS id); pass tokenizer_dir=...: {exc}"
             ) from exc
 
-        out_emb = model.get_output_embeddings()
+        out_emb: Any = model.get_output_embeddings()  # type: ignore[no-untyped-call]
         vocab_size = int(out_emb.weight.shape[0]) if out_emb is not None else int(model.config.vocab_size)
-        in_emb = model.get_input_embeddings()
+        in_emb: Any = model.get_input_embeddings()
         input_vocab = int(in_emb.weight.shape[0]) if in_emb is not None else vocab_size
         ctx = max_context or _max_context(model.config)
         if ctx is None:
@@ -430,17 +430,17 @@ class HFEngine:
             if cache is None:
                 cache = getattr(out, "past_key_values", None)
             layers = kv_layers_from_cache(cache)
-            for i, (r, l) in enumerate(zip(rows, new_lens)):
-                lo_i, hi_i = p - r.cached_len, p + l
+            for i, (r, n_new) in enumerate(zip(rows, new_lens)):
+                lo_i, hi_i = p - r.cached_len, p + n_new
                 kv[i] = tuple((k[i : i + 1, :, lo_i:hi_i, :], v[i : i + 1, :, lo_i:hi_i, :]) for k, v in layers)
 
         with self._counters_lock:
-            c = self.counters
-            c.forward_passes += 1
-            c.rows += b
-            c.new_tokens += sum(new_lens)
-            c.padded_tokens += b * l_max
-            c.cached_tokens += sum(r.cached_len for r in rows)
+            counters = self.counters
+            counters.forward_passes += 1
+            counters.rows += b
+            counters.new_tokens += sum(new_lens)
+            counters.padded_tokens += b * l_max
+            counters.cached_tokens += sum(r.cached_len for r in rows)
 
         results: list[tuple[torch.Tensor, KVLayers | None]] = []
         start = 0

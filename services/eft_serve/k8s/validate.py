@@ -2,10 +2,11 @@
 
 Owns four checks, each returning messages that name the object and the field path:
 
-1. Custom resources (`RayService`, `RayCluster`) against the KubeRay CRD's openAPIV3Schema from
-   `../shared/schemas/kuberay/`, made strict: CRD schemas never say `additionalProperties:
-   false`, so every object schema with `properties` (and without
-   `x-kubernetes-preserve-unknown-fields`) gets it here; a misspelled or misplaced field fails.
+1. Custom resources (`RayService`, `RayCluster`) against the KubeRay CRD's openAPIV3Schema,
+   bundled with this package in `schemas/kuberay/` (see its SOURCE.md), made strict: CRD
+   schemas never say `additionalProperties: false`, so every object schema with `properties`
+   (and without `x-kubernetes-preserve-unknown-fields`) gets it here; a misspelled or misplaced
+   field fails.
 2. Core objects (Namespace, Secret, Deployment, Service, NetworkPolicy, PodDisruptionBudget)
    against the Kubernetes OpenAPI schemas bundled by `kubernetes-validate`, strict mode.
 3. `serveConfigV2` through `eft_serve.serve.config_check.check_serve_config`.
@@ -14,8 +15,8 @@ Owns four checks, each returning messages that name the object and the field pat
    every pod isolated by a NetworkPolicy, the cache url pointing at a rendered Service.
 
 Also reads a kustomize directory (resources + namespace only) so overlays are checked as built.
-Does NOT know how manifests are rendered (`k8s.render`), and cannot evaluate CEL rules
-(`x-kubernetes-validations`) or anything that needs the API server (admission, quotas).
+Does NOT know how manifests are rendered (`k8s.files`, `k8s.manifests`), and cannot evaluate
+CEL rules (`x-kubernetes-validations`) or anything that needs the API server (admission, quotas).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from urllib.parse import urlparse
 import jsonschema
 import yaml
 
+from eft_serve.k8s.layout import RepoRootNotFound, find_repo_root, output_dir, overlays_dir
 from eft_serve.serve.config_check import check_serve_config
 from eft_serve.serve.names import pool_app_name
 
@@ -48,15 +50,19 @@ KUBERAY_OWNED_LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/created-by"
 # ---------------------------------------------------------------------------- locating inputs
 
 
-def kuberay_schema_dir(repo_root: Path) -> Path:
-    """`<repo>/../shared/schemas/kuberay` (CI clones the repo with `shared/` beside it)."""
-    d = Path(repo_root).resolve().parent / "shared" / "schemas" / "kuberay"
+# Package data (pyproject.toml ships `k8s/schemas/kuberay/*`), so it is there when installed too.
+BUNDLED_KUBERAY_DIR = Path(__file__).resolve().parent / "schemas" / "kuberay"
+
+
+def kuberay_schema_dir(directory: Path | None = None) -> Path:
+    """A directory holding the KubeRay CRD files (default: the copy bundled with this package)."""
+    d = Path(directory).resolve() if directory is not None else BUNDLED_KUBERAY_DIR
     missing = [f for f in CRD_FILES.values() if not (d / f).is_file()]
     if missing:
         raise FileNotFoundError(
-            f"KubeRay CRD schemas not found: {d} lacks {', '.join(missing)}. They come from the "
-            f"shared/ checkout that sits beside the repository (see shared/schemas/kuberay/SOURCE.md); "
-            f"clone it next to {Path(repo_root).resolve().name}/ to validate the RayService offline."
+            f"KubeRay CRD schemas not found: {d} lacks {', '.join(missing)}. The package bundles them "
+            f"in {BUNDLED_KUBERAY_DIR} (see SOURCE.md there); a directory given instead must hold "
+            f"{', '.join(sorted(CRD_FILES.values()))} from the same KubeRay release."
         )
     return d
 
@@ -419,19 +425,28 @@ def load_target(path: Path) -> list[dict[str, Any]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from eft_serve.k8s.render import output_dir, repo_root
-
     p = argparse.ArgumentParser(
         prog="python -m eft_serve.k8s.validate",
         description="Validate rendered manifests offline (KubeRay CRDs, Kubernetes schemas, Serve config).")
     p.add_argument("targets", nargs="*", type=Path,
                    help="kustomize dirs, manifest dirs or files (default: k8s/base and every k8s/overlays/*)")
     p.add_argument("--kubernetes-version", default=DEFAULT_K8S_VERSION)
-    p.add_argument("--root", type=Path, help="repository root (default: detected)")
+    p.add_argument("--root", type=Path, help="repository root, for the default targets (default: the nearest "
+                                             "directory at or above the current one holding pyproject.toml and k8s/)")
+    p.add_argument("--kuberay-schemas", type=Path,
+                   help="directory with the KubeRay CRD files (default: the copy bundled with the package)")
     args = p.parse_args(argv)
-    root = (args.root or repo_root()).resolve()
-    targets = args.targets or [output_dir(root, "base"), *sorted((root / "k8s" / "overlays").iterdir())]
-    kuberay = kuberay_schema_dir(root)
+    targets: list[Path] = args.targets
+    if not targets:
+        try:
+            root = (args.root or find_repo_root()).resolve()
+        except RepoRootNotFound as e:
+            p.error(str(e))
+        targets = [output_dir(root, "base"), *sorted(overlays_dir(root).iterdir())]
+    try:
+        kuberay = kuberay_schema_dir(args.kuberay_schemas)
+    except FileNotFoundError as e:
+        p.error(str(e))
     failed = False
     for t in targets:
         problems = validate_documents(load_target(t), kuberay, args.kubernetes_version)
