@@ -7,7 +7,7 @@ Errors surface as `grpc.RpcError` with the server's status code and actionable d
 
 from __future__ import annotations
 
-from typing import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -105,7 +105,7 @@ class EftClient:
     def close(self) -> None:
         self._channel.close()
 
-    def __enter__(self) -> "EftClient":
+    def __enter__(self) -> EftClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -142,7 +142,7 @@ class AsyncEftClient:
     async def close(self) -> None:
         await self._channel.close()
 
-    async def __aenter__(self) -> "AsyncEftClient":
+    async def __aenter__(self) -> AsyncEftClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

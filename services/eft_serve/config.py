@@ -32,7 +32,7 @@ class AutoscalingConfig(StrictModel):
     look_back_period_s: float = Field(5.0, gt=0)
 
     @model_validator(mode="after")
-    def _bounds(self) -> "AutoscalingConfig":
+    def _bounds(self) -> AutoscalingConfig:
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
         return self
@@ -56,7 +56,7 @@ class ReplicaConfig(StrictModel):
     health_check_period_s: float = Field(5.0, gt=0)
 
     @model_validator(mode="after")
-    def _scaling_is_possible(self) -> "ReplicaConfig":
+    def _scaling_is_possible(self) -> ReplicaConfig:
         # Serve never scales a deployment whose target is not below the per-replica cap.
         if self.autoscaling and self.autoscaling.target_ongoing_requests >= self.max_ongoing_requests:
             raise ValueError(
@@ -129,7 +129,7 @@ class RecipeConfig(StrictModel):
     default_weights: dict[str, float] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _shape(self) -> "RecipeConfig":
+    def _shape(self) -> RecipeConfig:
         if self.experts and not self.reference:
             raise ValueError("a recipe with experts needs a reference model")
         if not self.experts and self.reference:
@@ -192,7 +192,7 @@ class EftConfig(StrictModel):
     ray: RayConfig = Field(default_factory=RayConfig)
 
     @model_validator(mode="after")
-    def _references(self) -> "EftConfig":
+    def _references(self) -> EftConfig:
         if not self.pools:
             raise ValueError("at least one pool is required")
         for name, recipe in self.recipes.items():
@@ -207,7 +207,7 @@ class EftConfig(StrictModel):
             raise ValueError("coordinator.default_max_new_tokens exceeds max_new_tokens_cap")
         return self
 
-    def with_models(self, **paths: str | None) -> "EftConfig":
+    def with_models(self, **paths: str | None) -> EftConfig:
         """Copy with some pools pointed at other model directories (CLI flags)."""
         data = self.model_dump()
         for role, path in paths.items():

@@ -8,8 +8,8 @@ the merge core or the coordinator, so agreement with them means something.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 from transformers import AutoModelForCausalLM

@@ -153,4 +153,4 @@ def test_thread_safety_keeps_accounting_exact():
     assert not errors
     s = c.stats()
     assert s.bytes <= c.max_bytes
-    assert s.bytes == sum(e.nbytes for e in c._entries.values())  # noqa: SLF001 - invariant check
+    assert s.bytes == sum(e.nbytes for e in c._entries.values())

@@ -66,7 +66,7 @@ class ByteTokenizer:
 def test_detokenizer_never_emits_broken_characters() -> None:
     text = "Zürich → 東京 ok 🙂!"
     ids = list(text.encode())
-    prompt = list("Q: ".encode())
+    prompt = list(b"Q: ")
     detok = IncrementalDetokenizer(ByteTokenizer(), prompt)
     pieces = [detok.push(i) for i in ids]
     pieces.append(detok.flush())

@@ -10,8 +10,9 @@ connections, corrupt values); they degrade to misses / dropped writes and count 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 
 @dataclass
@@ -37,17 +38,17 @@ class CacheStats:
     oversize: int = 0
     evictions: int = 0
 
-    def snapshot(self) -> "CacheStats":
+    def snapshot(self) -> CacheStats:
         """An independent copy (the live counters keep moving)."""
         return dataclasses.replace(self)
 
-    def delta(self, since: "CacheStats") -> "CacheStats":
+    def delta(self, since: CacheStats) -> CacheStats:
         """Counters accumulated after ``since`` was snapshotted (e.g. per stream)."""
         return CacheStats(
             **{f.name: getattr(self, f.name) - getattr(since, f.name) for f in dataclasses.fields(self)}
         )
 
-    def __sub__(self, other: "CacheStats") -> "CacheStats":
+    def __sub__(self, other: CacheStats) -> CacheStats:
         return self.delta(other)
 
     def as_dict(self) -> dict[str, int]:

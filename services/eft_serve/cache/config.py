@@ -43,7 +43,7 @@ class CacheConfig(StrictModel):
     recipes: dict[str, bool] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _check(self) -> "CacheConfig":
+    def _check(self) -> CacheConfig:
         if self.url is not None and not self.url.startswith(("redis://", "rediss://")):
             raise ValueError("cache.url must start with redis:// or rediss://")
         if self.backend == "redis" and not self.url:

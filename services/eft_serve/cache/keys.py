@@ -13,7 +13,7 @@ from __future__ import annotations
 import array
 import hashlib
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 # Every key starts with this unless configured otherwise; bump the version when values change shape.
 DEFAULT_KEY_PREFIX = "eft:v1:"

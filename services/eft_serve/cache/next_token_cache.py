@@ -8,8 +8,8 @@ merging or which backend (Redis, in-process LRU) sits underneath.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 from eft_serve.cache.base import CacheStats, ResultCache
 from eft_serve.cache.codec import CorruptValue, decode_result, encode_result

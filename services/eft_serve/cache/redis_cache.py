@@ -16,7 +16,8 @@ import logging
 import struct
 import time
 import zlib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
@@ -129,7 +130,7 @@ class RedisCache:
             self._stats.errors += 1
             log.debug("result cache: redis %s error reply: %s", op, exc)
             return False, None
-        except Exception as exc:  # timeouts, connection/protocol errors, auth, ...
+        except Exception as exc:  # noqa: BLE001 - the cache never raises: timeouts, connection/protocol errors, auth, ...
             self._mark_down(op, exc)
             return False, None
 
@@ -146,7 +147,7 @@ class RedisCache:
             return miss
         try:
             client = self._get_client()
-        except Exception as exc:  # e.g. password_env vanished
+        except Exception as exc:  # noqa: BLE001 - never raise for the backend (e.g. password_env vanished)
             self._mark_down("connect", exc)
             self._stats.misses += n
             return miss
@@ -188,7 +189,7 @@ class RedisCache:
             return
         try:
             client = self._get_client()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the cache never raises for its backend
             self._mark_down("connect", exc)
             return
         pipe = client.pipeline(transaction=False)
@@ -210,5 +211,5 @@ class RedisCache:
         if client is not None and self._owns_client:
             try:
                 await asyncio.wait_for(client.aclose(), max(self._cfg.op_timeout_s, 1.0))
-            except Exception:  # closing a dead connection is not worth an error
+            except Exception:  # noqa: BLE001 - closing a dead connection is not worth an error
                 pass

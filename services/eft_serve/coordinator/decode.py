@@ -9,8 +9,9 @@ is already checked), transports or how pools are reached.
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any
 
 from eft_serve.coordinator.fetch import StepFetcher
 from eft_serve.coordinator.request import FetchStats, GenerationChunk, TokenOutput, Usage

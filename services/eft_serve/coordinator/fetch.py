@@ -10,7 +10,7 @@ Knows nothing about merging; the cache is a `NextTokenCache` (keys and codec liv
 from __future__ import annotations
 
 import asyncio
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from eft_serve.cache.next_token_cache import CachedQuery, NextTokenCache
 from eft_serve.coordinator.pool_client import PoolClient
@@ -61,7 +61,7 @@ class StepFetcher:
             return await asyncio.wait_for(
                 self._pools[role].next_token_logprobs(queries, logprob_top_k, deadline), timeout=budget
             )
-        except asyncio.TimeoutError:
+        except TimeoutError:
             if budget >= remaining:
                 raise DeadlineExceeded(
                     f"the request's deadline passed while waiting for model pool {role!r}"

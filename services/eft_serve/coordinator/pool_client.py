@@ -7,7 +7,8 @@ process), `transport.grpc_pool.GrpcPoolClient` (plain gRPC), `serve.pool_handle.
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 from eft_serve.engine.types import ModelInfo, SequenceQuery, SequenceResult
 

@@ -6,8 +6,8 @@ turns them into plans, `coordinator.decode` produces the chunks.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 
 @dataclass(frozen=True)

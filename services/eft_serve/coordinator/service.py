@@ -9,7 +9,8 @@ token loop), `fetch` (one step's pool and cache traffic). Transport-neutral: poo
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 from eft_serve.cache.next_token_cache import NextTokenCache
 from eft_serve.config import CoordinatorConfig, RecipeConfig
@@ -17,7 +18,12 @@ from eft_serve.coordinator.decode import DecodeContext, decode
 from eft_serve.coordinator.fetch import StepFetcher
 from eft_serve.coordinator.pool_client import PoolClient
 from eft_serve.coordinator.request import (
-    FetchStats, GenerationChunk, GenerationRequest, MergeOptions, ScoreResult, TokenOutput,
+    FetchStats,
+    GenerationChunk,
+    GenerationRequest,
+    MergeOptions,
+    ScoreResult,
+    TokenOutput,
 )
 from eft_serve.coordinator.validate import ModelLimits, RequestValidator
 from eft_serve.core.merge import merge_position

@@ -13,8 +13,9 @@ from __future__ import annotations
 import math
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from eft_serve.config import CoordinatorConfig, RecipeConfig
 from eft_serve.coordinator.request import GenerationRequest, MergeOptions

@@ -8,7 +8,8 @@ until the character completes. Works with any object that has a HF-style `decode
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 _REPLACEMENT = "\ufffd"
 # How many tokens before the read offset are re-decoded for context (merges across spaces).

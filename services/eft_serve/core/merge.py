@@ -12,8 +12,8 @@ exact in every model, which is how `Score` and drafts stay exact in top-k mode.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import numpy as np
 

@@ -7,8 +7,9 @@ linear combination `Σ_i w_i · log p_i`. Knows nothing about where the logprobs
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Protocol, Sequence
+from typing import Protocol
 
 from eft_serve.errors import InvalidArgument, NotFound
 

@@ -6,7 +6,7 @@ cutting the output at the first stop. Knows nothing about tokens.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 
 class StopStringMatcher:

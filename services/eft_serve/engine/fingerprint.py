@@ -94,7 +94,7 @@ def model_fingerprint(model_dir: Path | str) -> str:
     h = hashlib.sha256(b"eft-model-v1\n")
     for p, (rel, _mtime, size) in zip(files, key_parts):
         # Name and size framing: concatenations of different file splits never collide.
-        h.update(f"{rel}\0{size}\0".encode("utf-8"))
+        h.update(f"{rel}\0{size}\0".encode())
         with open(p, "rb") as f:
             while chunk := f.read(_CHUNK):
                 h.update(chunk)

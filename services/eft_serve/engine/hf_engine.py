@@ -25,9 +25,10 @@ from __future__ import annotations
 import inspect
 import logging
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,8 +46,8 @@ from eft_serve.engine.kv_cache import (
 from eft_serve.engine.logprob_view import (
     build_position_logprobs,
     validate_draft_queries,
-    validate_queries,
     validate_logprob_top_k,
+    validate_queries,
 )
 from eft_serve.engine.types import DraftQuery, ModelInfo, SequenceQuery, SequenceResult
 
@@ -103,7 +104,7 @@ def _kv_reuse_supported(model: Any) -> bool:
     """Prefix reuse needs every layer to keep full, croppable KV (no sliding/linear layers)."""
     try:
         probe = DynamicCache(config=model.config)
-    except Exception:  # pragma: no cover - exotic configs
+    except Exception:  # noqa: BLE001  # pragma: no cover - exotic configs: no prefix reuse, not a failure
         return False
     return all(type(layer) is DynamicLayer for layer in probe.layers)
 
@@ -182,7 +183,7 @@ class HFEngine:
         model_fingerprint: str | None = None,
         max_context: int | None = None,
         attn_implementation: str | None = None,
-    ) -> "HFEngine":
+    ) -> HFEngine:
         """Load a local transformers model directory.
 
         ``model_fingerprint`` skips hashing the weights (large checkpoints take a while);
@@ -347,9 +348,9 @@ class HFEngine:
         cur: list[int] = []
         min_l = max_l = max_p = 0
         for i in order:
-            l, c = rows[i].new_len, rows[i].cached_len
+            n_new, c = rows[i].new_len, rows[i].cached_len
             if cur:
-                b2, p2, l2 = len(cur) + 1, max(max_p, c), max(max_l, l)
+                b2, p2, l2 = len(cur) + 1, max(max_p, c), max(max_l, n_new)
                 if (
                     b2 <= self.max_batch_size
                     and b2 * (p2 + l2) <= self.max_batch_tokens
@@ -359,7 +360,7 @@ class HFEngine:
                     max_p, max_l = p2, l2
                     continue
                 groups.append(cur)
-            cur, min_l, max_l, max_p = [i], l, l, c
+            cur, min_l, max_l, max_p = [i], n_new, n_new, c
         if cur:
             groups.append(cur)
         return groups
@@ -397,13 +398,13 @@ class HFEngine:
         input_ids = np.full((b, l_max), self._pad_id, dtype=np.int64)
         position_ids = np.zeros((b, l_max), dtype=np.int64)
         mask = np.zeros((b, p + l_max), dtype=np.int64)
-        for i, (r, l) in enumerate(zip(rows, new_lens)):
+        for i, (r, n_new) in enumerate(zip(rows, new_lens)):
             c = r.cached_len
-            input_ids[i, :l] = r.tokens[c:]
-            position_ids[i, :l] = np.arange(c, c + l)
-            mask[i, p - c : p + l] = 1
+            input_ids[i, :n_new] = r.tokens[c:]
+            position_ids[i, :n_new] = np.arange(c, c + n_new)
+            mask[i, p - c : p + n_new] = 1
         # Logits only where some row needs them: new-segment positions [lo, l_max).
-        lo = min(l - r.num_logits for r, l in zip(rows, new_lens))
+        lo = min(n_new - r.num_logits for r, n_new in zip(rows, new_lens))
         dev = self.device
         kwargs: dict[str, Any] = {
             "input_ids": torch.from_numpy(input_ids).to(dev),
@@ -419,7 +420,7 @@ class HFEngine:
         logits = out.logits
         offset = lo if self._has_logits_to_keep else 0
         picked = torch.cat(
-            [logits[i, l - r.num_logits - offset : l - offset] for i, (r, l) in enumerate(zip(rows, new_lens))]
+            [logits[i, n - r.num_logits - offset : n - offset] for i, (r, n) in enumerate(zip(rows, new_lens))]
         )
         # Normalize in float32 whatever the model dtype: merged logprobs are compared across pools.
         lp = torch.log_softmax(picked.float(), dim=-1)

@@ -11,7 +11,7 @@ Does NOT know: models, KV caches, batching, devices beyond "a torch tensor lives
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

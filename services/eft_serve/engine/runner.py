@@ -10,7 +10,7 @@ INVALID_ARGUMENT naming the pool. Knows nothing of transports, protobuf or Ray.
 from __future__ import annotations
 
 import asyncio
-from typing import Sequence
+from collections.abc import Sequence
 
 from eft_serve.deadline import raise_if_expired
 from eft_serve.engine.types import DraftQuery, LogprobEngine, ModelInfo, SequenceQuery, SequenceResult

@@ -11,8 +11,9 @@ Position semantics: a query with ``num_positions = m`` over ``token_ids`` of len
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import grpc
 
@@ -42,7 +43,7 @@ class GrpcGenerator:
     def close(self) -> None:
         self._client.close()
 
-    def __enter__(self) -> "GrpcGenerator":
+    def __enter__(self) -> GrpcGenerator:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -85,7 +86,7 @@ class CoordinatorGenerator:
         self._thread.join(timeout=5)
         self._loop.close()
 
-    def __enter__(self) -> "CoordinatorGenerator":
+    def __enter__(self) -> CoordinatorGenerator:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -16,12 +16,13 @@ import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 from eft_serve.demo.world import Question
-from eft_serve.evaluation import conditions as C
+from eft_serve.evaluation import conditions as cond
 from eft_serve.evaluation import document, report, tables
 from eft_serve.evaluation.runner import Answers, Decoding, run_conditions
 
@@ -93,12 +94,12 @@ def _service(opts: EvalOptions, log: Log) -> Iterator[str]:
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _conditions(opts: EvalOptions) -> list[C.Condition]:
-    conds = C.headline_conditions()
+def _conditions(opts: EvalOptions) -> list[cond.Condition]:
+    conds = cond.headline_conditions()
     if opts.sweeps:
-        conds += C.beta_sweep() + C.lambda_sweep()
+        conds += cond.beta_sweep() + cond.lambda_sweep()
     if opts.topk_table:
-        conds += C.topk_grid()
+        conds += cond.topk_grid()
     return conds
 
 
@@ -113,7 +114,7 @@ def run_eval(opts: EvalOptions, log: Log = print) -> int:
     decoding = Decoding(max_new_tokens=opts.max_new_tokens, seed=opts.seed)
     notes = list(opts.notes)
     with _service(opts, log) as address, GrpcGenerator(address) as generate:
-        conds, skipped = C.available(wanted, generate.recipes())
+        conds, skipped = cond.available(wanted, generate.recipes())
         for c in skipped:
             notes.append(f"skipped {c.name!r}: the server at {address} has no recipe {c.recipe!r}")
             log(f"skipping {c.name}: no recipe {c.recipe!r} on {address}")
@@ -128,12 +129,12 @@ def run_eval(opts: EvalOptions, log: Log = print) -> int:
         from eft_serve.evaluation.topk_accuracy import measure_demo
 
         log(f"top-k vs exact, in-process: {len(questions)} prompts, up to {opts.topk_tokens} positions each")
-        accuracy = measure_demo(family, [q.prompt for q in questions], ks=[k for k in C.TOP_KS if k],
+        accuracy = measure_demo(family, [q.prompt for q in questions], ks=[k for k in cond.TOP_KS if k],
                                 max_tokens=opts.topk_tokens, conservative_top_p=opts.conservative_top_p, log=log)
     meta = {
         "command": REGENERATE if opts.sweeps and opts.topk_table and opts.prompts is None else _command_line(opts),
         "prompts": len(questions), "seed": opts.seed, "stack": _stack_words(opts),
-        "max_new_tokens": opts.max_new_tokens, "top_k": C.DEFAULT_TOP_K, "threads": opts.threads,
+        "max_new_tokens": opts.max_new_tokens, "top_k": cond.DEFAULT_TOP_K, "threads": opts.threads,
         "conservative_top_p": opts.conservative_top_p, "requests": len({c.key() for c in conds}) * len(questions),
         "service_seconds": round(service_s, 1), "run_seconds": round(time.perf_counter() - started, 1),
         "topk_positions": accuracy[0].positions if accuracy else 0, "notes": notes,
@@ -214,7 +215,7 @@ def _answer_rows(questions: Sequence[Question], answers: Answers) -> list[dict[s
     from eft_serve.evaluation.scoring import score_answer
 
     rows = []
-    for recipe, _ in C.HEADLINE:
+    for recipe, _ in cond.HEADLINE:
         for q, text in zip(questions, answers.get(recipe, ())):
             s = score_answer(q, text)
             rows.append({"recipe": recipe, "entity": q.entity, "attribute": q.attribute, "answer": q.answer,

@@ -9,8 +9,9 @@ Knows nothing about transports or scoring.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 # The coordinator's default per-model top-k; the headline and sweep numbers use it explicitly.
 DEFAULT_TOP_K = 20

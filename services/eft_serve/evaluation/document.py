@@ -6,7 +6,8 @@ Owns the wording and layout of that page only; numbers come in as rows from `rep
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from eft_serve.evaluation.report import (
     BEHAVIOUR_KEPT_TARGET,

@@ -6,8 +6,8 @@ it plots rows as `report` builds them. Knows nothing about the service.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from eft_serve.evaluation.tables import Row
 

@@ -8,11 +8,12 @@ style to expert B's. Knows nothing about how answers were produced or how tables
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from eft_serve.demo.world import Question
-from eft_serve.evaluation import conditions as C
+from eft_serve.evaluation import conditions as cond
 from eft_serve.evaluation.scoring import (
     Aggregate,
     aggregate,
@@ -42,7 +43,7 @@ def _scores(a: Aggregate) -> Row:
 
 def headline_rows(aggs: Mapping[str, Aggregate]) -> list[Row]:
     return [{"recipe": recipe, "model": label, **_scores(aggs[recipe])}
-            for recipe, label in C.HEADLINE if recipe in aggs]
+            for recipe, label in cond.HEADLINE if recipe in aggs]
 
 
 @dataclass(frozen=True)
@@ -70,17 +71,17 @@ def figures(aggs: Mapping[str, Aggregate]) -> Figures | None:
     return Figures(gap, kept, meets(gap, GAP_TARGET), meets(kept, BEHAVIOUR_KEPT_TARGET))
 
 
-def beta_rows(aggs: Mapping[str, Aggregate], betas: Sequence[float] = C.BETAS) -> list[Row]:
-    return [{"beta": b, **_scores(aggs[C.beta_name(b)])} for b in betas if C.beta_name(b) in aggs]
+def beta_rows(aggs: Mapping[str, Aggregate], betas: Sequence[float] = cond.BETAS) -> list[Row]:
+    return [{"beta": b, **_scores(aggs[cond.beta_name(b)])} for b in betas if cond.beta_name(b) in aggs]
 
 
-def lambda_rows(aggs: Mapping[str, Aggregate], lambdas: Sequence[float] = C.LAMBDAS) -> list[Row]:
+def lambda_rows(aggs: Mapping[str, Aggregate], lambdas: Sequence[float] = cond.LAMBDAS) -> list[Row]:
     rows = []
     for lam in lambdas:
-        a = aggs.get(C.lambda_name(lam))
+        a = aggs.get(cond.lambda_name(lam))
         if a is not None:
-            w = C.lambda_weights(lam)
-            rows.append({"lambda": lam, "w_small_ft": w[C.EXPERT_A], "w_small_ft_b": w[C.EXPERT_B],
+            w = cond.lambda_weights(lam)
+            rows.append({"lambda": lam, "w_small_ft": w[cond.EXPERT_A], "w_small_ft_b": w[cond.EXPERT_B],
                          **_scores(a), "behaviour_b": a.behaviour_b})
     return rows
 
@@ -115,13 +116,13 @@ def lambda_check(rows: Sequence[Row]) -> LambdaCheck | None:
     )
 
 
-def topk_rows(aggs: Mapping[str, Aggregate], accuracy: Sequence[AccuracyRow], ks: Sequence[int] = C.TOP_KS) -> list[Row]:
+def topk_rows(aggs: Mapping[str, Aggregate], accuracy: Sequence[AccuracyRow], ks: Sequence[int] = cond.TOP_KS) -> list[Row]:
     """One row per (conservative, k): scores through the service + in-process agreement / TV."""
     acc = {(r.top_k, r.conservative): r for r in accuracy}
     rows = []
     for conservative in (False, True):
         for k in ks:
-            a = aggs.get(C.topk_name(k, conservative))
+            a = aggs.get(cond.topk_name(k, conservative))
             r = acc.get((k, conservative))
             if a is None and r is None:
                 continue

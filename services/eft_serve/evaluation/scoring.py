@@ -9,9 +9,9 @@ monotonicity check of a sweep. Pure Python; knows nothing about models, services
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
-from typing import Iterable, Sequence
 
 from eft_serve.demo.world import Question, World, style_of, style_score
 

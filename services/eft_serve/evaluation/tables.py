@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 Row = dict[str, Any]
 Column = tuple[str, str, str]  # (key, header, format spec: "" | ".3f" | "%" | ...)

@@ -29,14 +29,14 @@ _LOG_TAIL_BYTES = 4000
 
 # Every live server (strong refs: a dropped, unstopped server must still be stopped),
 # so atexit can stop the ones a crashing caller forgot.
-_LIVE: "set[LocalRedisServer]" = set()
+_LIVE: set[LocalRedisServer] = set()
 
 
 def _stop_all_at_exit() -> None:
     for server in list(_LIVE):
         try:
             server.stop()
-        except Exception:
+        except Exception:  # noqa: BLE001 - at exit, stop every server we can; one failure must not skip the rest
             pass
 
 
@@ -83,7 +83,7 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: survive no SIGKILL of the parent
-    except Exception:
+    except Exception:  # noqa: BLE001 - best effort: not Linux/glibc means no death signal, not no Redis
         pass
 
 
@@ -125,7 +125,7 @@ class LocalRedisServer:
 
     # -- lifecycle --------------------------------------------------------------------
 
-    def start(self) -> "LocalRedisServer":
+    def start(self) -> LocalRedisServer:
         with self._lock:
             if self.running:
                 return self
@@ -239,13 +239,13 @@ class LocalRedisServer:
                 proc.kill()
                 proc.wait(_STOP_TIMEOUT_S)
 
-    def restart(self) -> "LocalRedisServer":
+    def restart(self) -> LocalRedisServer:
         """Stop (if running) and start again on the SAME port. Data is not kept."""
         with self._lock:
             self._terminate()
         return self.start()
 
-    def __enter__(self) -> "LocalRedisServer":
+    def __enter__(self) -> LocalRedisServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from eft_serve.config import EftConfig
 from eft_serve.serve.app import GRPC_SERVICER_FUNCTIONS, coordinator_app, pool_app
@@ -61,7 +61,7 @@ def local_num_cpus(cfg: EftConfig) -> int:
 def deploy_stack(cfg: EftConfig, http_port: int = 8000, log: Callable[[str], None] = print) -> None:
     """Start Serve with the gRPC proxy and deploy every pool and the coordinator."""
     from ray import serve
-    from ray.serve.config import gRPCOptions, HTTPOptions
+    from ray.serve.config import HTTPOptions, gRPCOptions
 
     serve.start(
         proxy_location="HeadOnly",

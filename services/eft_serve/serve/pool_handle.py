@@ -7,7 +7,7 @@ inter-deployment gRPC transport where available (`_by_reference=False`).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from ray import serve
 from ray.exceptions import RayActorError, RayError
@@ -44,7 +44,7 @@ class ServePoolClient:
     async def info(self) -> ModelInfo:
         try:
             raw = await self._handle.Info.remote()
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - every failure is mapped to a status by _map
             raise self._map(e) from None
         return info_from_proto(pool_pb2.ModelInfo.FromString(raw))
 
@@ -54,6 +54,6 @@ class ServePoolClient:
         request = queries_to_proto(queries, logprob_top_k, deadline).SerializeToString()
         try:
             raw = await self._handle.NextTokenLogprobs.remote(request)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - every failure is mapped to a status by _map
             raise self._map(e) from None
         return results_from_proto(pool_pb2.NextTokenLogprobsResponse.FromString(raw))

@@ -6,13 +6,17 @@ grpc.aio one, the Ray Serve deployment) maps them through `transport.error_bound
 
 from __future__ import annotations
 
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from eft_serve.coordinator.service import EftCoordinator
 from eft_serve.proto_gen.eft.v1 import eft_pb2
 from eft_serve.transport.client_messages import (
-    FINISH_TO_PROTO, generation_request_from_proto, merge_from_proto,
-    score_to_proto, token_to_proto, usage_to_proto,
+    FINISH_TO_PROTO,
+    generation_request_from_proto,
+    merge_from_proto,
+    score_to_proto,
+    token_to_proto,
+    usage_to_proto,
 )
 from eft_serve.wire.pool_messages import info_to_proto
 

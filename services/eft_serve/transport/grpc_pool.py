@@ -7,7 +7,7 @@ Errors leave servicer methods through the shared `transport.error_boundary`.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import grpc
 

@@ -6,7 +6,7 @@ error rules. No network; used by tests, benchmarks and the in-process evaluation
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from eft_serve.engine.runner import EngineRunner
 from eft_serve.engine.types import DraftQuery, LogprobEngine, ModelInfo, SequenceQuery, SequenceResult

@@ -7,7 +7,7 @@ channels, the coordinator's records or Redis.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
