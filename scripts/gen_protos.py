@@ -27,8 +27,7 @@ OUT = ROOT / "services" / "eft_serve" / "proto_gen"
 def generate(out: Path) -> None:
     protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in PROTO_ROOT.rglob("*.proto"))
     out.mkdir(parents=True, exist_ok=True)
-    args = ["protoc", f"-I{PROTO_ROOT}", f"--python_out={out}", f"--pyi_out={out}",
-            f"--grpc_python_out={out}", *protos]
+    args = ["protoc", f"-I{PROTO_ROOT}", f"--python_out={out}", f"--pyi_out={out}", f"--grpc_python_out={out}", *protos]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
     for py in out.rglob("*.py*"):
@@ -52,15 +51,21 @@ def drift(fresh: Path, committed: Path) -> list[str]:
     new, old = _files(fresh), _files(committed)
     problems = [f"{committed / p}: missing" for p in sorted(new - old)]
     problems += [f"{committed / p}: not generated from protos/ (stale)" for p in sorted(old - new)]
-    problems += [f"{committed / p}: differs from a fresh generation" for p in sorted(new & old)
-                 if not filecmp.cmp(fresh / p, committed / p, shallow=False)]
+    problems += [
+        f"{committed / p}: differs from a fresh generation"
+        for p in sorted(new & old)
+        if not filecmp.cmp(fresh / p, committed / p, shallow=False)
+    ]
     return problems
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check", action="store_true",
-                        help="write nothing; exit 1 naming each stub that differs from a fresh generation")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="write nothing; exit 1 naming each stub that differs from a fresh generation",
+    )
     parser.add_argument("--out", type=Path, help=f"stubs directory (default: {OUT.relative_to(ROOT)})")
     args = parser.parse_args(argv)
     out: Path = args.out or OUT

@@ -66,8 +66,11 @@ def build_generate_request(
     return eft_pb2.GenerateRequest(
         prompt=prompt,
         merge=build_merge(recipe, beta, expert_weights, conservative, conservative_top_p, logprob_top_k),
-        sampling=s, return_logprobs=return_logprobs, return_model_logprobs=return_model_logprobs,
-        timeout_s=timeout_s, request_id=request_id,
+        sampling=s,
+        return_logprobs=return_logprobs,
+        return_model_logprobs=return_model_logprobs,
+        timeout_s=timeout_s,
+        request_id=request_id,
     )
 
 

@@ -223,7 +223,9 @@ def _upscale_recipes(with_large_ft: bool, with_expert_b: bool) -> dict[str, Reci
     recipes = {
         "upscale": RecipeConfig(
             description="LM up-scaling: large base steered by the small fine-tune's behaviour delta",
-            base="large_base", experts=["small_ft"], reference="small_base",
+            base="large_base",
+            experts=["small_ft"],
+            reference="small_base",
         ),
         "large_base": RecipeConfig(description="the large base model alone", base="large_base"),
         "small_ft": RecipeConfig(description="the small fine-tuned model alone", base="small_ft"),
@@ -232,16 +234,22 @@ def _upscale_recipes(with_large_ft: bool, with_expert_b: bool) -> dict[str, Reci
     if with_expert_b:
         recipes["interpolate"] = RecipeConfig(
             description="behaviour interpolation: two small experts over one reference, weights per request",
-            base="large_base", experts=["small_ft", "small_ft_b"], reference="small_base",
+            base="large_base",
+            experts=["small_ft", "small_ft_b"],
+            reference="small_base",
             default_weights={"small_ft": 1.0, "small_ft_b": 0.0},
         )
         recipes["small_ft_b"] = RecipeConfig(description="the second small expert alone", base="small_ft_b")
     if with_large_ft:
         recipes["downscale"] = RecipeConfig(
             description="down-scaling: small base steered by the large fine-tune's behaviour delta",
-            base="small_base", experts=["large_ft"], reference="large_base",
+            base="small_base",
+            experts=["large_ft"],
+            reference="large_base",
         )
-        recipes["large_ft"] = RecipeConfig(description="the large fine-tuned model alone (ground truth)", base="large_ft")
+        recipes["large_ft"] = RecipeConfig(
+            description="the large fine-tuned model alone (ground truth)", base="large_ft"
+        )
     return recipes
 
 

@@ -16,7 +16,9 @@ from transformers import AutoModelForCausalLM
 
 
 class ReferenceEFT:
-    def __init__(self, model_dirs: Mapping[str, Path], coefficients: Mapping[str, float], use_kv_cache: bool = False) -> None:
+    def __init__(
+        self, model_dirs: Mapping[str, Path], coefficients: Mapping[str, float], use_kv_cache: bool = False
+    ) -> None:
         self.coefficients = dict(coefficients)
         self.use_kv_cache = use_kv_cache
         self.models = {}
@@ -26,7 +28,9 @@ class ReferenceEFT:
             self.models[role] = model
 
     @torch.inference_mode()
-    def greedy(self, prompt_ids: list[int], max_new_tokens: int, eos_token_id: int | None = None) -> tuple[list[int], list[float]]:
+    def greedy(
+        self, prompt_ids: list[int], max_new_tokens: int, eos_token_id: int | None = None
+    ) -> tuple[list[int], list[float]]:
         """Generated ids and the wall time of each token (seconds)."""
         ids = list(prompt_ids)
         out: list[int] = []

@@ -29,7 +29,11 @@ async def test_cached_equals_uncached_greedy_and_seeded(redis_url: str) -> None:
     engines = fake_engines()
     cached = fake_coordinator(engines, cache=redis_cache(redis_url))
     await cached.start()
-    for kw in (dict(temperature=0), dict(temperature=1.0, seed=5), dict(temperature=0.7, seed=9, merge=MergeOptions(logprob_top_k=0))):
+    for kw in (
+        dict(temperature=0),
+        dict(temperature=1.0, seed=5),
+        dict(temperature=0.7, seed=9, merge=MergeOptions(logprob_top_k=0)),
+    ):
         expected = await run(plain, **kw)
         cold = await run(cached, **kw)
         calls_before = sum(e.num_calls for e in engines.values())

@@ -22,14 +22,19 @@ def demo_stack(demo_family):
     engines = {r: HFEngine.load(demo_family.paths[r], name=r, device="cpu") for r in ROLES}
     tokenizer = AutoTokenizer.from_pretrained(demo_family.paths["large_base"])
     cfg = demo_config()
-    coord = EftCoordinator({r: InProcessPool(e, r) for r, e in engines.items()}, cfg.recipes, tokenizer,
-                           CoordinatorConfig(max_new_tokens_cap=256))
+    coord = EftCoordinator(
+        {r: InProcessPool(e, r) for r, e in engines.items()},
+        cfg.recipes,
+        tokenizer,
+        CoordinatorConfig(max_new_tokens_cap=256),
+    )
     return coord, tokenizer, demo_family
 
 
 async def greedy_ids(coord, prompt: str, n: int, **merge) -> list[int]:
-    stream = await coord.generate(GenerationRequest(prompt=prompt, merge=MergeOptions(**merge), temperature=0,
-                                                    max_new_tokens=n))
+    stream = await coord.generate(
+        GenerationRequest(prompt=prompt, merge=MergeOptions(**merge), temperature=0, max_new_tokens=n)
+    )
     return [t.token_id for c in [c async for c in stream] for t in c.tokens]
 
 
@@ -66,8 +71,15 @@ async def test_streamed_text_is_valid_utf8_and_equals_decode(demo_stack) -> None
     await coord.start()
     # Sampling at high temperature visits the non-ASCII entity names (split across byte-level tokens).
     for seed in range(3):
-        stream = await coord.generate(GenerationRequest(prompt=family.world.held_out_questions()[0].prompt,
-                                                        temperature=1.5, seed=seed, max_new_tokens=48, ignore_eos=True))
+        stream = await coord.generate(
+            GenerationRequest(
+                prompt=family.world.held_out_questions()[0].prompt,
+                temperature=1.5,
+                seed=seed,
+                max_new_tokens=48,
+                ignore_eos=True,
+            )
+        )
         chunks = [c async for c in stream]
         ids = [t.token_id for c in chunks for t in c.tokens]
         text = "".join(c.text for c in chunks)

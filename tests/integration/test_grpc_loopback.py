@@ -28,7 +28,9 @@ async def stack():
         servers.append(server)
         pools[role] = GrpcPoolClient(f"127.0.0.1:{port}", role, timeout_s=2.0)
         clients.append(pools[role])
-    coord = EftCoordinator(pools, RECIPES, CharTokenizer(), CoordinatorConfig(max_new_tokens_cap=64, pool_call_timeout_s=2.0))
+    coord = EftCoordinator(
+        pools, RECIPES, CharTokenizer(), CoordinatorConfig(max_new_tokens_cap=64, pool_call_timeout_s=2.0)
+    )
     await coord.start()
     server, port = await start_coordinator_server(CoordinatorRpc(coord))
     servers.append(server)
@@ -43,8 +45,12 @@ async def stack():
 
 async def test_stream_and_complete_agree(stack) -> None:
     async with AsyncEftClient(stack["address"], timeout=20) as client:
-        msgs = [m async for m in client.generate("hello", temperature=0, max_new_tokens=12, ignore_eos=True,
-                                                 return_logprobs=True)]
+        msgs = [
+            m
+            async for m in client.generate(
+                "hello", temperature=0, max_new_tokens=12, ignore_eos=True, return_logprobs=True
+            )
+        ]
         assert msgs[-1].finish_reason == eft_pb2.FINISH_REASON_LENGTH
         assert msgs[-1].usage.completion_tokens == 12
         text = "".join(m.text for m in msgs)

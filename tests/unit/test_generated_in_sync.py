@@ -24,8 +24,17 @@ GEN_PROTOS = str(ROOT / "scripts" / "gen_protos.py")
 
 CHECKS: dict[str, list[str]] = {
     "protos": [PY, GEN_PROTOS, "--check"],
-    "serve-config": [PY, "-m", "eft_serve.cli", "render-serve-config", "--config", "deploy/demo.yaml",
-                     "--out", "deploy/serve_demo.yaml", "--check"],
+    "serve-config": [
+        PY,
+        "-m",
+        "eft_serve.cli",
+        "render-serve-config",
+        "--config",
+        "deploy/demo.yaml",
+        "--out",
+        "deploy/serve_demo.yaml",
+        "--check",
+    ],
     "k8s": [PY, "-m", "eft_serve.k8s.render", "--all", "--check"],
 }
 
@@ -47,8 +56,7 @@ def _touch(path: Path) -> None:
 
 def _drifted_protos(tmp: Path) -> tuple[list[str], Path, Path]:
     out = tmp / "proto_gen"
-    shutil.copytree(ROOT / "services" / "eft_serve" / "proto_gen", out,
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "services" / "eft_serve" / "proto_gen", out, ignore=shutil.ignore_patterns("__pycache__"))
     edited = out / "eft" / "v1" / "eft_pb2.pyi"
     _touch(edited)
     return [PY, GEN_PROTOS, "--check", "--out", str(out)], tmp, edited
@@ -58,8 +66,21 @@ def _drifted_serve_config(tmp: Path) -> tuple[list[str], Path, Path]:
     edited = tmp / "serve_demo.yaml"
     shutil.copy(ROOT / "deploy" / "serve_demo.yaml", edited)
     _touch(edited)
-    return ([PY, "-m", "eft_serve.cli", "render-serve-config", "--config", str(ROOT / "deploy" / "demo.yaml"),
-             "--out", str(edited), "--check"], tmp, edited)
+    return (
+        [
+            PY,
+            "-m",
+            "eft_serve.cli",
+            "render-serve-config",
+            "--config",
+            str(ROOT / "deploy" / "demo.yaml"),
+            "--out",
+            str(edited),
+            "--check",
+        ],
+        tmp,
+        edited,
+    )
 
 
 def _drifted_k8s(tmp: Path) -> tuple[list[str], Path, Path]:
@@ -75,7 +96,10 @@ def _drifted_k8s(tmp: Path) -> tuple[list[str], Path, Path]:
 
 
 DRIFTED: dict[str, Callable[[Path], tuple[list[str], Path, Path]]] = {
-    "protos": _drifted_protos, "serve-config": _drifted_serve_config, "k8s": _drifted_k8s}
+    "protos": _drifted_protos,
+    "serve-config": _drifted_serve_config,
+    "k8s": _drifted_k8s,
+}
 
 
 @pytest.mark.parametrize("artifact", list(DRIFTED))

@@ -42,8 +42,14 @@ def save_tiny_model(path: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     # A large init makes distributions peaked, so argmax chains and top-k are not coin flips.
     config = GPT2Config(
-        vocab_size=V, n_positions=CTX, n_embd=32, n_layer=2, n_head=2,
-        initializer_range=0.3, bos_token_id=V - 1, eos_token_id=V - 1,
+        vocab_size=V,
+        n_positions=CTX,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        initializer_range=0.3,
+        bos_token_id=V - 1,
+        eos_token_id=V - 1,
     )
     GPT2LMHeadModel(config).save_pretrained(path)
     return path
@@ -67,7 +73,9 @@ def ref_engine(model_dir) -> HFEngine:
 
 def fresh_full(ref: HFEngine, prefix) -> np.ndarray:
     """Full-vocab logprobs after ``prefix`` from a single uncached forward."""
-    return ref.next_token_logprobs([SequenceQuery(token_ids=list(prefix))], logprob_top_k=0)[0].positions[0].full_logprobs
+    return (
+        ref.next_token_logprobs([SequenceQuery(token_ids=list(prefix))], logprob_top_k=0)[0].positions[0].full_logprobs
+    )
 
 
 def rand_tokens(rng, n):
@@ -270,8 +278,13 @@ def test_rope_gqa_model_batched_over_cache(tmp_path):
     torch.manual_seed(0)
     LlamaForCausalLM(
         LlamaConfig(
-            vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=CTX,
+            vocab_size=V,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=CTX,
             initializer_range=0.3,
         )
     ).save_pretrained(tmp_path)

@@ -23,8 +23,7 @@ PER_TOKEN = LAYERS * 2 * HEADS * DIM * 4  # float32 bytes of one position
 def make_kv(n: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return tuple(
-        (torch.randn(1, HEADS, n, DIM, generator=g), torch.randn(1, HEADS, n, DIM, generator=g))
-        for _ in range(LAYERS)
+        (torch.randn(1, HEADS, n, DIM, generator=g), torch.randn(1, HEADS, n, DIM, generator=g)) for _ in range(LAYERS)
     )
 
 

@@ -15,8 +15,9 @@ from eft_serve.errors import InvalidArgument, NotFound
 
 RECIPES = {
     "upscale": RecipeConfig(base="large_base", experts=["small_ft"], reference="small_base"),
-    "interp": RecipeConfig(base="large_base", experts=["a", "b"], reference="small_base",
-                           default_weights={"a": 1.0, "b": 0.0}),
+    "interp": RecipeConfig(
+        base="large_base", experts=["a", "b"], reference="small_base", default_weights={"a": 1.0, "b": 0.0}
+    ),
     "solo": RecipeConfig(base="large_base"),
 }
 

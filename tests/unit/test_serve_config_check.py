@@ -36,17 +36,23 @@ def test_unknown_keys_are_found_at_every_level(sc: dict[str, Any]) -> None:
     sc["grpc_options"]["prot"] = 1
     sc["http_options"]["hots"] = "0.0.0.0"
     app = _app(sc, "pool-small_ft")
-    app["deployments"] = [{
-        "name": "ModelPool",
-        "max_ongoing_request": 4,  # the classic typo: Ray would deploy with the default
-        "autoscaling_config": {"min_replica": 1},
-        "ray_actor_options": {"num_gpu": 1},
-    }]
+    app["deployments"] = [
+        {
+            "name": "ModelPool",
+            "max_ongoing_request": 4,  # the classic typo: Ray would deploy with the default
+            "autoscaling_config": {"min_replica": 1},
+            "ray_actor_options": {"num_gpu": 1},
+        }
+    ]
     problems = check_serve_config(sc)
-    for needle in ("proxy_locaton: unknown key", "grpc_options.prot: unknown key", "http_options.hots: unknown key",
-                   "applications[2].deployments[0].max_ongoing_request: unknown key 'max_ongoing_request'",
-                   "applications[2].deployments[0].autoscaling_config.min_replica: unknown key",
-                   "applications[2].deployments[0].ray_actor_options.num_gpu: unknown key"):
+    for needle in (
+        "proxy_locaton: unknown key",
+        "grpc_options.prot: unknown key",
+        "http_options.hots: unknown key",
+        "applications[2].deployments[0].max_ongoing_request: unknown key 'max_ongoing_request'",
+        "applications[2].deployments[0].autoscaling_config.min_replica: unknown key",
+        "applications[2].deployments[0].ray_actor_options.num_gpu: unknown key",
+    ):
         assert any(needle in p for p in problems), (needle, problems)
     # The message lists the accepted names, so the fix is obvious.
     assert any("max_ongoing_requests" in p for p in problems if "max_ongoing_request:" in p)
@@ -96,8 +102,10 @@ def test_names_import_paths_and_servicers(sc: dict[str, Any]) -> None:
     problems = check_serve_config(sc)
     assert any("must be named 'pool-large_base'" in p for p in problems)
     assert any("applications[4].import_path: 'somewhere:app' is none of our builders" in p for p in problems)
-    assert any("grpc_servicer_functions[2]: module 'eft_serve.serve.app' has no attribute 'no_such_function'" in p
-               for p in problems)
+    assert any(
+        "grpc_servicer_functions[2]: module 'eft_serve.serve.app' has no attribute 'no_such_function'" in p
+        for p in problems
+    )
     assert check_serve_config(["not", "a", "mapping"]) == ["the Serve config must be a mapping, got list"]
 
 

@@ -44,9 +44,7 @@ class CacheStats:
 
     def delta(self, since: CacheStats) -> CacheStats:
         """Counters accumulated after ``since`` was snapshotted (e.g. per stream)."""
-        return CacheStats(
-            **{f.name: getattr(self, f.name) - getattr(since, f.name) for f in dataclasses.fields(self)}
-        )
+        return CacheStats(**{f.name: getattr(self, f.name) - getattr(since, f.name) for f in dataclasses.fields(self)})
 
     def __sub__(self, other: CacheStats) -> CacheStats:
         return self.delta(other)

@@ -21,7 +21,6 @@ _MiB = 1024 * 1024
 class CacheConfig(StrictModel):
     """Settings of the next-token result cache."""
 
-
     enabled: bool = True
     # auto = redis when a url is set, else the in-process LRU.
     backend: Literal["auto", "redis", "memory"] = "auto"
@@ -84,7 +83,6 @@ class CacheConfig(StrictModel):
 
 class LocalRedisConfig(StrictModel):
     """Settings of a redis-server started by us on loopback (dev, tests, single node)."""
-
 
     # Start one when no cache url is configured.
     enabled: bool = True

@@ -115,7 +115,10 @@ class RedisCache:
         if first:
             log.warning(
                 "result cache: redis %s failed (%s: %s); bypassing for %.2fs",
-                op, type(exc).__name__, exc, self._cfg.reconnect_backoff_s,
+                op,
+                type(exc).__name__,
+                exc,
+                self._cfg.reconnect_backoff_s,
             )
 
     async def _run(self, op: str, coro: Any) -> tuple[bool, Any]:

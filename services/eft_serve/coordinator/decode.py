@@ -35,8 +35,13 @@ class DecodeContext:
 
 
 async def merged_next_token(
-    ctx: DecodeContext, merge: MergePlan, prefix: list[int], sequence_id: str, deadline: float,
-    use_cache: bool, stats: FetchStats,
+    ctx: DecodeContext,
+    merge: MergePlan,
+    prefix: list[int],
+    sequence_id: str,
+    deadline: float,
+    use_cache: bool,
+    stats: FetchStats,
 ) -> MergedDistribution:
     """The recipe's merged distribution of the token after `prefix` (one step, every pool once)."""
     query = SequenceQuery(token_ids=prefix, sequence_id=sequence_id)
@@ -62,9 +67,7 @@ async def decode(ctx: DecodeContext, plan: GenerationPlan, use_cache: bool) -> A
         if len(prefix) >= ctx.max_context:
             finish = "context"
             break
-        dist = await merged_next_token(
-            ctx, plan.merge, prefix, plan.sequence_id, plan.deadline, use_cache, stats
-        )
+        dist = await merged_next_token(ctx, plan.merge, prefix, plan.sequence_id, plan.deadline, use_cache, stats)
         token = choose_token(dist, plan.sampling, position=len(prefix))
         generated += 1
         if first_token_at is None:
@@ -92,10 +95,14 @@ async def decode(ctx: DecodeContext, plan: GenerationPlan, use_cache: bool) -> A
         yield GenerationChunk(text=out.text, tokens=[out])
     total = time.perf_counter() - started
     usage = Usage(
-        prompt_tokens=len(plan.prompt_ids), completion_tokens=generated,
+        prompt_tokens=len(plan.prompt_ids),
+        completion_tokens=generated,
         time_to_first_token_ms=1000 * ((first_token_at or time.perf_counter()) - started),
-        total_ms=1000 * total, tokens_per_s=generated / total if total > 0 else 0.0,
-        seed=plan.sampling.seed, recipe=plan.merge.recipe.name, logprob_top_k=plan.merge.logprob_top_k,
+        total_ms=1000 * total,
+        tokens_per_s=generated / total if total > 0 else 0.0,
+        seed=plan.sampling.seed,
+        recipe=plan.merge.recipe.name,
+        logprob_top_k=plan.merge.logprob_top_k,
         fetch=stats,
     )
     # Only a context-length finish can still hold undecoded bytes or held-back stop-prefix text.

@@ -63,9 +63,7 @@ class StepFetcher:
             )
         except TimeoutError:
             if budget >= remaining:
-                raise DeadlineExceeded(
-                    f"the request's deadline passed while waiting for model pool {role!r}"
-                ) from None
+                raise DeadlineExceeded(f"the request's deadline passed while waiting for model pool {role!r}") from None
             raise Unavailable(
                 f"model pool {role!r} did not answer within {self._timeout:.0f}s; it may be down or overloaded"
             ) from None

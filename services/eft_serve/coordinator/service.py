@@ -127,8 +127,11 @@ class EftCoordinator:
         ids = plan.prompt_ids + cont_ids
         query = SequenceQuery(token_ids=ids[:-1], num_positions=len(cont_ids), candidate_ids=candidates)
         results = await ctx.fetcher.fetch(
-            {role: [query] for role in recipe.roles}, plan.merge.logprob_top_k, plan.deadline,
-            self._cache_on(recipe.name), FetchStats(),
+            {role: [query] for role in recipe.roles},
+            plan.merge.logprob_top_k,
+            plan.deadline,
+            self._cache_on(recipe.name),
+            FetchStats(),
         )
         tokens: list[TokenOutput] = []
         total = 0.0
@@ -137,10 +140,14 @@ class EftCoordinator:
             dist = merge_position(recipe, per_role, ctx.vocab_size, candidates, plan.merge.conservative_top_p)
             lp = dist.logprob_of(target)
             total += lp
-            tokens.append(TokenOutput(
-                token_id=target, text=self._tok.decode([target]), logprob=lp,
-                model_logprobs={role: dist.model_logprob_of(role, target) for role in recipe.roles},
-            ))
+            tokens.append(
+                TokenOutput(
+                    token_id=target,
+                    text=self._tok.decode([target]),
+                    logprob=lp,
+                    model_logprobs={role: dist.model_logprob_of(role, target) for role in recipe.roles},
+                )
+            )
         return ScoreResult(total_logprob=total, tokens=tokens, prompt_tokens=len(plan.prompt_ids))
 
     # ---- discovery -----------------------------------------------------------------------

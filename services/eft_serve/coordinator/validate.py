@@ -135,9 +135,13 @@ class RequestValidator:
                 f"shorten it to at most {limit - 1} tokens"
             )
         return GenerationPlan(
-            merge=merge, sampling=sampling, prompt_ids=prompt_ids, deadline=deadline,
+            merge=merge,
+            sampling=sampling,
+            prompt_ids=prompt_ids,
+            deadline=deadline,
             sequence_id=req.request_id or secrets.token_hex(8),
-            return_logprobs=req.return_logprobs, return_model_logprobs=req.return_model_logprobs,
+            return_logprobs=req.return_logprobs,
+            return_model_logprobs=req.return_model_logprobs,
         )
 
     def score(self, prompt: str, continuation: str, merge: MergeOptions, timeout_s: float | None) -> ScorePlan:
@@ -149,5 +153,6 @@ class RequestValidator:
             raise InvalidArgument(
                 f"prompt + continuation is {total} tokens; the models' context length is {self.limits.max_context}"
             )
-        return ScorePlan(merge=merge_plan, prompt_ids=prompt_ids, continuation_ids=cont_ids,
-                         deadline=self.deadline(timeout_s))
+        return ScorePlan(
+            merge=merge_plan, prompt_ids=prompt_ids, continuation_ids=cont_ids, deadline=self.deadline(timeout_s)
+        )

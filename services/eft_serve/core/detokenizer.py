@@ -17,7 +17,9 @@ _CONTEXT_TOKENS = 5
 
 
 class Decoder(Protocol):
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = ..., clean_up_tokenization_spaces: bool = ...) -> str: ...
+    def decode(
+        self, ids: Sequence[int], skip_special_tokens: bool = ..., clean_up_tokenization_spaces: bool = ...
+    ) -> str: ...
 
 
 class IncrementalDetokenizer:

@@ -60,7 +60,9 @@ def _support(results: Mapping[str, PositionLogprobs], candidate_ids: Sequence[in
     return np.unique(np.concatenate(parts))
 
 
-def _values_on(support: np.ndarray, result: PositionLogprobs, candidate_ids: Sequence[int], vocab_size: int) -> np.ndarray:
+def _values_on(
+    support: np.ndarray, result: PositionLogprobs, candidate_ids: Sequence[int], vocab_size: int
+) -> np.ndarray:
     if result.full_logprobs is not None:
         full = np.asarray(result.full_logprobs, dtype=np.float64)
         values: np.ndarray = full[support]

@@ -78,7 +78,6 @@ def resolve_recipe(
         if not math.isfinite(w):
             raise InvalidArgument(f"weight of expert {role!r} must be finite, got {w}")
     experts = tuple(
-        (role, beta * float(expert_weights.get(role, recipe.default_weights.get(role, 1.0))))
-        for role in recipe.experts
+        (role, beta * float(expert_weights.get(role, recipe.default_weights.get(role, 1.0)))) for role in recipe.experts
     )
     return ResolvedRecipe(name=name, base=recipe.base, experts=experts, reference=recipe.reference)

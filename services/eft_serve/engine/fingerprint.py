@@ -78,9 +78,7 @@ def model_fingerprint(model_dir: Path | str) -> str:
         raise FileNotFoundError(f"{root} has no config.json; is it a transformers model directory?")
     files = [config, *_weight_files(root)]
     if len(files) == 1:
-        raise FileNotFoundError(
-            f"{root} has no weight files ({', '.join('*' + s for s in WEIGHT_SUFFIXES)})"
-        )
+        raise FileNotFoundError(f"{root} has no weight files ({', '.join('*' + s for s in WEIGHT_SUFFIXES)})")
     key_parts = []
     for p in files:
         st = os.stat(p)

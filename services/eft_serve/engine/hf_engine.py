@@ -253,9 +253,7 @@ class HFEngine:
 
     # --------------------------------------------------------------- protocol
     @torch.inference_mode()
-    def next_token_logprobs(
-        self, queries: Sequence[SequenceQuery], logprob_top_k: int
-    ) -> list[SequenceResult]:
+    def next_token_logprobs(self, queries: Sequence[SequenceQuery], logprob_top_k: int) -> list[SequenceResult]:
         validate_logprob_top_k(logprob_top_k)
         checked = validate_queries(
             queries,
@@ -285,9 +283,7 @@ class HFEngine:
         results: list[SequenceResult] = []
         start = 0
         for row in rows:
-            results.append(
-                SequenceResult(positions[start : start + row.num_logits], cached_tokens=row.cached_len)
-            )
+            results.append(SequenceResult(positions[start : start + row.num_logits], cached_tokens=row.cached_len))
             start += row.num_logits
         return results
 

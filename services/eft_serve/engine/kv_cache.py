@@ -183,9 +183,7 @@ class PrefixKVCache:
         return n, (cache_from_kv_layers(layers) if layers is not None else None)
 
     # ------------------------------------------------------------------- store
-    def store(
-        self, token_ids: Sequence[int] | np.ndarray, cache: Any, sequence_id: str = ""
-    ) -> bool:
+    def store(self, token_ids: Sequence[int] | np.ndarray, cache: Any, sequence_id: str = "") -> bool:
         """Keep the KV of ``token_ids`` (``cache`` may hold more positions; they are cut off).
 
         Returns whether the entry is now held. Never keeps a reference to ``cache`` itself, only
@@ -220,11 +218,7 @@ class PrefixKVCache:
                     self._entries.move_to_end(eid)
                     return True
             # Drop what the new entry supersedes: the sequence's old entry and dominated prefixes.
-            doomed = [
-                eid
-                for eid, entry in self._entries.items()
-                if _lcp(entry.tokens, toks) == entry.tokens.shape[0]
-            ]
+            doomed = [eid for eid, entry in self._entries.items() if _lcp(entry.tokens, toks) == entry.tokens.shape[0]]
             old = self._by_sequence.get(sequence_id) if sequence_id else None
             if old is not None and old not in doomed:
                 doomed.append(old)

@@ -31,16 +31,13 @@ def validate_logprob_top_k(logprob_top_k: int) -> None:
         raise ValueError(f"logprob_top_k must be an int >= 0 (0 = full vocabulary), got {logprob_top_k!r}")
 
 
-def _check_ids(
-    ids: Sequence[int], limit: int, what: str, query_index: int, model: str
-) -> np.ndarray:
+def _check_ids(ids: Sequence[int], limit: int, what: str, query_index: int, model: str) -> np.ndarray:
     arr = np.asarray(ids)
     if arr.size == 0:
         return arr.astype(np.int64).reshape(0)
     if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
         raise ValueError(
-            f"query {query_index}: {what} must be a flat sequence of ints, got dtype {arr.dtype} "
-            f"shape {arr.shape}"
+            f"query {query_index}: {what} must be a flat sequence of ints, got dtype {arr.dtype} shape {arr.shape}"
         )
     lo, hi = int(arr.min()), int(arr.max())
     if lo < 0 or hi >= limit:
@@ -70,9 +67,7 @@ def validate_queries(
     for i, q in enumerate(queries):
         n = len(q.token_ids)
         if n == 0:
-            raise ValueError(
-                f"query {i}: token_ids is empty; send at least one token (e.g. BOS) to condition on"
-            )
+            raise ValueError(f"query {i}: token_ids is empty; send at least one token (e.g. BOS) to condition on")
         if n > max_context:
             raise ValueError(
                 f"query {i}: {n} tokens exceed max_context {max_context} of model {model!r}; "
@@ -80,9 +75,7 @@ def validate_queries(
             )
         m = q.num_positions
         if not isinstance(m, (int, np.integer)) or m < 1 or m > n:
-            raise ValueError(
-                f"query {i}: num_positions must be in [1, len(token_ids)={n}], got {m!r}"
-            )
+            raise ValueError(f"query {i}: num_positions must be in [1, len(token_ids)={n}], got {m!r}")
         toks = _check_ids(q.token_ids, in_vocab, "token_ids", i, model)
         cands = _check_ids(q.candidate_ids, vocab_size, "candidate_ids", i, model)
         out.append((toks, cands))

@@ -108,5 +108,6 @@ def demo_coordinator(family: Any, roles: tuple[str, ...] | None = None, max_new_
     pools = {r: InProcessPool(HFEngine.load(family.paths[r], name=r, device="cpu"), r) for r in roles}
     tokenizer = AutoTokenizer.from_pretrained(family.tokenizer_path)
     default = cfg.coordinator.default_recipe if cfg.coordinator.default_recipe in recipes else next(iter(recipes))
-    return EftCoordinator(pools, recipes, tokenizer,
-                          CoordinatorConfig(max_new_tokens_cap=max_new_tokens_cap, default_recipe=default))
+    return EftCoordinator(
+        pools, recipes, tokenizer, CoordinatorConfig(max_new_tokens_cap=max_new_tokens_cap, default_recipe=default)
+    )

@@ -119,8 +119,10 @@ def run_eval(opts: EvalOptions, log: Log = print) -> int:
             notes.append(f"skipped {c.name!r}: the server at {address} has no recipe {c.recipe!r}")
             log(f"skipping {c.name}: no recipe {c.recipe!r} on {address}")
         distinct = len({c.key() for c in conds})
-        log(f"evaluating {len(questions)} held-out questions × {distinct} distinct settings over gRPC at {address} "
-            f"({opts.threads} threads)")
+        log(
+            f"evaluating {len(questions)} held-out questions × {distinct} distinct settings over gRPC at {address} "
+            f"({opts.threads} threads)"
+        )
         answers = run_conditions(generate, questions, conds, decoding, threads=opts.threads, log=log)
     service_s = time.perf_counter() - started
 
@@ -129,15 +131,28 @@ def run_eval(opts: EvalOptions, log: Log = print) -> int:
         from eft_serve.evaluation.topk_accuracy import measure_demo
 
         log(f"top-k vs exact, in-process: {len(questions)} prompts, up to {opts.topk_tokens} positions each")
-        accuracy = measure_demo(family, [q.prompt for q in questions], ks=[k for k in cond.TOP_KS if k],
-                                max_tokens=opts.topk_tokens, conservative_top_p=opts.conservative_top_p, log=log)
+        accuracy = measure_demo(
+            family,
+            [q.prompt for q in questions],
+            ks=[k for k in cond.TOP_KS if k],
+            max_tokens=opts.topk_tokens,
+            conservative_top_p=opts.conservative_top_p,
+            log=log,
+        )
     meta = {
         "command": REGENERATE if opts.sweeps and opts.topk_table and opts.prompts is None else _command_line(opts),
-        "prompts": len(questions), "seed": opts.seed, "stack": _stack_words(opts),
-        "max_new_tokens": opts.max_new_tokens, "top_k": cond.DEFAULT_TOP_K, "threads": opts.threads,
-        "conservative_top_p": opts.conservative_top_p, "requests": len({c.key() for c in conds}) * len(questions),
-        "service_seconds": round(service_s, 1), "run_seconds": round(time.perf_counter() - started, 1),
-        "topk_positions": accuracy[0].positions if accuracy else 0, "notes": notes,
+        "prompts": len(questions),
+        "seed": opts.seed,
+        "stack": _stack_words(opts),
+        "max_new_tokens": opts.max_new_tokens,
+        "top_k": cond.DEFAULT_TOP_K,
+        "threads": opts.threads,
+        "conservative_top_p": opts.conservative_top_p,
+        "requests": len({c.key() for c in conds}) * len(questions),
+        "service_seconds": round(service_s, 1),
+        "run_seconds": round(time.perf_counter() - started, 1),
+        "topk_positions": accuracy[0].positions if accuracy else 0,
+        "notes": notes,
     }
     write_results(opts.out, questions, answers, accuracy, meta, log)
     return 0
@@ -165,8 +180,14 @@ def _command_line(opts: EvalOptions) -> str:
     return " ".join(parts)
 
 
-def write_results(out: Path, questions: Sequence[Question], answers: Answers, accuracy: Sequence[Any],
-                  meta: dict[str, Any], log: Log = print) -> dict[str, Any]:
+def write_results(
+    out: Path,
+    questions: Sequence[Question],
+    answers: Answers,
+    accuracy: Sequence[Any],
+    meta: dict[str, Any],
+    log: Log = print,
+) -> dict[str, Any]:
     """Score, print and write every table, figure and the results README; returns the summary."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -202,7 +223,9 @@ def write_results(out: Path, questions: Sequence[Question], answers: Answers, ac
         log("\ntop-k × conservative:\n" + tables.console_table(topk, document.TOPK_COLUMNS))
         tables.write_csv(out / "topk_table.csv", topk)
     summary = {
-        **meta, "figures": fig.as_dict() if fig else None, "lambda_check": lam.as_dict() if lam else None,
+        **meta,
+        "figures": fig.as_dict() if fig else None,
+        "lambda_check": lam.as_dict() if lam else None,
         "headline": headline,
     }
     (out / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2, ensure_ascii=False) + "\n")
@@ -218,8 +241,18 @@ def _answer_rows(questions: Sequence[Question], answers: Answers) -> list[dict[s
     for recipe, _ in cond.HEADLINE:
         for q, text in zip(questions, answers.get(recipe, ())):
             s = score_answer(q, text)
-            rows.append({"recipe": recipe, "entity": q.entity, "attribute": q.attribute, "answer": q.answer,
-                         "correct": int(s.correct), "style": s.style, "behaviour": s.behaviour_a, "text": text})
+            rows.append(
+                {
+                    "recipe": recipe,
+                    "entity": q.entity,
+                    "attribute": q.attribute,
+                    "answer": q.answer,
+                    "correct": int(s.correct),
+                    "style": s.style,
+                    "behaviour": s.behaviour_a,
+                    "text": text,
+                }
+            )
     return rows
 
 

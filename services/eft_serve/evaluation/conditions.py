@@ -44,13 +44,23 @@ class Condition:
 
     def key(self) -> tuple:
         """Identity of what is sent: conditions with equal keys share one run."""
-        return (self.recipe, float(self.beta), tuple(sorted(self.expert_weights.items())),
-                self.conservative, self.logprob_top_k)
+        return (
+            self.recipe,
+            float(self.beta),
+            tuple(sorted(self.expert_weights.items())),
+            self.conservative,
+            self.logprob_top_k,
+        )
 
     def request_params(self) -> dict[str, Any]:
         """Merge keyword arguments for `EftClient.generate` (sampling is the runner's)."""
-        return {"recipe": self.recipe, "beta": self.beta, "expert_weights": dict(self.expert_weights),
-                "conservative": self.conservative, "logprob_top_k": self.logprob_top_k}
+        return {
+            "recipe": self.recipe,
+            "beta": self.beta,
+            "expert_weights": dict(self.expert_weights),
+            "conservative": self.conservative,
+            "logprob_top_k": self.logprob_top_k,
+        }
 
 
 def headline_conditions() -> list[Condition]:
@@ -75,8 +85,9 @@ def lambda_weights(lam: float) -> dict[str, float]:
 
 
 def lambda_sweep(lambdas: Iterable[float] = LAMBDAS) -> list[Condition]:
-    return [Condition(name=lambda_name(lam), recipe="interpolate", expert_weights=lambda_weights(lam))
-            for lam in lambdas]
+    return [
+        Condition(name=lambda_name(lam), recipe="interpolate", expert_weights=lambda_weights(lam)) for lam in lambdas
+    ]
 
 
 def topk_name(k: int, conservative: bool) -> str:
@@ -84,8 +95,11 @@ def topk_name(k: int, conservative: bool) -> str:
 
 
 def topk_grid(ks: Iterable[int] = TOP_KS) -> list[Condition]:
-    return [Condition(name=topk_name(k, c), recipe="upscale", conservative=c, logprob_top_k=int(k))
-            for c in (False, True) for k in ks]
+    return [
+        Condition(name=topk_name(k, c), recipe="upscale", conservative=c, logprob_top_k=int(k))
+        for c in (False, True)
+        for k in ks
+    ]
 
 
 def available(conditions: Iterable[Condition], recipes: Iterable[str]) -> tuple[list[Condition], list[Condition]]:

@@ -37,13 +37,20 @@ def aggregates(questions: Sequence[Question], answers: Mapping[str, Sequence[str
 
 
 def _scores(a: Aggregate) -> Row:
-    return {"n": a.n, "knowledge": a.knowledge, "behaviour": a.behaviour, "style_a_share": a.share_a,
-            "style_b_share": a.share_b, "plain_share": a.share_plain}
+    return {
+        "n": a.n,
+        "knowledge": a.knowledge,
+        "behaviour": a.behaviour,
+        "style_a_share": a.share_a,
+        "style_b_share": a.share_b,
+        "plain_share": a.share_plain,
+    }
 
 
 def headline_rows(aggs: Mapping[str, Aggregate]) -> list[Row]:
-    return [{"recipe": recipe, "model": label, **_scores(aggs[recipe])}
-            for recipe, label in cond.HEADLINE if recipe in aggs]
+    return [
+        {"recipe": recipe, "model": label, **_scores(aggs[recipe])} for recipe, label in cond.HEADLINE if recipe in aggs
+    ]
 
 
 @dataclass(frozen=True)
@@ -56,9 +63,14 @@ class Figures:
     behaviour_ok: bool
 
     def as_dict(self) -> Row:
-        return {"gap_recovery": self.gap_recovery, "gap_target": GAP_TARGET, "gap_ok": self.gap_ok,
-                "behaviour_kept": self.behaviour_kept, "behaviour_kept_target": BEHAVIOUR_KEPT_TARGET,
-                "behaviour_ok": self.behaviour_ok}
+        return {
+            "gap_recovery": self.gap_recovery,
+            "gap_target": GAP_TARGET,
+            "gap_ok": self.gap_ok,
+            "behaviour_kept": self.behaviour_kept,
+            "behaviour_kept_target": BEHAVIOUR_KEPT_TARGET,
+            "behaviour_ok": self.behaviour_ok,
+        }
 
 
 def figures(aggs: Mapping[str, Aggregate]) -> Figures | None:
@@ -81,8 +93,15 @@ def lambda_rows(aggs: Mapping[str, Aggregate], lambdas: Sequence[float] = cond.L
         a = aggs.get(cond.lambda_name(lam))
         if a is not None:
             w = cond.lambda_weights(lam)
-            rows.append({"lambda": lam, "w_small_ft": w[cond.EXPERT_A], "w_small_ft_b": w[cond.EXPERT_B],
-                         **_scores(a), "behaviour_b": a.behaviour_b})
+            rows.append(
+                {
+                    "lambda": lam,
+                    "w_small_ft": w[cond.EXPERT_A],
+                    "w_small_ft_b": w[cond.EXPERT_B],
+                    **_scores(a),
+                    "behaviour_b": a.behaviour_b,
+                }
+            )
     return rows
 
 
@@ -100,8 +119,13 @@ class LambdaCheck:
         return self.a_non_increasing and self.b_non_decreasing and self.starts_a and self.ends_b
 
     def as_dict(self) -> Row:
-        return {"a_non_increasing": self.a_non_increasing, "b_non_decreasing": self.b_non_decreasing,
-                "starts_a": self.starts_a, "ends_b": self.ends_b, "monotonic_a_to_b": self.ok}
+        return {
+            "a_non_increasing": self.a_non_increasing,
+            "b_non_decreasing": self.b_non_decreasing,
+            "starts_a": self.starts_a,
+            "ends_b": self.ends_b,
+            "monotonic_a_to_b": self.ok,
+        }
 
 
 def lambda_check(rows: Sequence[Row]) -> LambdaCheck | None:
@@ -116,7 +140,9 @@ def lambda_check(rows: Sequence[Row]) -> LambdaCheck | None:
     )
 
 
-def topk_rows(aggs: Mapping[str, Aggregate], accuracy: Sequence[AccuracyRow], ks: Sequence[int] = cond.TOP_KS) -> list[Row]:
+def topk_rows(
+    aggs: Mapping[str, Aggregate], accuracy: Sequence[AccuracyRow], ks: Sequence[int] = cond.TOP_KS
+) -> list[Row]:
     """One row per (conservative, k): scores through the service + in-process agreement / TV."""
     acc = {(r.top_k, r.conservative): r for r in accuracy}
     rows = []
@@ -126,10 +152,16 @@ def topk_rows(aggs: Mapping[str, Aggregate], accuracy: Sequence[AccuracyRow], ks
             r = acc.get((k, conservative))
             if a is None and r is None:
                 continue
-            rows.append({
-                "top_k": "exact" if k == 0 else k, "conservative": "on" if conservative else "off",
-                "knowledge": a.knowledge if a else float("nan"), "behaviour": a.behaviour if a else float("nan"),
-                "greedy_agreement": r.agreement if r else float("nan"), "mean_tv": r.mean_tv if r else float("nan"),
-                "positions": r.positions if r else 0, "n": a.n if a else 0,
-            })
+            rows.append(
+                {
+                    "top_k": "exact" if k == 0 else k,
+                    "conservative": "on" if conservative else "off",
+                    "knowledge": a.knowledge if a else float("nan"),
+                    "behaviour": a.behaviour if a else float("nan"),
+                    "greedy_agreement": r.agreement if r else float("nan"),
+                    "mean_tv": r.mean_tv if r else float("nan"),
+                    "positions": r.positions if r else 0,
+                    "n": a.n if a else 0,
+                }
+            )
     return rows

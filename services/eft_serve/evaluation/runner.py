@@ -87,6 +87,7 @@ def run_conditions(
                 last = left[key] == 0
             if last:
                 log(f"  {unique[key].name}: {len(questions)} answers ({time.perf_counter() - started:.0f}s elapsed)")
+
         return cb
 
     pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="eft-eval")

@@ -71,7 +71,8 @@ def measure(
     vocab = next(iter(engines.values())).info.vocab_size
     ks = [int(k) for k in ks if int(k) != 0]
     cells: dict[tuple[int, bool], dict[str, list[float]]] = {
-        (k, c): {"agree": [], "tv": []} for k in [*ks, 0] for c in (False, True)}
+        (k, c): {"agree": [], "tv": []} for k in [*ks, 0] for c in (False, True)
+    }
     stops = {eos_token_id, *stop_token_ids}
     for n, prompt in enumerate(prompts_ids):
         ids = list(prompt)
@@ -79,14 +80,18 @@ def measure(
             query = [SequenceQuery(token_ids=list(ids))]
             # The pools' own top-k path (the same call a pool serves), once per k and role.
             results: dict[int, dict[str, PositionLogprobs]] = {
-                k: {r: engines[r].next_token_logprobs(query, k)[0].positions[0] for r in roles} for k in [0, *ks]}
+                k: {r: engines[r].next_token_logprobs(query, k)[0].positions[0] for r in roles} for k in [0, *ks]
+            }
             exact = merge_position(recipe, results[0], vocab)
             best = argmax_token(exact)
             for conservative in (False, True):
                 ctp = conservative_top_p if conservative else None
                 for k in [0, *ks]:
-                    approx = exact if (k == 0 and not conservative) else merge_position(
-                        recipe, results[k], vocab, conservative_top_p=ctp)
+                    approx = (
+                        exact
+                        if (k == 0 and not conservative)
+                        else merge_position(recipe, results[k], vocab, conservative_top_p=ctp)
+                    )
                     cell = cells[(k, conservative)]
                     cell["agree"].append(float(argmax_token(approx) == best))
                     cell["tv"].append(total_variation(exact, approx, vocab))
@@ -96,8 +101,13 @@ def measure(
         if (n + 1) % 20 == 0:
             log(f"  top-k accuracy: {n + 1}/{len(prompts_ids)} prompts")
     return [
-        AccuracyRow(top_k=k, conservative=c, agreement=float(np.mean(v["agree"])), mean_tv=float(np.mean(v["tv"])),
-                    positions=len(v["tv"]))
+        AccuracyRow(
+            top_k=k,
+            conservative=c,
+            agreement=float(np.mean(v["agree"])),
+            mean_tv=float(np.mean(v["tv"])),
+            positions=len(v["tv"]),
+        )
         for (k, c), v in sorted(cells.items(), key=lambda kv: (kv[0][1], kv[0][0] == 0, kv[0][0]))
     ]
 
@@ -121,5 +131,14 @@ def measure_demo(
     engines = {r: HFEngine.load(family.paths[r], name=r, device="cpu") for r in recipe.roles}
     tok = AutoTokenizer.from_pretrained(family.tokenizer_path)
     newline = [i for i in range(len(tok)) if "\n" in tok.decode([i])]
-    return measure(engines, recipe, [tok.encode(p) for p in prompts], tok.eos_token_id, ks=ks,
-                   max_tokens=max_tokens, conservative_top_p=conservative_top_p, stop_token_ids=newline, log=log)
+    return measure(
+        engines,
+        recipe,
+        [tok.encode(p) for p in prompts],
+        tok.eos_token_id,
+        ks=ks,
+        max_tokens=max_tokens,
+        conservative_top_p=conservative_top_p,
+        stop_token_ids=newline,
+        log=log,
+    )

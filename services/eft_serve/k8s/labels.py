@@ -27,8 +27,11 @@ def selector_labels(s: StackSettings, component: str, pool: str | None = None) -
     Deliberately not `app.kubernetes.io/name`/`created-by`: on Ray pods KubeRay sets those and
     its head Service selects on them; overriding them would cut the workers off the GCS.
     """
-    labels = {"app.kubernetes.io/part-of": PART_OF, "app.kubernetes.io/instance": s.release,
-              "app.kubernetes.io/component": component}
+    labels = {
+        "app.kubernetes.io/part-of": PART_OF,
+        "app.kubernetes.io/instance": s.release,
+        "app.kubernetes.io/component": component,
+    }
     if pool is not None:
         labels["eft-serve.io/pool"] = pool
     return labels

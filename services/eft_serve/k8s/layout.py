@@ -28,7 +28,8 @@ def find_repo_root(start: Path | None = None) -> Path:
             return d
     raise RepoRootNotFound(
         f"no repository root at or above {here}: looked for a directory holding both pyproject.toml "
-        "and k8s/; run from inside the checkout or pass --root")
+        "and k8s/; run from inside the checkout or pass --root"
+    )
 
 
 def settings_dir(root: Path) -> Path:

@@ -11,10 +11,27 @@ import re
 
 _CPU = re.compile(r"^(\d+(?:\.\d+)?)(m?)$")
 _BYTES = re.compile(r"^(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|k|M|G|T)?$")
-_BYTE_UNITS: dict[str | None, int] = {None: 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
-                                      "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
-_REDIS_UNITS: dict[str, int] = {"": 1, "b": 1, "k": 10**3, "kb": 2**10, "m": 10**6, "mb": 2**20,
-                                "g": 10**9, "gb": 2**30}
+_BYTE_UNITS: dict[str | None, int] = {
+    None: 1,
+    "k": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+}
+_REDIS_UNITS: dict[str, int] = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 2**10,
+    "m": 10**6,
+    "mb": 2**20,
+    "g": 10**9,
+    "gb": 2**30,
+}
 
 
 def parse_cpu(q: str) -> float:

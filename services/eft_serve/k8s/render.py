@@ -26,16 +26,22 @@ from eft_serve.k8s.layout import RepoRootNotFound, all_names, find_repo_root, ou
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog=RENDER_COMMAND,
-                                description="Render k8s/ manifests from k8s/settings/*.yaml and deploy/*.yaml.")
+    p = argparse.ArgumentParser(
+        prog=RENDER_COMMAND, description="Render k8s/ manifests from k8s/settings/*.yaml and deploy/*.yaml."
+    )
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--overlay", help="settings name: base, dev, prod, ...")
     which.add_argument("--all", action="store_true", help="every k8s/settings/*.yaml into its k8s/ directory")
     p.add_argument("--out", type=Path, help="output directory (default: k8s/base or k8s/overlays/<name>)")
-    p.add_argument("--check", action="store_true",
-                   help="write nothing; exit 1 naming each file that differs from a fresh render")
-    p.add_argument("--root", type=Path, help="repository root (default: the nearest directory at or above "
-                                             "the current one holding pyproject.toml and k8s/)")
+    p.add_argument(
+        "--check", action="store_true", help="write nothing; exit 1 naming each file that differs from a fresh render"
+    )
+    p.add_argument(
+        "--root",
+        type=Path,
+        help="repository root (default: the nearest directory at or above "
+        "the current one holding pyproject.toml and k8s/)",
+    )
     args = p.parse_args(argv)
     try:
         root = (args.root or find_repo_root()).resolve()
@@ -47,9 +53,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check:
         problems = [line for name in names for line in drift(root, name, args.out)]
         if problems:
-            regenerate = " ".join([RENDER_COMMAND, "--all" if args.all else f"--overlay {args.overlay}",
-                                   *([f"--out {args.out}"] if args.out else []),
-                                   *([f"--root {args.root}"] if args.root else [])])
+            regenerate = " ".join(
+                [
+                    RENDER_COMMAND,
+                    "--all" if args.all else f"--overlay {args.overlay}",
+                    *([f"--out {args.out}"] if args.out else []),
+                    *([f"--root {args.root}"] if args.root else []),
+                ]
+            )
             print("\n".join(problems), file=sys.stderr)
             print(f"regenerate with: {regenerate}", file=sys.stderr)
             return 1

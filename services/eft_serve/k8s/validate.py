@@ -39,9 +39,15 @@ from eft_serve.serve.config_check import check_serve_config
 from eft_serve.serve.names import pool_app_name
 
 DEFAULT_K8S_VERSION = "1.30"
-CORE_KINDS = {("v1", "Namespace"), ("v1", "Secret"), ("v1", "Service"), ("v1", "ConfigMap"),
-              ("apps/v1", "Deployment"), ("networking.k8s.io/v1", "NetworkPolicy"),
-              ("policy/v1", "PodDisruptionBudget")}
+CORE_KINDS = {
+    ("v1", "Namespace"),
+    ("v1", "Secret"),
+    ("v1", "Service"),
+    ("v1", "ConfigMap"),
+    ("apps/v1", "Deployment"),
+    ("networking.k8s.io/v1", "NetworkPolicy"),
+    ("policy/v1", "PodDisruptionBudget"),
+}
 CRD_FILES = {"RayService": "ray.io_rayservices.yaml", "RayCluster": "ray.io_rayclusters.yaml"}
 # KubeRay selects its head Service endpoints on these; a pod template must not override them.
 KUBERAY_OWNED_LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/created-by")
@@ -100,8 +106,11 @@ def strict_schema(schema: Any) -> Any:
 
     def walk(node: Any) -> None:
         if isinstance(node, dict):
-            if ("properties" in node and "additionalProperties" not in node
-                    and not node.get("x-kubernetes-preserve-unknown-fields")):
+            if (
+                "properties" in node
+                and "additionalProperties" not in node
+                and not node.get("x-kubernetes-preserve-unknown-fields")
+            ):
                 node["additionalProperties"] = False
             for value in node.values():
                 walk(value)
@@ -148,8 +157,9 @@ def _check_metadata(meta: Any) -> list[str]:
     if not isinstance(meta, dict):
         return ["metadata: must be a mapping"]
     allowed = {"name", "namespace", "labels", "annotations"}
-    problems = [f"metadata.{k}: unexpected field (allowed here: {', '.join(sorted(allowed))})"
-                for k in meta if k not in allowed]
+    problems = [
+        f"metadata.{k}: unexpected field (allowed here: {', '.join(sorted(allowed))})" for k in meta if k not in allowed
+    ]
     if not meta.get("name"):
         problems.append("metadata.name: required")
     for key in ("labels", "annotations"):
@@ -213,8 +223,9 @@ def _check_serve(doc: dict[str, Any]) -> list[str]:
     http = (data or {}).get("http_options") or {} if isinstance(data, dict) else {}
     if http.get("host") not in ("0.0.0.0", "::"):
         # KubeRay probes http://<pod IP>:<serve port>/-/healthz to mark the head ready to serve.
-        problems.append(f"http_options.host: {http.get('host')!r} is unreachable for KubeRay's proxy "
-                        "health probe; use 0.0.0.0")
+        problems.append(
+            f"http_options.host: {http.get('host')!r} is unreachable for KubeRay's proxy health probe; use 0.0.0.0"
+        )
     return problems
 
 
@@ -234,12 +245,20 @@ def _pod_templates(docs: Sequence[dict[str, Any]]) -> list[tuple[str, dict[str, 
             head = (rc.get("headGroupSpec") or {}).get("template") or {}
             # KubeRay adds these; the ray.io/serve value flips with the proxy's health.
             extra = {"ray.io/node-type": "head", "ray.io/serve": "true"}
-            out.append((f"{_name(d)} head", {**((head.get("metadata") or {}).get("labels") or {}), **extra},
-                        head.get("spec") or {}))
+            out.append(
+                (
+                    f"{_name(d)} head",
+                    {**((head.get("metadata") or {}).get("labels") or {}), **extra},
+                    head.get("spec") or {},
+                )
+            )
             for g in rc.get("workerGroupSpecs") or []:
                 t = g.get("template") or {}
-                labels = {**((t.get("metadata") or {}).get("labels") or {}), "ray.io/node-type": "worker",
-                          "ray.io/group": str(g.get("groupName"))}
+                labels = {
+                    **((t.get("metadata") or {}).get("labels") or {}),
+                    "ray.io/node-type": "worker",
+                    "ray.io/group": str(g.get("groupName")),
+                }
                 out.append((f"{_name(d)} group {g.get('groupName')}", labels, t.get("spec") or {}))
     return out
 
@@ -251,9 +270,12 @@ def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
     for e in selector.get("matchExpressions") or []:
         key, op, values = e.get("key"), e.get("operator"), e.get("values") or []
         present = key in labels
-        if ((op == "In" and (not present or labels[key] not in values))
-                or (op == "NotIn" and present and labels[key] in values)
-                or (op == "Exists" and not present) or (op == "DoesNotExist" and present)):
+        if (
+            (op == "In" and (not present or labels[key] not in values))
+            or (op == "NotIn" and present and labels[key] in values)
+            or (op == "Exists" and not present)
+            or (op == "DoesNotExist" and present)
+        ):
             return False
     return True
 
@@ -288,8 +310,9 @@ def check_release(docs: Sequence[dict[str, Any]]) -> list[str]:
             selector = spec.get("podSelector") or {}
         if selector is not None and not any(_selects(selector, labels) for _, labels, _ in pods):
             problems.append(f"{_name(d)}: its selector matches no pod this release creates")
-    isolated = [d for d in docs
-                if d.get("kind") == "NetworkPolicy" and "Ingress" in (d["spec"].get("policyTypes") or [])]
+    isolated = [
+        d for d in docs if d.get("kind") == "NetworkPolicy" and "Ingress" in (d["spec"].get("policyTypes") or [])
+    ]
     for where, labels, _ in pods:
         if not any(_selects(p["spec"].get("podSelector") or {}, labels) for p in isolated):
             problems.append(f"{where}: no NetworkPolicy restricts its ingress")
@@ -325,8 +348,10 @@ def _check_rayservice(rs: dict[str, Any], docs: Sequence[dict[str, Any]]) -> lis
             continue
         owners = [g for g, r in advertised.items() if res in r]
         if len(owners) != 1:
-            problems.append(f"pool {role}: resource {res!r} must be advertised by exactly one worker group, "
-                            f"found {owners or 'none'}")
+            problems.append(
+                f"pool {role}: resource {res!r} must be advertised by exactly one worker group, "
+                f"found {owners or 'none'}"
+            )
             continue
         group = next(g for g in groups if g.get("groupName") == owners[0])
         problems += _check_group_fits(role, replica, group)
@@ -361,8 +386,11 @@ def _check_grpc(serve: dict[str, Any], head: dict[str, Any], docs: Sequence[dict
     problems = []
     if named.get("grpc") != port:
         problems.append(f"head container port 'grpc' is {named.get('grpc')}, Serve's gRPC port is {port}")
-    services = [d for d in docs if d.get("kind") == "Service"
-                and any(p.get("name") == "grpc" for p in (d.get("spec") or {}).get("ports") or [])]
+    services = [
+        d
+        for d in docs
+        if d.get("kind") == "Service" and any(p.get("name") == "grpc" for p in (d.get("spec") or {}).get("ports") or [])
+    ]
     if not services:
         problems.append("no Service exposes a port named 'grpc'")
     for svc in services:
@@ -377,8 +405,13 @@ def _env_names(spec: dict[str, Any]) -> set[str]:
     return {e.get("name") for e in containers[0].get("env") or []}
 
 
-def _check_cache(cfg: dict[str, Any], head: dict[str, Any], groups: list[dict[str, Any]], head_res: str | None,
-                 docs: Sequence[dict[str, Any]]) -> list[str]:
+def _check_cache(
+    cfg: dict[str, Any],
+    head: dict[str, Any],
+    groups: list[dict[str, Any]],
+    head_res: str | None,
+    docs: Sequence[dict[str, Any]],
+) -> list[str]:
     cache = cfg.get("cache") or {}
     if not cache.get("enabled", True) or not cache.get("url"):
         return []
@@ -398,16 +431,18 @@ def _check_cache(cfg: dict[str, Any], head: dict[str, Any], groups: list[dict[st
         hosts = [("head", head)] + ([] if head_res else [(g.get("groupName"), g) for g in groups])
         for where, spec in hosts:
             if env not in _env_names(spec):
-                problems.append(f"cache.password_env {env!r} is not set in the {where} pods, "
-                                "which may run the coordinator")
+                problems.append(
+                    f"cache.password_env {env!r} is not set in the {where} pods, which may run the coordinator"
+                )
     return problems
 
 
 # ---------------------------------------------------------------------------- entry points
 
 
-def validate_documents(docs: Sequence[dict[str, Any]], kuberay_dir: Path,
-                       k8s_version: str = DEFAULT_K8S_VERSION) -> list[str]:
+def validate_documents(
+    docs: Sequence[dict[str, Any]], kuberay_dir: Path, k8s_version: str = DEFAULT_K8S_VERSION
+) -> list[str]:
     """Schema problems of every object, then the cross-object ones (empty = OK)."""
     problems: list[str] = []
     for d in docs:
@@ -427,14 +462,26 @@ def load_target(path: Path) -> list[dict[str, Any]]:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m eft_serve.k8s.validate",
-        description="Validate rendered manifests offline (KubeRay CRDs, Kubernetes schemas, Serve config).")
-    p.add_argument("targets", nargs="*", type=Path,
-                   help="kustomize dirs, manifest dirs or files (default: k8s/base and every k8s/overlays/*)")
+        description="Validate rendered manifests offline (KubeRay CRDs, Kubernetes schemas, Serve config).",
+    )
+    p.add_argument(
+        "targets",
+        nargs="*",
+        type=Path,
+        help="kustomize dirs, manifest dirs or files (default: k8s/base and every k8s/overlays/*)",
+    )
     p.add_argument("--kubernetes-version", default=DEFAULT_K8S_VERSION)
-    p.add_argument("--root", type=Path, help="repository root, for the default targets (default: the nearest "
-                                             "directory at or above the current one holding pyproject.toml and k8s/)")
-    p.add_argument("--kuberay-schemas", type=Path,
-                   help="directory with the KubeRay CRD files (default: the copy bundled with the package)")
+    p.add_argument(
+        "--root",
+        type=Path,
+        help="repository root, for the default targets (default: the nearest "
+        "directory at or above the current one holding pyproject.toml and k8s/)",
+    )
+    p.add_argument(
+        "--kuberay-schemas",
+        type=Path,
+        help="directory with the KubeRay CRD files (default: the copy bundled with the package)",
+    )
     args = p.parse_args(argv)
     targets: list[Path] = args.targets
     if not targets:

@@ -54,12 +54,17 @@ def serve_config(cfg: EftConfig, http_port: int = 8000) -> dict[str, Any]:
     """The Serve config file (`serve deploy` / `serve run` / KubeRay `serveConfigV2`) for `cfg`."""
     config = cfg.model_dump(mode="json")
     apps: list[dict[str, Any]] = [
-        {"name": pool_app_name(role), "route_prefix": None, "import_path": IMPORT_POOL,
-         "args": {"role": role, "pool": pool.model_dump(mode="json")}}
+        {
+            "name": pool_app_name(role),
+            "route_prefix": None,
+            "import_path": IMPORT_POOL,
+            "args": {"role": role, "pool": pool.model_dump(mode="json")},
+        }
         for role, pool in cfg.pools.items()
     ]
-    apps.append({"name": COORDINATOR_APP, "route_prefix": "/", "import_path": IMPORT_COORDINATOR,
-                 "args": {"config": config}})
+    apps.append(
+        {"name": COORDINATOR_APP, "route_prefix": "/", "import_path": IMPORT_COORDINATOR, "args": {"config": config}}
+    )
     grpc: dict[str, Any] = {"port": cfg.grpc.port, "grpc_servicer_functions": GRPC_SERVICER_FUNCTIONS}
     if cfg.grpc.request_timeout_s:
         grpc["request_timeout_s"] = cfg.grpc.request_timeout_s

@@ -144,20 +144,24 @@ def _check_apps(apps: list[Any]) -> list[str]:
                 problems.append(f"{where}.args.role: a pool application needs its role (a string)")
                 continue
             if name != pool_app_name(role):
-                problems.append(f"{where}.name: pool application for role {role!r} must be named "
-                                f"{pool_app_name(role)!r} (the coordinator finds pools by that name), got {name!r}")
+                problems.append(
+                    f"{where}.name: pool application for role {role!r} must be named "
+                    f"{pool_app_name(role)!r} (the coordinator finds pools by that name), got {name!r}"
+                )
             pools[role] = (i, _validated(PoolConfig, args.get("pool"), f"{where}.args.pool", problems))
         elif import_path == IMPORT_COORDINATOR:
             problems += _unknown_args(args, _COORDINATOR_ARGS, f"{where}.args")
             if name != COORDINATOR_APP:
-                problems.append(f"{where}.name: the coordinator application must be named "
-                                f"{COORDINATOR_APP!r}, got {name!r}")
+                problems.append(
+                    f"{where}.name: the coordinator application must be named {COORDINATOR_APP!r}, got {name!r}"
+                )
             cfg = _validated(EftConfig, args.get("config"), f"{where}.args.config", problems)
             if cfg is not None:
                 coordinator = (i, cfg)
         else:
-            problems.append(f"{where}.import_path: {import_path!r} is none of our builders "
-                            f"({IMPORT_POOL}, {IMPORT_COORDINATOR})")
+            problems.append(
+                f"{where}.import_path: {import_path!r} is none of our builders ({IMPORT_POOL}, {IMPORT_COORDINATOR})"
+            )
     if coordinator is None:
         problems.append(f"applications: no coordinator application ({IMPORT_COORDINATOR})")
         return problems
@@ -166,11 +170,15 @@ def _check_apps(apps: list[Any]) -> list[str]:
     # model (or none at all) fails only at run time, after the vocabulary check or a request.
     for role, pool in cfg.pools.items():
         if role not in pools:
-            problems.append(f"applications[{ci}].args.config.pools.{role}: no pool application "
-                            f"{pool_app_name(role)!r} serves this role")
+            problems.append(
+                f"applications[{ci}].args.config.pools.{role}: no pool application "
+                f"{pool_app_name(role)!r} serves this role"
+            )
         elif pools[role][1] is not None and pools[role][1] != pool:
-            problems.append(f"applications[{pools[role][0]}].args.pool: differs from the coordinator's "
-                            f"config.pools.{role} (render both from one EftConfig)")
+            problems.append(
+                f"applications[{pools[role][0]}].args.pool: differs from the coordinator's "
+                f"config.pools.{role} (render both from one EftConfig)"
+            )
     for role, (i, _) in pools.items():
         if role not in cfg.pools:
             problems.append(f"applications[{i}]: pool role {role!r} is not in the coordinator's config.pools")
@@ -179,8 +187,9 @@ def _check_apps(apps: list[Any]) -> list[str]:
 
 def _unknown_args(args: dict[str, Any], allowed: frozenset[str], where: str) -> list[str]:
     # The builders read only their own keys; anything else would be silently ignored.
-    return [f"{where}.{k}: unknown key {k!r} (accepted: {', '.join(sorted(allowed))})"
-            for k in args if k not in allowed]
+    return [
+        f"{where}.{k}: unknown key {k!r} (accepted: {', '.join(sorted(allowed))})" for k in args if k not in allowed
+    ]
 
 
 def _validated(model: type[BaseModel], data: Any, where: str, problems: list[str]) -> Any:
@@ -218,11 +227,16 @@ def _format_pydantic(err: Mapping[str, Any], prefix: str = "") -> str:
 
 def _check_imports(d: dict[str, Any]) -> list[str]:
     problems = []
-    targets = [(f"applications[{i}].import_path", a.get("import_path"), ":")
-               for i, a in enumerate(d.get("applications") or []) if isinstance(a, dict)]
+    targets = [
+        (f"applications[{i}].import_path", a.get("import_path"), ":")
+        for i, a in enumerate(d.get("applications") or [])
+        if isinstance(a, dict)
+    ]
     grpc = d.get("grpc_options") or {}
-    targets += [(f"grpc_options.grpc_servicer_functions[{i}]", f, ".")
-                for i, f in enumerate(grpc.get("grpc_servicer_functions") or [])]
+    targets += [
+        (f"grpc_options.grpc_servicer_functions[{i}]", f, ".")
+        for i, f in enumerate(grpc.get("grpc_servicer_functions") or [])
+    ]
     for where, target, sep in targets:
         if not isinstance(target, str) or sep not in target:
             continue

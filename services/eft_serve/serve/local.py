@@ -36,8 +36,13 @@ def start_local_ray(cfg: EftConfig) -> bool:
         return False
     # address="local" always starts a fresh instance: a bare ray.init() would attach to whatever
     # cluster /tmp/ray last recorded (another user's, or a dead one, where it then hangs).
-    ray.init(address="local", _node_ip_address=cfg.ray.node_ip_address, num_cpus=local_num_cpus(cfg),
-             _temp_dir=cfg.ray.temp_dir, **kwargs)
+    ray.init(
+        address="local",
+        _node_ip_address=cfg.ray.node_ip_address,
+        num_cpus=local_num_cpus(cfg),
+        _temp_dir=cfg.ray.temp_dir,
+        **kwargs,
+    )
     return True
 
 
@@ -67,7 +72,8 @@ def deploy_stack(cfg: EftConfig, http_port: int = 8000, log: Callable[[str], Non
         proxy_location="HeadOnly",
         http_options=HTTPOptions(host="127.0.0.1", port=http_port),
         grpc_options=gRPCOptions(
-            port=cfg.grpc.port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS,
+            port=cfg.grpc.port,
+            grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS,
             request_timeout_s=cfg.grpc.request_timeout_s,
         ),
     )
@@ -75,9 +81,16 @@ def deploy_stack(cfg: EftConfig, http_port: int = 8000, log: Callable[[str], Non
     started = time.perf_counter()
     # All pools in one call so they load their models concurrently; wait_for_apps reports failures.
     serve.run_many(
-        [serve.RunTarget(pool_app({"role": role, "pool": cfg.pools[role].model_dump(mode="json")}),
-                         name=pool_app_name(role), route_prefix=None) for role in cfg.pools],
-        wait_for_ingress_deployment_creation=False, wait_for_applications_running=False,
+        [
+            serve.RunTarget(
+                pool_app({"role": role, "pool": cfg.pools[role].model_dump(mode="json")}),
+                name=pool_app_name(role),
+                route_prefix=None,
+            )
+            for role in cfg.pools
+        ],
+        wait_for_ingress_deployment_creation=False,
+        wait_for_applications_running=False,
     )
     for role in cfg.pools:
         log(f"deploying pool {role!r} ({cfg.pools[role].model})")
@@ -107,7 +120,8 @@ def wait_for_apps(names: list[str], timeout_s: float) -> None:
             details = "; ".join(
                 f"{name}: {statuses[name].status} {statuses[name].message or ''} "
                 + " ".join(f"[{d}: {ds.status} {ds.message}]" for d, ds in statuses[name].deployments.items())
-                for name in pending if name in statuses
+                for name in pending
+                if name in statuses
             )
             raise TimeoutError(f"applications not running after {timeout_s:.0f}s: {details or pending}")
         time.sleep(0.5)

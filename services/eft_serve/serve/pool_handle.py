@@ -34,9 +34,7 @@ class ServePoolClient:
         if isinstance(e, EftError) and hasattr(e, "message"):
             return type(e)(e.message)
         if isinstance(e, BackPressureError):
-            return ResourceExhausted(
-                f"model pool {self.role!r} is at capacity (its queue is full); retry with backoff"
-            )
+            return ResourceExhausted(f"model pool {self.role!r} is at capacity (its queue is full); retry with backoff")
         if isinstance(e, (RayActorError, RayError)):
             return Unavailable(f"model pool {self.role!r} is unavailable: {type(e).__name__}")
         return Unavailable(f"model pool {self.role!r} failed: {type(e).__name__}")

@@ -59,7 +59,8 @@ def _finite(x: float | None) -> float:
 
 def token_to_proto(t: TokenOutput) -> eft_pb2.TokenInfo:
     return eft_pb2.TokenInfo(
-        token_id=t.token_id, text=t.text,
+        token_id=t.token_id,
+        text=t.text,
         logprob=_finite(t.logprob) if t.logprob is not None else 0.0,
         model_logprobs={k: _finite(v) for k, v in t.model_logprobs.items()},
     )

@@ -72,12 +72,17 @@ class CoordinatorRpc:
     def list_recipes(self) -> eft_pb2.ListRecipesResponse:
         out = eft_pb2.ListRecipesResponse(default_recipe=self.coordinator.default_recipe)
         for name, r in self.coordinator.recipe_table().items():
-            out.recipes.append(eft_pb2.RecipeInfo(
-                name=name, description=r.description, base=r.base, experts=r.experts,
-                reference=r.reference or "",
-                default_expert_weights={e: r.default_weights.get(e, 1.0) for e in r.experts},
-                formula=recipe_formula(r.base, r.experts, r.reference),
-            ))
+            out.recipes.append(
+                eft_pb2.RecipeInfo(
+                    name=name,
+                    description=r.description,
+                    base=r.base,
+                    experts=r.experts,
+                    reference=r.reference or "",
+                    default_expert_weights={e: r.default_weights.get(e, 1.0) for e in r.experts},
+                    formula=recipe_formula(r.base, r.experts, r.reference),
+                )
+            )
         return out
 
 

@@ -48,15 +48,15 @@ class EftServicer(eft_pb2_grpc.EftServiceServicer):
         return self._rpc.list_recipes()
 
 
-async def start_coordinator_server(rpc: CoordinatorRpc, host: str = "127.0.0.1", port: int = 0) -> tuple[grpc.aio.Server, int]:
+async def start_coordinator_server(
+    rpc: CoordinatorRpc, host: str = "127.0.0.1", port: int = 0
+) -> tuple[grpc.aio.Server, int]:
     """Start a grpc.aio server with EftService, health and reflection; returns (server, port)."""
     server = grpc.aio.server()
     eft_pb2_grpc.add_EftServiceServicer_to_server(EftServicer(rpc), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
-    )
+    reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)

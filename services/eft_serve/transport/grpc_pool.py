@@ -68,7 +68,9 @@ class GrpcPoolClient:
         self, queries: Sequence[SequenceQuery], logprob_top_k: int, deadline: float | None
     ) -> list[SequenceResult]:
         try:
-            reply = await self._stub.NextTokenLogprobs(queries_to_proto(queries, logprob_top_k, deadline), timeout=self._timeout)
+            reply = await self._stub.NextTokenLogprobs(
+                queries_to_proto(queries, logprob_top_k, deadline), timeout=self._timeout
+            )
         except grpc.aio.AioRpcError as e:
             raise self._error(e) from None
         return results_from_proto(reply)

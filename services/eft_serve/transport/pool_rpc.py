@@ -20,7 +20,9 @@ class PoolRpc:
         self.role = role
         self._runner = EngineRunner(engine, role)
 
-    async def next_token_logprobs(self, request: pool_pb2.NextTokenLogprobsRequest) -> pool_pb2.NextTokenLogprobsResponse:
+    async def next_token_logprobs(
+        self, request: pool_pb2.NextTokenLogprobsRequest
+    ) -> pool_pb2.NextTokenLogprobsResponse:
         if not request.sequences:
             raise InvalidArgument("NextTokenLogprobs needs at least one sequence")
         results = await self._runner.next_token_logprobs(

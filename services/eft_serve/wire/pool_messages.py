@@ -15,12 +15,16 @@ from eft_serve.engine.types import DraftQuery, ModelInfo, PositionLogprobs, Sequ
 from eft_serve.proto_gen.eft.v1 import pool_pb2
 
 
-def queries_to_proto(queries: Sequence[SequenceQuery], logprob_top_k: int, deadline: float | None) -> pool_pb2.NextTokenLogprobsRequest:
+def queries_to_proto(
+    queries: Sequence[SequenceQuery], logprob_top_k: int, deadline: float | None
+) -> pool_pb2.NextTokenLogprobsRequest:
     return pool_pb2.NextTokenLogprobsRequest(
         sequences=[
             pool_pb2.SequenceQuery(
-                sequence_id=q.sequence_id, token_ids=list(q.token_ids),
-                num_positions=q.num_positions, candidate_ids=list(q.candidate_ids),
+                sequence_id=q.sequence_id,
+                token_ids=list(q.token_ids),
+                num_positions=q.num_positions,
+                candidate_ids=list(q.candidate_ids),
             )
             for q in queries
         ],
@@ -32,8 +36,10 @@ def queries_to_proto(queries: Sequence[SequenceQuery], logprob_top_k: int, deadl
 def queries_from_proto(msg: pool_pb2.NextTokenLogprobsRequest) -> list[SequenceQuery]:
     return [
         SequenceQuery(
-            token_ids=list(s.token_ids), num_positions=s.num_positions or 1,
-            candidate_ids=list(s.candidate_ids), sequence_id=s.sequence_id,
+            token_ids=list(s.token_ids),
+            num_positions=s.num_positions or 1,
+            candidate_ids=list(s.candidate_ids),
+            sequence_id=s.sequence_id,
         )
         for s in msg.sequences
     ]
@@ -69,7 +75,9 @@ def result_from_proto(m: pool_pb2.SequenceResult) -> SequenceResult:
 
 
 def results_to_proto(results: Sequence[SequenceResult], fingerprint: str) -> pool_pb2.NextTokenLogprobsResponse:
-    return pool_pb2.NextTokenLogprobsResponse(sequences=[result_to_proto(r) for r in results], model_fingerprint=fingerprint)
+    return pool_pb2.NextTokenLogprobsResponse(
+        sequences=[result_to_proto(r) for r in results], model_fingerprint=fingerprint
+    )
 
 
 def results_from_proto(msg: pool_pb2.NextTokenLogprobsResponse) -> list[SequenceResult]:
@@ -77,21 +85,36 @@ def results_from_proto(msg: pool_pb2.NextTokenLogprobsResponse) -> list[Sequence
 
 
 def drafts_from_proto(msg: pool_pb2.DraftRequest) -> list[DraftQuery]:
-    return [DraftQuery(token_ids=list(s.token_ids), num_tokens=s.num_tokens, sequence_id=s.sequence_id) for s in msg.sequences]
+    return [
+        DraftQuery(token_ids=list(s.token_ids), num_tokens=s.num_tokens, sequence_id=s.sequence_id)
+        for s in msg.sequences
+    ]
 
 
 def info_to_proto(info: ModelInfo, role: str) -> pool_pb2.ModelInfo:
     return pool_pb2.ModelInfo(
-        name=info.name, role=role, vocab_size=info.vocab_size, max_context=info.max_context,
-        eos_token_id=info.eos_token_id, vocab_fingerprint=info.vocab_fingerprint,
-        model_fingerprint=info.model_fingerprint, dtype=info.dtype, device=info.device,
+        name=info.name,
+        role=role,
+        vocab_size=info.vocab_size,
+        max_context=info.max_context,
+        eos_token_id=info.eos_token_id,
+        vocab_fingerprint=info.vocab_fingerprint,
+        model_fingerprint=info.model_fingerprint,
+        dtype=info.dtype,
+        device=info.device,
         num_parameters=info.num_parameters,
     )
 
 
 def info_from_proto(m: pool_pb2.ModelInfo) -> ModelInfo:
     return ModelInfo(
-        name=m.name, vocab_size=m.vocab_size, max_context=m.max_context, eos_token_id=m.eos_token_id,
-        vocab_fingerprint=m.vocab_fingerprint, model_fingerprint=m.model_fingerprint,
-        dtype=m.dtype, device=m.device, num_parameters=m.num_parameters,
+        name=m.name,
+        vocab_size=m.vocab_size,
+        max_context=m.max_context,
+        eos_token_id=m.eos_token_id,
+        vocab_fingerprint=m.vocab_fingerprint,
+        model_fingerprint=m.model_fingerprint,
+        dtype=m.dtype,
+        device=m.device,
+        num_parameters=m.num_parameters,
     )

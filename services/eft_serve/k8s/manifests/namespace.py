@@ -11,5 +11,8 @@ from typing import Any
 
 def namespace_manifest(name: str) -> dict[str, Any]:
     # Ray needs nothing beyond the baseline Pod Security Standard.
-    return {"apiVersion": "v1", "kind": "Namespace",
-            "metadata": {"name": name, "labels": {"pod-security.kubernetes.io/enforce": "baseline"}}}
+    return {
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {"name": name, "labels": {"pod-security.kubernetes.io/enforce": "baseline"}},
+    }

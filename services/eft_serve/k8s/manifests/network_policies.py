@@ -15,9 +15,12 @@ from eft_serve.k8s.settings import StackSettings
 
 
 def _ray_pods(s: StackSettings) -> dict[str, Any]:
-    return {"matchLabels": {"app.kubernetes.io/part-of": PART_OF, "app.kubernetes.io/instance": s.release},
-            "matchExpressions": [{"key": "app.kubernetes.io/component", "operator": "In",
-                                  "values": ["ray-head", "ray-worker"]}]}
+    return {
+        "matchLabels": {"app.kubernetes.io/part-of": PART_OF, "app.kubernetes.io/instance": s.release},
+        "matchExpressions": [
+            {"key": "app.kubernetes.io/component", "operator": "In", "values": ["ray-head", "ray-worker"]}
+        ],
+    }
 
 
 def _tcp(*ports: int) -> list[dict[str, Any]]:
@@ -33,9 +36,12 @@ def network_policies(cfg: EftConfig, s: StackSettings, redis: bool) -> list[dict
     pol: list[dict[str, Any]] = []
 
     def policy(name: str, pods: dict[str, Any], ingress: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-                "metadata": object_meta(s, f"{s.release}-{name}", "network-policy"),
-                "spec": {"podSelector": pods, "policyTypes": ["Ingress"], "ingress": ingress}}
+        return {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": object_meta(s, f"{s.release}-{name}", "network-policy"),
+            "spec": {"podSelector": pods, "policyTypes": ["Ingress"], "ingress": ingress},
+        }
 
     # Every port: Ray picks worker and object-manager ports dynamically.
     pol.append(policy("ray-internal", _ray_pods(s), [{"from": [{"podSelector": _ray_pods(s)}]}]))
@@ -43,14 +49,21 @@ def network_policies(cfg: EftConfig, s: StackSettings, redis: bool) -> list[dict
     if s.network.grpc_clients is not None:
         grpc_rule["from"] = list(s.network.grpc_clients)
     pol.append(policy("grpc-clients", head, [grpc_rule]))
-    operator = {"namespaceSelector": {"matchLabels": {
-        "kubernetes.io/metadata.name": s.network.kuberay_operator_namespace}}}
+    operator = {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": s.network.kuberay_operator_namespace}}
+    }
     # Dashboard: serveConfigV2 submission and app status; serve: the proxy health probe.
     pol.append(policy("kuberay-operator", head, [{"from": [operator], "ports": _tcp(DASHBOARD_PORT, SERVE_HTTP_PORT)}]))
     if s.network.metrics_scrapers:
-        pol.append(policy("metrics", _ray_pods(s), [{"from": list(s.network.metrics_scrapers),
-                                                     "ports": _tcp(METRICS_PORT)}]))
+        pol.append(
+            policy("metrics", _ray_pods(s), [{"from": list(s.network.metrics_scrapers), "ports": _tcp(METRICS_PORT)}])
+        )
     if redis:
-        pol.append(policy("redis", {"matchLabels": selector_labels(s, "redis")},
-                          [{"from": [{"podSelector": _ray_pods(s)}], "ports": _tcp(REDIS_PORT)}]))
+        pol.append(
+            policy(
+                "redis",
+                {"matchLabels": selector_labels(s, "redis")},
+                [{"from": [{"podSelector": _ray_pods(s)}], "ports": _tcp(REDIS_PORT)}],
+            )
+        )
     return pol

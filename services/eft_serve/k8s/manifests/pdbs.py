@@ -19,11 +19,17 @@ def disruption_budgets(cfg: EftConfig, s: StackSettings) -> list[dict[str, Any]]
     autoscaler deletes pods directly, so these budgets never block scaling down."""
 
     def pdb(name: str, labels: dict[str, str], max_unavailable: int) -> dict[str, Any]:
-        return {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
-                "metadata": object_meta(s, f"{s.release}-{name}", "pdb"),
-                "spec": {"maxUnavailable": max_unavailable, "selector": {"matchLabels": labels},
-                         # A crash-looping pod must not block a drain.
-                         "unhealthyPodEvictionPolicy": "AlwaysAllow"}}
+        return {
+            "apiVersion": "policy/v1",
+            "kind": "PodDisruptionBudget",
+            "metadata": object_meta(s, f"{s.release}-{name}", "pdb"),
+            "spec": {
+                "maxUnavailable": max_unavailable,
+                "selector": {"matchLabels": labels},
+                # A crash-looping pod must not block a drain.
+                "unhealthyPodEvictionPolicy": "AlwaysAllow",
+            },
+        }
 
     out = [pdb("head", selector_labels(s, "ray-head"), 0)]
     out += [pdb(group_name(role), selector_labels(s, "ray-worker", role), 1) for role in cfg.pools]

@@ -57,8 +57,9 @@ def _pod_resources(pod: PodSettings) -> dict[str, Any]:
     return {"requests": dict(amounts), "limits": dict(amounts)}
 
 
-def _ray_container(name: str, s: StackSettings, pod: PodSettings, env: list[dict[str, Any]],
-                   ports: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def _ray_container(
+    name: str, s: StackSettings, pod: PodSettings, env: list[dict[str, Any]], ports: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
     container: dict[str, Any] = {"name": name, "image": s.image, "imagePullPolicy": s.image_pull_policy}
     if ports:
         container["ports"] = ports
@@ -73,15 +74,21 @@ def _ray_container(name: str, s: StackSettings, pod: PodSettings, env: list[dict
     return container
 
 
-def _ray_pod_spec(s: StackSettings, pod: PodSettings, container: dict[str, Any], grace_s: int,
-                  worker: bool) -> dict[str, Any]:
+def _ray_pod_spec(
+    s: StackSettings, pod: PodSettings, container: dict[str, Any], grace_s: int, worker: bool
+) -> dict[str, Any]:
     spec: dict[str, Any] = {}
     if worker:
         # Workers never call the Kubernetes API; the head's autoscaler sidecar does.
         spec["automountServiceAccountToken"] = False
     # The Ray images run as `ray` (uid 1000, gid 100); numeric so runAsNonRoot can be verified.
-    spec["securityContext"] = {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 100, "fsGroup": 100,
-                               "seccompProfile": {"type": "RuntimeDefault"}}
+    spec["securityContext"] = {
+        "runAsNonRoot": True,
+        "runAsUser": 1000,
+        "runAsGroup": 100,
+        "fsGroup": 100,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
     spec["terminationGracePeriodSeconds"] = grace_s
     spec["containers"] = [container]
     if pod.node_selector:
@@ -89,8 +96,9 @@ def _ray_pod_spec(s: StackSettings, pod: PodSettings, container: dict[str, Any],
     if pod.tolerations:
         spec["tolerations"] = list(pod.tolerations)
     if s.model_volume:
-        spec["volumes"] = [{"name": "models", "persistentVolumeClaim": {
-            "claimName": s.model_volume.claim_name, "readOnly": True}}]
+        spec["volumes"] = [
+            {"name": "models", "persistentVolumeClaim": {"claimName": s.model_volume.claim_name, "readOnly": True}}
+        ]
     return spec
 
 
@@ -119,8 +127,12 @@ def rayservice(cfg: EftConfig, s: StackSettings, source: str) -> dict[str, Any]:
         {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
     ]
     head_container = _ray_container("ray-head", s, s.head, head_env, head_ports)
-    head_start = {"num-cpus": str(s.head.ray_num_cpus()), "num-gpus": "0", "dashboard-host": "0.0.0.0",
-                  **_ray_start_resources(head_resource)}
+    head_start = {
+        "num-cpus": str(s.head.ray_num_cpus()),
+        "num-gpus": "0",
+        "dashboard-host": "0.0.0.0",
+        **_ray_start_resources(head_resource),
+    }
     head = {
         "rayStartParams": head_start,
         "template": {
@@ -131,7 +143,8 @@ def rayservice(cfg: EftConfig, s: StackSettings, source: str) -> dict[str, Any]:
     workers = [_worker_group(role, pool, s.pools[role], s, worker_env) for role, pool in cfg.pools.items()]
     header = f"# Generated from {source} by {RENDER_MODULE}; do not edit by hand.\n"
     return {
-        "apiVersion": "ray.io/v1", "kind": "RayService",
+        "apiVersion": "ray.io/v1",
+        "kind": "RayService",
         "metadata": object_meta(s, s.release, "rayservice"),
         "spec": {
             "serveConfigV2": header + dump_yaml(k8s_serve_config(cfg)),
@@ -144,8 +157,10 @@ def rayservice(cfg: EftConfig, s: StackSettings, source: str) -> dict[str, Any]:
                     "upscalingMode": "Default",
                     "idleTimeoutSeconds": s.autoscaler_idle_timeout_s,
                     "imagePullPolicy": s.image_pull_policy,
-                    "resources": {"requests": {"cpu": "500m", "memory": "512Mi"},
-                                  "limits": {"cpu": "500m", "memory": "512Mi"}},
+                    "resources": {
+                        "requests": {"cpu": "500m", "memory": "512Mi"},
+                        "limits": {"cpu": "500m", "memory": "512Mi"},
+                    },
                 },
                 "headGroupSpec": head,
                 "workerGroupSpecs": workers,
@@ -154,18 +169,25 @@ def rayservice(cfg: EftConfig, s: StackSettings, source: str) -> dict[str, Any]:
     }
 
 
-def _worker_group(role: str, pool: PoolConfig, pod: PodSettings, s: StackSettings,
-                  env: list[dict[str, Any]]) -> dict[str, Any]:
+def _worker_group(
+    role: str, pool: PoolConfig, pod: PodSettings, s: StackSettings, env: list[dict[str, Any]]
+) -> dict[str, Any]:
     low, initial, high = pod_counts(pool.replica, pod)
-    start = {"num-cpus": str(pod.ray_num_cpus()), "num-gpus": str(pod.gpus),
-             **_ray_start_resources(pool.replica.node_group_resource)}
+    start = {
+        "num-cpus": str(pod.ray_num_cpus()),
+        "num-gpus": str(pod.gpus),
+        **_ray_start_resources(pool.replica.node_group_resource),
+    }
     container = _ray_container("ray-worker", s, pod, env)
     # Our own readiness probe (raylet + agent health), so KubeRay does not inject its RayService
     # default, which also probes a Serve proxy on :8000. With proxy_location HeadOnly workers run
     # no proxy, and that probe would keep every worker NotReady (and its PDB never satisfied).
     container["readinessProbe"] = {
         "httpGet": {"path": "/api/healthz", "port": DASHBOARD_AGENT_PORT},
-        "initialDelaySeconds": 10, "periodSeconds": 5, "timeoutSeconds": 2, "failureThreshold": 10,
+        "initialDelaySeconds": 10,
+        "periodSeconds": 5,
+        "timeoutSeconds": 2,
+        "failureThreshold": 10,
     }
     return {
         "groupName": group_name(role),

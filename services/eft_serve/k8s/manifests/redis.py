@@ -19,8 +19,11 @@ def secret_manifest(name: str, key: str, value: str, namespace: str | None, rele
     meta: dict[str, Any] = {"name": name}
     if namespace:
         meta["namespace"] = namespace
-    meta["labels"] = {"app.kubernetes.io/part-of": PART_OF, "app.kubernetes.io/instance": release,
-                      "app.kubernetes.io/component": "redis"}
+    meta["labels"] = {
+        "app.kubernetes.io/part-of": PART_OF,
+        "app.kubernetes.io/instance": release,
+        "app.kubernetes.io/component": "redis",
+    }
     meta["annotations"] = {"eft-serve.io/note": "dev only: a password committed to git is no secret"}
     return {"apiVersion": "v1", "kind": "Secret", "metadata": meta, "type": "Opaque", "stringData": {key: value}}
 
@@ -42,25 +45,46 @@ def redis_deployment(s: StackSettings) -> dict[str, Any]:
         "image": r.image,
         "imagePullPolicy": s.image_pull_policy,
         # A cache: no persistence, evict by LRU when full. $(VAR) is expanded by the kubelet.
-        "args": ["--requirepass", f"$({REDIS_PASSWORD_ENV})", "--maxmemory", r.maxmemory,
-                 "--maxmemory-policy", r.maxmemory_policy, "--save", "", "--appendonly", "no"],
+        "args": [
+            "--requirepass",
+            f"$({REDIS_PASSWORD_ENV})",
+            "--maxmemory",
+            r.maxmemory,
+            "--maxmemory-policy",
+            r.maxmemory_policy,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
         "env": [secret_env(REDIS_PASSWORD_ENV, s)],
         "ports": [{"name": "redis", "containerPort": REDIS_PORT, "protocol": "TCP"}],
         "resources": {"requests": {"cpu": r.cpu, "memory": memory}, "limits": {"cpu": r.cpu, "memory": memory}},
         "readinessProbe": {
-            "exec": {"command": ["sh", "-c",
-                                 f'redis-cli --no-auth-warning -a "${REDIS_PASSWORD_ENV}" ping | grep -q PONG']},
-            "initialDelaySeconds": 2, "periodSeconds": 5, "timeoutSeconds": 2},
+            "exec": {
+                "command": ["sh", "-c", f'redis-cli --no-auth-warning -a "${REDIS_PASSWORD_ENV}" ping | grep -q PONG']
+            },
+            "initialDelaySeconds": 2,
+            "periodSeconds": 5,
+            "timeoutSeconds": 2,
+        },
         "livenessProbe": {"tcpSocket": {"port": "redis"}, "initialDelaySeconds": 10, "periodSeconds": 10},
-        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                            "capabilities": {"drop": ["ALL"]}},
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
         "volumeMounts": [{"name": "data", "mountPath": "/data"}],
     }
     pod_spec: dict[str, Any] = {
         "automountServiceAccountToken": False,
         # 999 = the redis user of the official image.
-        "securityContext": {"runAsNonRoot": True, "runAsUser": 999, "runAsGroup": 999,
-                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": 999,
+            "runAsGroup": 999,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
         "containers": [container],
         "volumes": [{"name": "data", "emptyDir": {}}],
     }
@@ -69,19 +93,27 @@ def redis_deployment(s: StackSettings) -> dict[str, Any]:
     if r.tolerations:
         pod_spec["tolerations"] = list(r.tolerations)
     return {
-        "apiVersion": "apps/v1", "kind": "Deployment",
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
         "metadata": object_meta(s, s.redis_service(), "redis"),
-        "spec": {"replicas": 1, "selector": {"matchLabels": labels},
-                 # One cache instance at a time; the coordinator treats Redis down as a cache miss.
-                 "strategy": {"type": "Recreate"},
-                 "template": {"metadata": {"labels": labels}, "spec": pod_spec}},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": labels},
+            # One cache instance at a time; the coordinator treats Redis down as a cache miss.
+            "strategy": {"type": "Recreate"},
+            "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+        },
     }
 
 
 def redis_service(s: StackSettings) -> dict[str, Any]:
     return {
-        "apiVersion": "v1", "kind": "Service",
+        "apiVersion": "v1",
+        "kind": "Service",
         "metadata": object_meta(s, s.redis_service(), "redis"),
-        "spec": {"type": "ClusterIP", "selector": selector_labels(s, "redis"),
-                 "ports": [{"name": "redis", "port": REDIS_PORT, "targetPort": "redis", "protocol": "TCP"}]},
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector_labels(s, "redis"),
+            "ports": [{"name": "redis", "port": REDIS_PORT, "targetPort": "redis", "protocol": "TCP"}],
+        },
     }

@@ -18,15 +18,23 @@ def grpc_service(cfg: EftConfig, s: StackSettings) -> dict[str, Any]:
     if s.grpc_service_annotations:
         meta["annotations"] = dict(s.grpc_service_annotations)
     return {
-        "apiVersion": "v1", "kind": "Service",
+        "apiVersion": "v1",
+        "kind": "Service",
         "metadata": meta,
         "spec": {
             "type": s.grpc_service_type,
             # ray.io/serve=true: KubeRay sets it on a head whose Serve proxy answers its probe,
             # so a head that is up but not serving yet gets no traffic.
             "selector": {**selector_labels(s, "ray-head"), "ray.io/serve": "true"},
-            "ports": [{"name": "grpc", "port": cfg.grpc.port, "targetPort": "grpc", "protocol": "TCP",
-                       # Plain-text HTTP/2 (gRPC without TLS), so L7 load balancers balance per call.
-                       "appProtocol": "kubernetes.io/h2c"}],
+            "ports": [
+                {
+                    "name": "grpc",
+                    "port": cfg.grpc.port,
+                    "targetPort": "grpc",
+                    "protocol": "TCP",
+                    # Plain-text HTTP/2 (gRPC without TLS), so L7 load balancers balance per call.
+                    "appProtocol": "kubernetes.io/h2c",
+                }
+            ],
         },
     }
