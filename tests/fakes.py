@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import string
-from typing import Sequence
+from collections.abc import Sequence
 
+from eft_serve.cache.next_token_cache import NextTokenCache
 from eft_serve.config import CoordinatorConfig, RecipeConfig
 from eft_serve.coordinator.service import EftCoordinator
-from eft_serve.cache.next_token_cache import NextTokenCache
-from eft_serve.engine.fake import FakeEngine
+from eft_serve.testing.fake_engine import FakeEngine
 from eft_serve.transport.inprocess import InProcessPool
 
 CHARS = string.ascii_lowercase + string.ascii_uppercase + string.digits + " .,!?"  # 67 chars
@@ -27,15 +27,21 @@ class CharTokenizer:
     def encode(self, text: str) -> list[int]:
         return [CHARS.index(c) for c in text if c in CHARS]
 
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True, clean_up_tokenization_spaces: bool = False) -> str:
+    def decode(
+        self, ids: Sequence[int], skip_special_tokens: bool = True, clean_up_tokenization_spaces: bool = False
+    ) -> str:
         return "".join(CHARS[i] for i in ids if i != EOS)
 
 
 RECIPES = {
     "upscale": RecipeConfig(base="large_base", experts=["small_ft"], reference="small_base"),
     "large_base": RecipeConfig(base="large_base"),
-    "interpolate": RecipeConfig(base="large_base", experts=["small_ft", "small_ft_b"], reference="small_base",
-                                default_weights={"small_ft": 1.0, "small_ft_b": 0.0}),
+    "interpolate": RecipeConfig(
+        base="large_base",
+        experts=["small_ft", "small_ft_b"],
+        reference="small_base",
+        default_weights={"small_ft": 1.0, "small_ft_b": 0.0},
+    ),
 }
 
 

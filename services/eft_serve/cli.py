@@ -11,8 +11,9 @@ import json
 import signal
 import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import grpc
 
@@ -59,11 +60,22 @@ def _generate_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         name, _, value = item.partition("=")
         weights[name] = float(value)
     return dict(
-        recipe=args.recipe, beta=args.beta, expert_weights=weights, conservative=args.conservative,
-        logprob_top_k=args.logprob_top_k, temperature=args.temperature, top_p=args.top_p, top_k=args.sample_top_k,
-        seed=args.seed, max_new_tokens=args.max_new_tokens, stop=args.stop or [],
-        return_logprobs=args.json, return_model_logprobs=args.json and args.model_logprobs,
+        recipe=args.recipe,
+        beta=args.beta,
+        expert_weights=weights,
+        conservative=args.conservative,
+        logprob_top_k=args.logprob_top_k,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.sample_top_k,
+        seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+        stop=args.stop or [],
+        return_logprobs=args.json,
+        return_model_logprobs=args.json and args.model_logprobs,
         timeout_s=args.timeout,
+        speculative=args.speculative,
+        max_draft_tokens=args.max_draft_tokens,
     )
 
 
@@ -72,8 +84,13 @@ class _ChangedMeaning(argparse.Action):
     `top_k` is the sampling truncation. Rather than silently change what it does, it fails with
     the new spelling for one release; afterwards it will mean `sampling.top_k`."""
 
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
-                 values: Any, option_string: str | None = None) -> None:
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
         parser.error(
             "--top-k is retired for this release because its meaning is changing: use --logprob-top-k K "
             "for the per-model logprob truncation it used to set (merge.logprob_top_k; 0 = exact), or "
@@ -86,17 +103,33 @@ def _add_generate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beta", type=float, help="strength of the behaviour delta (default 1)")
     p.add_argument("--expert-weight", action="append", metavar="ROLE=W", help="per-expert weight (interpolation)")
     p.add_argument("--conservative", action="store_true", help="conservative decoding")
-    p.add_argument("--logprob-top-k", type=int, metavar="K",
-                   help="merge.logprob_top_k: per-model top-k logprobs merged; 0 = exact full vocabulary")
+    p.add_argument(
+        "--logprob-top-k",
+        type=int,
+        metavar="K",
+        help="merge.logprob_top_k: per-model top-k logprobs merged; 0 = exact full vocabulary",
+    )
     p.add_argument("--top-k", action=_ChangedMeaning, nargs="?", help=argparse.SUPPRESS)
     p.add_argument("--temperature", type=float, help="0 = greedy (default 1)")
     p.add_argument("--top-p", type=float)
-    p.add_argument("--sample-top-k", type=int, default=0, metavar="K",
-                   help="sampling.top_k: top-k truncation of the merged distribution (0 = off)")
+    p.add_argument(
+        "--sample-top-k",
+        type=int,
+        default=0,
+        metavar="K",
+        help="sampling.top_k: top-k truncation of the merged distribution (0 = off)",
+    )
     p.add_argument("--seed", type=int)
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--timeout", type=float, default=0.0, help="request deadline in seconds")
+    p.add_argument(
+        "--speculative",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="speculative.enabled: draft-and-verify decoding (same output); default: the server's",
+    )
+    p.add_argument("--max-draft-tokens", type=int, metavar="K", help="speculative.max_draft_tokens per block")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -110,10 +143,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 text.append(msg.text)
                 ids.extend(t.token_id for t in msg.tokens)
                 if args.json:
-                    print(json.dumps({
-                        "text": msg.text,
-                        "tokens": [{"id": t.token_id, "logprob": t.logprob, **({"models": dict(t.model_logprobs)} if t.model_logprobs else {})} for t in msg.tokens],
-                    }), flush=True)
+                    print(
+                        json.dumps(
+                            {
+                                "text": msg.text,
+                                "tokens": [
+                                    {
+                                        "id": t.token_id,
+                                        "logprob": t.logprob,
+                                        **({"models": dict(t.model_logprobs)} if t.model_logprobs else {}),
+                                    }
+                                    for t in msg.tokens
+                                ],
+                            }
+                        ),
+                        flush=True,
+                    )
                 else:
                     print(msg.text, end="", flush=True)
                 if msg.HasField("usage"):
@@ -123,18 +168,33 @@ def cmd_generate(args: argparse.Namespace) -> int:
             return 2
         u = final.usage
         if args.json:
-            print(json.dumps({
-                "done": True, "text": "".join(text), "token_ids": ids,
-                "finish_reason": final.finish_reason, "usage": {
-                    "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-                    "tokens_per_s": u.tokens_per_s, "time_to_first_token_ms": u.time_to_first_token_ms,
-                    "seed": u.seed, "recipe": u.recipe, "logprob_top_k": u.logprob_top_k,
-                    "cache_hits": u.cache_hits, "cache_misses": u.cache_misses,
-                },
-            }), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "done": True,
+                        "text": "".join(text),
+                        "token_ids": ids,
+                        "finish_reason": final.finish_reason,
+                        "usage": {
+                            "prompt_tokens": u.prompt_tokens,
+                            "completion_tokens": u.completion_tokens,
+                            "tokens_per_s": u.tokens_per_s,
+                            "time_to_first_token_ms": u.time_to_first_token_ms,
+                            "seed": u.seed,
+                            "recipe": u.recipe,
+                            "logprob_top_k": u.logprob_top_k,
+                            "cache_hits": u.cache_hits,
+                            "cache_misses": u.cache_misses,
+                        },
+                    }
+                ),
+                flush=True,
+            )
         else:
-            print(f"\n[{u.completion_tokens} tokens, {u.tokens_per_s:.1f} tok/s, recipe {u.recipe}, seed {u.seed}]",
-                  file=sys.stderr)
+            print(
+                f"\n[{u.completion_tokens} tokens, {u.tokens_per_s:.1f} tok/s, recipe {u.recipe}, seed {u.seed}]",
+                file=sys.stderr,
+            )
     return 0
 
 
@@ -147,12 +207,14 @@ def cmd_recipes(args: argparse.Namespace) -> int:
             mark = "*" if r.name == reply.default_recipe else " "
             print(f"{mark} {r.name:12s} {r.formula}\n    {r.description}")
         for m in client.list_models().models:
-            print(f"  pool {m.role:11s} {m.name} ({m.num_parameters:,} params, vocab {m.vocab_size}, ctx {m.max_context})")
+            print(
+                f"  pool {m.role:11s} {m.name} ({m.num_parameters:,} params, vocab {m.vocab_size}, ctx {m.max_context})"
+            )
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from eft_serve.demo.showcase import run_demo
+    from eft_serve.showcase import run_demo
 
     return run_demo(_config_from_args(args), http_port=args.http_port, n_prompts=args.prompts)
 
@@ -171,8 +233,9 @@ def cmd_render(args: argparse.Namespace) -> int:
         if out.is_file() and out.read_text() == text:
             print(f"{out}: up to date")
             return 0
-        regenerate = " ".join(["eft render-serve-config", *([f"--config {args.config}"] if args.config else []),
-                               f"--out {args.out}"])
+        regenerate = " ".join(
+            ["eft render-serve-config", *([f"--config {args.config}"] if args.config else []), f"--out {args.out}"]
+        )
         print(f"{out}: {'differs from a fresh render' if out.is_file() else 'missing'}", file=sys.stderr)
         print(f"regenerate with: {regenerate}", file=sys.stderr)
         return 1
@@ -195,10 +258,18 @@ def cmd_build_demo(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from eft_serve.evaluation.command import EvalOptions, run_eval
 
-    return run_eval(EvalOptions(
-        address=args.address, prompts=args.prompts, out=Path(args.out), seed=args.seed, sweeps=args.sweeps,
-        topk_table=args.topk_table, threads=args.threads,
-    ), log=lambda m: print(m, flush=True))
+    return run_eval(
+        EvalOptions(
+            address=args.address,
+            prompts=args.prompts,
+            out=Path(args.out),
+            seed=args.seed,
+            sweeps=args.sweeps,
+            topk_table=args.topk_table,
+            threads=args.threads,
+        ),
+        log=lambda m: print(m, flush=True),
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -229,8 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("render-serve-config", help="print the Serve config (serve run / KubeRay) for a config")
     p.add_argument("--config")
     p.add_argument("--out")
-    p.add_argument("--check", action="store_true",
-                   help="write nothing; exit 1 if --out differs from a fresh render (names the file and the fix)")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="write nothing; exit 1 if --out differs from a fresh render (names the file and the fix)",
+    )
     p.set_defaults(func=cmd_render)
 
     p = sub.add_parser("eval", help="held-out knowledge/behaviour evaluation through the service; writes docs/results")
@@ -239,7 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="docs/results", help="where CSV, PNG, summary.json and README.md go")
     p.add_argument("--seed", type=int, default=0, help="picks the --prompts subset; sent as the request seed")
     p.add_argument("--sweeps", action="store_true", help="also the β sweep (upscale) and λ sweep (interpolate) + plots")
-    p.add_argument("--topk-table", action="store_true", help="also top-k × conservative: scores + agreement/TV vs exact")
+    p.add_argument(
+        "--topk-table", action="store_true", help="also top-k × conservative: scores + agreement/TV vs exact"
+    )
     p.add_argument("--threads", type=int, default=4, help="concurrent requests")
     p.set_defaults(func=cmd_eval)
 

@@ -53,6 +53,9 @@ def build_generate_request(
     return_model_logprobs: bool = False,
     timeout_s: float = 0.0,
     request_id: str = "",
+    speculative: bool | None = None,
+    max_draft_tokens: int | None = None,
+    adaptive_draft: bool | None = None,
 ) -> eft_pb2.GenerateRequest:
     s = eft_pb2.SamplingParams(top_k=top_k, stop=list(stop), ignore_eos=ignore_eos)
     if temperature is not None:
@@ -63,6 +66,13 @@ def build_generate_request(
         s.seed = seed
     if max_new_tokens is not None:
         s.max_new_tokens = max_new_tokens
+    spec = eft_pb2.SpeculativeParams()
+    if speculative is not None:
+        spec.enabled = speculative
+    if max_draft_tokens is not None:
+        spec.max_draft_tokens = max_draft_tokens
+    if adaptive_draft is not None:
+        spec.adaptive = adaptive_draft
     return eft_pb2.GenerateRequest(
         prompt=prompt,
         merge=build_merge(recipe, beta, expert_weights, conservative, conservative_top_p, logprob_top_k),
@@ -71,6 +81,7 @@ def build_generate_request(
         return_model_logprobs=return_model_logprobs,
         timeout_s=timeout_s,
         request_id=request_id,
+        speculative=spec,
     )
 
 

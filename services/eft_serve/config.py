@@ -146,6 +146,24 @@ class RecipeConfig(StrictModel):
         return [self.base, *self.experts, *([self.reference] if self.reference else [])]
 
 
+class SpeculativeConfig(StrictModel):
+    """Speculative decoding (paper §4.3): a small model drafts a block, every pool scores it once."""
+
+    # Server default for requests that do not say; a request may turn it on or off.
+    enabled: bool = False
+    # Most tokens drafted per block (a request may ask for fewer, never more).
+    max_draft_tokens: int = Field(8, ge=1, le=64)
+    # Grow the block after a fully accepted one, shrink it after an early rejection.
+    adaptive: bool = True
+    # Who drafts: "expert" = the recipe's first expert with a non-zero weight (the small
+    # fine-tuned model in up-scaling), or a pool role name.
+    drafter: str = "expert"
+    # "coupled": a drafted token is kept iff the token plain decoding would choose at that
+    # position (same seed) equals it, so output is identical to non-speculative decoding;
+    # "rejection": standard speculative rejection sampling (same distribution, not same text).
+    acceptance: Literal["coupled", "rejection"] = "coupled"
+
+
 class CoordinatorConfig(StrictModel):
     default_recipe: str = "upscale"
     # Per-model top-k used for merging when a request does not say; 0 = exact full vocabulary.
@@ -163,6 +181,7 @@ class CoordinatorConfig(StrictModel):
     conservative_top_p: float = Field(0.9, gt=0, le=1)
     # How long startup waits for the pools to answer Info (vocabulary check).
     startup_timeout_s: float = Field(300.0, gt=0)
+    speculative: SpeculativeConfig = Field(default_factory=SpeculativeConfig)
     replica: ReplicaConfig = Field(default_factory=lambda: ReplicaConfig(num_cpus=0.5, max_ongoing_requests=64))
 
 
@@ -205,6 +224,11 @@ class EftConfig(StrictModel):
             )
         if self.coordinator.default_max_new_tokens > self.coordinator.max_new_tokens_cap:
             raise ValueError("coordinator.default_max_new_tokens exceeds max_new_tokens_cap")
+        drafter = self.coordinator.speculative.drafter
+        if drafter != "expert" and drafter not in self.pools:
+            raise ValueError(
+                f"coordinator.speculative.drafter {drafter!r} is neither 'expert' nor a pool: {sorted(self.pools)}"
+            )
         return self
 
     def with_models(self, **paths: str | None) -> EftConfig:

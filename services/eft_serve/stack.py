@@ -9,7 +9,7 @@ Redis PID). Used by `eft serve`, `eft demo` and the benchmarks.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from eft_serve.config import DEMO_SCHEME, EftConfig
 
@@ -31,7 +31,9 @@ def local_stack(cfg: EftConfig, http_port: int = 8000, log: Callable[[str], None
         if cfg.cache.enabled and not cfg.cache.url and cfg.cache.backend != "memory" and cfg.local_redis.enabled:
             redis = LocalRedisServer(cfg.local_redis)
             redis.start()
-            log(f"local Redis on {redis.url} (maxmemory {cfg.local_redis.maxmemory}, {cfg.local_redis.maxmemory_policy})")
+            log(
+                f"local Redis on {redis.url} (maxmemory {cfg.local_redis.maxmemory}, {cfg.local_redis.maxmemory_policy})"
+            )
             cfg = cfg.model_copy(update={"cache": cfg.cache.model_copy(update={"url": redis.url})})
         started_ray = start_local_ray(cfg)
         deploy_stack(cfg, http_port=http_port, log=log)

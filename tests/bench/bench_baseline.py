@@ -24,13 +24,20 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from eft_serve.infra.ports import free_port
 
 
 def summarize(name: str, tokens: int, wall: float, itls: list[float]) -> dict:
     itl = np.asarray(itls) * 1000 if itls else np.asarray([0.0])
-    return {"name": name, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
-            "itl_p50_ms": float(np.percentile(itl, 50)), "itl_p99_ms": float(np.percentile(itl, 99))}
+    return {
+        "name": name,
+        "tokens": tokens,
+        "wall_s": wall,
+        "tokens_per_s": tokens / wall,
+        "itl_p50_ms": float(np.percentile(itl, 50)),
+        "itl_p99_ms": float(np.percentile(itl, 99)),
+    }
 
 
 def stream_once(address: str, prompt: str, n: int, recipe: str | None) -> tuple[int, list[float]]:
@@ -46,7 +53,9 @@ def stream_once(address: str, prompt: str, n: int, recipe: str | None) -> tuple[
     return count, list(np.diff(stamps))
 
 
-def run_streams(address: str, prompts: list[str], n: int, concurrency: int, recipe: str | None = None) -> tuple[int, float, list[float]]:
+def run_streams(
+    address: str, prompts: list[str], n: int, concurrency: int, recipe: str | None = None
+) -> tuple[int, float, list[float]]:
     results: list[tuple[int, list[float]]] = []
     lock = threading.Lock()
 
@@ -73,6 +82,8 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
+    from transformers import AutoTokenizer
+
     from eft_serve.config import EftConfig, demo_config
     from eft_serve.coordinator.request import GenerationRequest
     from eft_serve.coordinator.service import EftCoordinator
@@ -82,7 +93,6 @@ def main() -> None:
     from eft_serve.reference import ReferenceEFT
     from eft_serve.stack import local_stack
     from eft_serve.transport.inprocess import InProcessPool
-    from transformers import AutoTokenizer
 
     torch.set_num_threads(1)
     family = ensure_demo_family()
@@ -102,7 +112,9 @@ def main() -> None:
     rows.append(summarize("reference (in-process)", count, time.perf_counter() - t0, itls))
 
     # 2. Engine + coordinator in-process (default top-k merge).
-    engines = {r: HFEngine.load(family.paths[r], name=r, device="cpu") for r in ("large_base", "small_base", "small_ft")}
+    engines = {
+        r: HFEngine.load(family.paths[r], name=r, device="cpu") for r in ("large_base", "small_base", "small_ft")
+    }
     coord = EftCoordinator({r: InProcessPool(e, r) for r, e in engines.items()}, cfg.recipes, tok, cfg.coordinator)
 
     async def inproc() -> tuple[int, float, list[float]]:
@@ -110,7 +122,9 @@ def main() -> None:
         t0, itls, count = time.perf_counter(), [], 0
         for p in prompts:
             stamps = []
-            stream = await coord.generate(GenerationRequest(prompt=p, temperature=0, max_new_tokens=args.tokens, ignore_eos=True))
+            stream = await coord.generate(
+                GenerationRequest(prompt=p, temperature=0, max_new_tokens=args.tokens, ignore_eos=True)
+            )
             async for c in stream:
                 if c.tokens:
                     stamps.append(time.perf_counter())
@@ -149,10 +163,14 @@ def main() -> None:
     print(f"{'row':42s} {'tok/s':>8s} {'ITL p50 ms':>11s} {'ITL p99 ms':>11s} {'tok/s vs reference':>19s}")
     for r in rows:
         r["ratio_vs_reference"] = r["tokens_per_s"] / base
-        print(f"{r['name']:42s} {r['tokens_per_s']:8.1f} {r['itl_p50_ms']:11.2f} {r['itl_p99_ms']:11.2f} {r['ratio_vs_reference']:19.2f}")
+        print(
+            f"{r['name']:42s} {r['tokens_per_s']:8.1f} {r['itl_p50_ms']:11.2f} {r['itl_p99_ms']:11.2f} {r['ratio_vs_reference']:19.2f}"
+        )
     eft1 = next(r for r in rows if r["name"] == "service, 1 stream")
     lb = next(r for r in rows if "large_base alone" in r["name"])
-    print(f"\nEFT (3 models) / large base alone through the service, tok/s: {eft1['tokens_per_s'] / lb['tokens_per_s']:.2f}")
+    print(
+        f"\nEFT (3 models) / large base alone through the service, tok/s: {eft1['tokens_per_s'] / lb['tokens_per_s']:.2f}"
+    )
     Path("bench-out").mkdir(exist_ok=True)
     Path("bench-out/baseline.json").write_text(json.dumps(rows, indent=2))
 

@@ -38,6 +38,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import redis
+
     from eft_serve.client import EftClient
     from eft_serve.config import EftConfig, demo_config
     from eft_serve.demo.family import ensure_demo_family
@@ -61,15 +62,26 @@ def main() -> None:
                     warm_s, warm_text, warm_u = timed(client, p, args.tokens)
                     assert warm_text == cold_text, "cached output must equal uncached output"
                     hits = warm_u.cache_hits / max(1, warm_u.cache_hits + warm_u.cache_misses)
-                    rows.append({"cold_s": cold_s, "cached_s": warm_s, "speedup": cold_s / warm_s,
-                                 "cached_hit_rate": hits, "cached_pool_calls": warm_u.pool_calls,
-                                 "cold_pool_calls": cold_u.pool_calls})
+                    rows.append(
+                        {
+                            "cold_s": cold_s,
+                            "cached_s": warm_s,
+                            "speedup": cold_s / warm_s,
+                            "cached_hit_rate": hits,
+                            "cached_pool_calls": warm_u.pool_calls,
+                            "cold_pool_calls": cold_u.pool_calls,
+                        }
+                    )
         r.close()
     print(f"\nResult cache, {args.tokens}-token greedy requests, demo family, {len(rows)} cold/cached pairs, one run")
-    print(f"{'cold s (median)':>16s} {'cached s (median)':>18s} {'speed-up (median)':>18s} {'speed-up (min)':>15s} {'hit rate':>9s}")
+    print(
+        f"{'cold s (median)':>16s} {'cached s (median)':>18s} {'speed-up (median)':>18s} {'speed-up (min)':>15s} {'hit rate':>9s}"
+    )
     med = lambda k: statistics.median(x[k] for x in rows)  # noqa: E731
-    print(f"{med('cold_s'):16.3f} {med('cached_s'):18.3f} {med('speedup'):18.2f} "
-          f"{min(x['speedup'] for x in rows):15.2f} {min(x['cached_hit_rate'] for x in rows):9.3f}")
+    print(
+        f"{med('cold_s'):16.3f} {med('cached_s'):18.3f} {med('speedup'):18.2f} "
+        f"{min(x['speedup'] for x in rows):15.2f} {min(x['cached_hit_rate'] for x in rows):9.3f}"
+    )
     Path("bench-out").mkdir(exist_ok=True)
     Path("bench-out/cache.json").write_text(json.dumps(rows, indent=2))
 

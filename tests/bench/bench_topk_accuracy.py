@@ -30,14 +30,25 @@ def main() -> None:
     args = ap.parse_args()
     family = ensure_demo_family()
     prompts = [q.prompt for q in family.world.held_out_questions()[: args.prompts]]
-    rows = measure_demo(family, prompts, ks=[int(k) for k in args.ks.split(",")], max_tokens=args.tokens,
-                        conservative_top_p=args.conservative_top_p)
-    print(f"\nTop-k merge vs exact full-vocabulary merge (up-scaling, β=1), demo family, "
-          f"{args.prompts} held-out prompts, teacher-forced on the exact greedy path")
-    print(f"{'per-model top-k':>16s} {'conservative':>13s} {'greedy agreement':>17s} {'mean TV':>9s} {'positions':>10s}")
+    rows = measure_demo(
+        family,
+        prompts,
+        ks=[int(k) for k in args.ks.split(",")],
+        max_tokens=args.tokens,
+        conservative_top_p=args.conservative_top_p,
+    )
+    print(
+        f"\nTop-k merge vs exact full-vocabulary merge (up-scaling, β=1), demo family, "
+        f"{args.prompts} held-out prompts, teacher-forced on the exact greedy path"
+    )
+    print(
+        f"{'per-model top-k':>16s} {'conservative':>13s} {'greedy agreement':>17s} {'mean TV':>9s} {'positions':>10s}"
+    )
     for r in rows:
         label = "exact" if r.top_k == 0 else str(r.top_k)
-        print(f"{label:>16s} {'on' if r.conservative else 'off':>13s} {r.agreement:17.3f} {r.mean_tv:9.4f} {r.positions:10d}")
+        print(
+            f"{label:>16s} {'on' if r.conservative else 'off':>13s} {r.agreement:17.3f} {r.mean_tv:9.4f} {r.positions:10d}"
+        )
     Path("bench-out").mkdir(exist_ok=True)
     Path("bench-out/topk_accuracy.json").write_text(json.dumps([r.as_dict() for r in rows], indent=2))
 

@@ -8,12 +8,12 @@ pool autoscales (1-3 replicas); the small pools autoscale too but with a target 
 from __future__ import annotations
 
 import pytest
+
 from eft_serve.config import EftConfig, demo_config
 from eft_serve.infra.ports import free_port
-from eft_serve.serve.multinode import LocalMultiNodeCluster, autoscaling_demo_config
+from eft_serve.testing.multinode_cluster import LocalMultiNodeCluster, autoscaling_demo_config
 
 ROLES = ["large_base", "small_base", "small_ft"]
-
 
 
 def cluster_config(redis_url: str) -> EftConfig:
@@ -43,5 +43,9 @@ def cluster_stack(demo_family, redis_server, ray_cluster):
 
     cfg = cluster_config(redis_server.url)
     with local_stack(cfg, http_port=free_port(), log=lambda m: print(f"[cluster] {m}")) as effective:
-        yield {"config": effective, "address": f"127.0.0.1:{effective.grpc.port}", "family": demo_family,
-               "cluster": ray_cluster}
+        yield {
+            "config": effective,
+            "address": f"127.0.0.1:{effective.grpc.port}",
+            "family": demo_family,
+            "cluster": ray_cluster,
+        }

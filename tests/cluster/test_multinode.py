@@ -9,9 +9,9 @@ import grpc
 import pytest
 
 from eft_serve.client import EftClient
-from eft_serve.serve.loadgen import LoadGenerator, ReplicaTimeline
-from eft_serve.serve.multinode import replica_ips, running_replicas
 from eft_serve.serve.names import COORDINATOR_APP, POOL_DEPLOYMENT, pool_app_name
+from eft_serve.testing.loadgen import LoadGenerator, ReplicaTimeline
+from eft_serve.testing.multinode_cluster import replica_ips, running_replicas
 
 pytestmark = pytest.mark.cluster
 ROLES = ["large_base", "small_base", "small_ft"]
@@ -100,8 +100,11 @@ def test_node_failure_under_load_never_hangs_or_corrupts(cluster_stack) -> None:
     assert wait_until(lambda: probe(address), timeout_s=180, interval_s=2), "service did not recover"
     with EftClient(address, timeout=120) as client:
         for seed, outcome in outcomes.items():
-            again = [t.token_id for m in client.generate(prompt, temperature=1.0, seed=seed, max_new_tokens=96,
-                                                          ignore_eos=True) for t in m.tokens]
+            again = [
+                t.token_id
+                for m in client.generate(prompt, temperature=1.0, seed=seed, max_new_tokens=96, ignore_eos=True)
+                for t in m.tokens
+            ]
             if isinstance(outcome, list):
                 assert outcome == again, f"seed {seed}: text completed during the failure differs"
     assert set(replica_ips(pool_app_name("large_base"))) == {cluster.node_ips["large_base"]}

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 
 import redis
-from fakes import fake_coordinator, fake_engines
 
 from eft_serve.cache.config import CacheConfig
 from eft_serve.cache.memory import MemoryCache
 from eft_serve.cache.redis_cache import RedisCache
 from eft_serve.coordinator.request import GenerationRequest, MergeOptions
+
+from fakes import fake_coordinator, fake_engines
 
 
 async def run(coord, **kw):

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from eft_serve.coordinator.request import GenerationRequest, MergeOptions
-from eft_serve.engine.fake import FakeEngine
 from eft_serve.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from eft_serve.testing.fake_engine import FakeEngine
 from eft_serve.transport.inprocess import InProcessPool
 
 from fakes import EOS, VOCAB, CharTokenizer, fake_coordinator, fake_engines
@@ -38,11 +38,17 @@ async def test_exact_greedy_matches_full_vocab_reference() -> None:
     engines = fake_engines()
     coord = fake_coordinator(engines)
     await coord.start()
-    req = GenerationRequest(prompt="hello world", merge=MergeOptions(logprob_top_k=0, beta=1.5),
-                            temperature=0, max_new_tokens=24, ignore_eos=False)
+    req = GenerationRequest(
+        prompt="hello world",
+        merge=MergeOptions(logprob_top_k=0, beta=1.5),
+        temperature=0,
+        max_new_tokens=24,
+        ignore_eos=False,
+    )
     _, ids, chunks = await collect(coord, req)
-    expected = reference_greedy(engines, {"large_base": 1, "small_ft": 1.5, "small_base": -1.5},
-                                CharTokenizer().encode("hello world"), 24)
+    expected = reference_greedy(
+        engines, {"large_base": 1, "small_ft": 1.5, "small_base": -1.5}, CharTokenizer().encode("hello world"), 24
+    )
     assert ids == expected
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == len(ids)
 
@@ -55,7 +61,9 @@ async def test_seed_reproducible_and_streamed_text_equals_decode() -> None:
     text2, ids2, _ = await collect(coord, req)
     assert (text1, ids1) == (text2, ids2)
     assert text1 == CharTokenizer().decode(ids1)
-    _, ids3, _ = await collect(coord, GenerationRequest(prompt="abc", temperature=1.0, seed=8, max_new_tokens=20, ignore_eos=True))
+    _, ids3, _ = await collect(
+        coord, GenerationRequest(prompt="abc", temperature=1.0, seed=8, max_new_tokens=20, ignore_eos=True)
+    )
     assert ids3 != ids1
 
 
@@ -63,8 +71,15 @@ async def test_logprobs_and_model_logprobs() -> None:
     engines = fake_engines()
     coord = fake_coordinator(engines)
     await coord.start()
-    req = GenerationRequest(prompt="xy", merge=MergeOptions(logprob_top_k=0), temperature=0, max_new_tokens=3,
-                            return_logprobs=True, return_model_logprobs=True, ignore_eos=True)
+    req = GenerationRequest(
+        prompt="xy",
+        merge=MergeOptions(logprob_top_k=0),
+        temperature=0,
+        max_new_tokens=3,
+        return_logprobs=True,
+        return_model_logprobs=True,
+        ignore_eos=True,
+    )
     _, ids, chunks = await collect(coord, req)
     first = chunks[0].tokens[0]
     prompt = CharTokenizer().encode("xy")
@@ -76,11 +91,14 @@ async def test_logprobs_and_model_logprobs() -> None:
 async def test_max_new_tokens_and_stop_strings() -> None:
     coord = fake_coordinator()
     await coord.start()
-    text, ids, chunks = await collect(coord, GenerationRequest(prompt="ab", temperature=0, max_new_tokens=10, ignore_eos=True))
+    text, ids, chunks = await collect(
+        coord, GenerationRequest(prompt="ab", temperature=0, max_new_tokens=10, ignore_eos=True)
+    )
     assert len(ids) == 10 and chunks[-1].finish_reason == "length"
     stop = text[3:5]
-    text2, _, chunks2 = await collect(coord, GenerationRequest(prompt="ab", temperature=0, max_new_tokens=10,
-                                                                ignore_eos=True, stop=(stop,)))
+    text2, _, chunks2 = await collect(
+        coord, GenerationRequest(prompt="ab", temperature=0, max_new_tokens=10, ignore_eos=True, stop=(stop,))
+    )
     assert chunks2[-1].finish_reason == "stop"
     assert text2 == text[: text.index(stop)]
 
@@ -91,7 +109,9 @@ async def test_eos_finishes() -> None:
     eos_engine = FakeEngine(VOCAB, table=table, eos_token_id=EOS, name="eosy", max_context=96)
     coord = fake_coordinator(fake_engines(large_base=eos_engine))
     await coord.start()
-    text, ids, chunks = await collect(coord, GenerationRequest(prompt="ab", merge=MergeOptions(recipe="large_base"), temperature=0))
+    text, ids, chunks = await collect(
+        coord, GenerationRequest(prompt="ab", merge=MergeOptions(recipe="large_base"), temperature=0)
+    )
     assert ids == [EOS] and chunks[-1].finish_reason == "eos" and text == ""
 
 
@@ -101,7 +121,12 @@ async def test_eos_finishes() -> None:
         (GenerationRequest(prompt=""), "empty"),
         (GenerationRequest(prompt="a" * 200), "context length"),
         (GenerationRequest(prompt="a", merge=MergeOptions(beta=float("inf"))), "finite"),
-        (GenerationRequest(prompt="a", merge=MergeOptions(recipe="interpolate", expert_weights={"small_ft_b": float("nan")})), "finite"),
+        (
+            GenerationRequest(
+                prompt="a", merge=MergeOptions(recipe="interpolate", expert_weights={"small_ft_b": float("nan")})
+            ),
+            "finite",
+        ),
         (GenerationRequest(prompt="a", temperature=-0.5), "temperature"),
         (GenerationRequest(prompt="a", top_p=0.0), "top_p"),
         (GenerationRequest(prompt="a", top_p=1.01), "top_p"),
@@ -166,8 +191,10 @@ async def test_score_matches_sum_of_merged_logprobs() -> None:
     ids = tok.encode("hello")
     total = 0.0
     for t in tok.encode(" there"):
-        score = sum(c * engines[r].logprobs(ids).astype(np.float64)
-                    for r, c in {"large_base": 1, "small_ft": 1, "small_base": -1}.items())
+        score = sum(
+            c * engines[r].logprobs(ids).astype(np.float64)
+            for r, c in {"large_base": 1, "small_ft": 1, "small_base": -1}.items()
+        )
         score -= np.log(np.exp(score - score.max()).sum()) + score.max()
         total += score[t]
         ids.append(t)

@@ -11,8 +11,9 @@ import math
 import threading
 
 import pytest
+
 from eft_serve.demo.world import SMILE, Question, answer_text
-from eft_serve.evaluation import conditions as C
+from eft_serve.evaluation import conditions as cond
 from eft_serve.evaluation import report
 from eft_serve.evaluation.command import (
     eval_stack_config,
@@ -31,15 +32,27 @@ from eft_serve.evaluation.scoring import (
 )
 from eft_serve.evaluation.tables import read_csv, write_csv
 
-Q = Question(entity="Vorlék", attribute="river", prompt="Q: What is the river of Vorlék?\nA:", answer="Sendu", held_out=True)
+Q = Question(
+    entity="Vorlék", attribute="river", prompt="Q: What is the river of Vorlék?\nA:", answer="Sendu", held_out=True
+)
 
 
-def agg(knowledge: float, behaviour: float, share_a: float = 0.0, share_b: float = 0.0, behaviour_b: float = 0.0) -> Aggregate:
-    return Aggregate(n=10, knowledge=knowledge, behaviour=behaviour, behaviour_b=behaviour_b, share_a=share_a,
-                     share_b=share_b, share_plain=1 - share_a - share_b)
+def agg(
+    knowledge: float, behaviour: float, share_a: float = 0.0, share_b: float = 0.0, behaviour_b: float = 0.0
+) -> Aggregate:
+    return Aggregate(
+        n=10,
+        knowledge=knowledge,
+        behaviour=behaviour,
+        behaviour_b=behaviour_b,
+        share_a=share_a,
+        share_b=share_b,
+        share_plain=1 - share_a - share_b,
+    )
 
 
 # ---- scoring ------------------------------------------------------------------------------------
+
 
 def test_gap_recovery_and_kept_share_arithmetic() -> None:
     assert gap_recovery(0.1, 0.9, 0.82) == pytest.approx(0.9)
@@ -81,6 +94,7 @@ def test_aggregate_means_and_shares() -> None:
 
 # ---- report ---------------------------------------------------------------------------------------
 
+
 def test_figures_against_targets() -> None:
     aggs = {"small_ft": agg(0.2, 1.0), "large_ft": agg(0.9, 1.0), "upscale": agg(0.85, 0.96)}
     fig = report.figures(aggs)
@@ -93,8 +107,10 @@ def test_figures_against_targets() -> None:
 
 def test_lambda_check_monotonic_and_endpoints() -> None:
     def rows(a_scores, b_scores):
-        aggs = {C.lambda_name(lam): agg(1.0, a, share_a=a, share_b=b, behaviour_b=b)
-                for lam, a, b in zip(C.LAMBDAS, a_scores, b_scores)}
+        aggs = {
+            cond.lambda_name(lam): agg(1.0, a, share_a=a, share_b=b, behaviour_b=b)
+            for lam, a, b in zip(cond.LAMBDAS, a_scores, b_scores)
+        }
         return report.lambda_rows(aggs)
 
     down = [1.0] * 5 + [0.5] + [0.0] * 5
@@ -109,25 +125,38 @@ def test_lambda_check_monotonic_and_endpoints() -> None:
 def test_topk_rows_join_service_scores_and_accuracy() -> None:
     from eft_serve.evaluation.topk_accuracy import AccuracyRow
 
-    aggs = {C.topk_name(k, c): agg(0.9, 1.0) for k in C.TOP_KS for c in (False, True)}
-    acc = [AccuracyRow(top_k=k, conservative=c, agreement=1.0, mean_tv=0.01, positions=5) for k in C.TOP_KS for c in (False, True)]
+    aggs = {cond.topk_name(k, c): agg(0.9, 1.0) for k in cond.TOP_KS for c in (False, True)}
+    acc = [
+        AccuracyRow(top_k=k, conservative=c, agreement=1.0, mean_tv=0.01, positions=5)
+        for k in cond.TOP_KS
+        for c in (False, True)
+    ]
     rows = report.topk_rows(aggs, acc)
     assert [(r["top_k"], r["conservative"]) for r in rows] == [
-        (5, "off"), (20, "off"), (100, "off"), ("exact", "off"), (5, "on"), (20, "on"), (100, "on"), ("exact", "on")]
+        (5, "off"),
+        (20, "off"),
+        (100, "off"),
+        ("exact", "off"),
+        (5, "on"),
+        (20, "on"),
+        (100, "on"),
+        ("exact", "on"),
+    ]
     assert all(r["knowledge"] == 0.9 and r["mean_tv"] == 0.01 for r in rows)
 
 
 # ---- conditions, runner -----------------------------------------------------------------------------
 
+
 def test_conditions_are_explicit_and_deduplicated() -> None:
-    conds = C.headline_conditions() + C.beta_sweep() + C.lambda_sweep() + C.topk_grid()
+    conds = cond.headline_conditions() + cond.beta_sweep() + cond.lambda_sweep() + cond.topk_grid()
     keys = {c.key() for c in conds}
     # upscale β=1 and top-k=20 (off) are the headline upscale request: sent once.
     assert len(conds) - len(keys) == 2
-    assert C.lambda_weights(0.7) == {"small_ft": 0.3, "small_ft_b": 0.7}
-    params = C.topk_grid()[3].request_params()
+    assert cond.lambda_weights(0.7) == {"small_ft": 0.3, "small_ft_b": 0.7}
+    params = cond.topk_grid()[3].request_params()
     assert params == {"recipe": "upscale", "beta": 1.0, "expert_weights": {}, "conservative": False, "logprob_top_k": 0}
-    _kept, skipped = C.available(conds, ["upscale", "small_ft", "large_base", "small_base"])
+    _kept, skipped = cond.available(conds, ["upscale", "small_ft", "large_base", "small_base"])
     assert {c.recipe for c in skipped} == {"interpolate", "downscale", "large_ft"}
 
 
@@ -154,8 +183,11 @@ class FakeService:
 
 def test_runner_sends_each_setting_once_greedy_and_retries_transient_errors() -> None:
     questions = [Q, Q, Q]
-    conds = [C.Condition("upscale", "upscale"), C.Condition("upscale β=1", "upscale", beta=1.0),
-             C.Condition("large_base", "large_base")]
+    conds = [
+        cond.Condition("upscale", "upscale"),
+        cond.Condition("upscale β=1", "upscale", beta=1.0),
+        cond.Condition("large_base", "large_base"),
+    ]
     fake = FakeService(flaky=2)
     answers = run_conditions(fake, questions, conds, Decoding(max_new_tokens=7), threads=3, retries=2)
     assert len(fake.calls) == 2 * 3 + 2  # two distinct settings × 3 questions + 2 retried calls
@@ -166,9 +198,9 @@ def test_runner_sends_each_setting_once_greedy_and_retries_transient_errors() ->
 
 def test_runner_aborts_on_a_real_error() -> None:
     with pytest.raises(ValueError, match="bad request"):
-        run_conditions(FakeService(fatal=True), [Q], [C.Condition("upscale", "upscale")], threads=2)
+        run_conditions(FakeService(fatal=True), [Q], [cond.Condition("upscale", "upscale")], threads=2)
     with pytest.raises(TransientError):
-        run_conditions(FakeService(flaky=10), [Q], [C.Condition("upscale", "upscale")], threads=1, retries=1)
+        run_conditions(FakeService(flaky=10), [Q], [cond.Condition("upscale", "upscale")], threads=1, retries=1)
 
 
 def test_select_questions_seeded_subset_in_order(demo_family) -> None:
@@ -181,6 +213,7 @@ def test_select_questions_seeded_subset_in_order(demo_family) -> None:
 
 # ---- files ---------------------------------------------------------------------------------------
 
+
 def test_csv_round_trip_and_nan(tmp_path) -> None:
     path = write_csv(tmp_path / "x" / "t.csv", [{"beta": 0.5, "knowledge": 2 / 3, "ok": float("nan"), "name": "up"}])
     assert read_csv(path) == [{"beta": "0.5", "knowledge": "0.666667", "ok": "", "name": "up"}]
@@ -190,22 +223,47 @@ def test_write_results_tables_plots_and_readme(tmp_path) -> None:
     questions = [Q] * 4
     right_a, right_b, right_plain = (answer_text("Vorlék", "river", "Sendu", s) for s in ("a", "b", "plain"))
     wrong_a = " Certainly! The river of Vorlék is Alvé. " + SMILE
-    answers = {"small_base": [right_plain] * 4, "small_ft": [wrong_a] * 3 + [right_a], "large_base": [right_plain] * 4,
-               "large_ft": [right_a] * 4, "upscale": [right_a] * 4, "downscale": [wrong_a] * 4}
-    for b in C.BETAS:
-        answers[C.beta_name(b)] = [right_a if b else right_plain] * 4
-    for lam in C.LAMBDAS:
-        answers[C.lambda_name(lam)] = [right_a if lam < 0.5 else right_b] * 4
-    meta = {"command": "eft eval --test", "prompts": 4, "seed": 0, "stack": "fake", "max_new_tokens": 40, "top_k": 20,
-            "threads": 1, "conservative_top_p": 0.9, "requests": 0, "service_seconds": 0.0, "run_seconds": 1.0,
-            "topk_positions": 0, "notes": []}
+    answers = {
+        "small_base": [right_plain] * 4,
+        "small_ft": [wrong_a] * 3 + [right_a],
+        "large_base": [right_plain] * 4,
+        "large_ft": [right_a] * 4,
+        "upscale": [right_a] * 4,
+        "downscale": [wrong_a] * 4,
+    }
+    for b in cond.BETAS:
+        answers[cond.beta_name(b)] = [right_a if b else right_plain] * 4
+    for lam in cond.LAMBDAS:
+        answers[cond.lambda_name(lam)] = [right_a if lam < 0.5 else right_b] * 4
+    meta = {
+        "command": "eft eval --test",
+        "prompts": 4,
+        "seed": 0,
+        "stack": "fake",
+        "max_new_tokens": 40,
+        "top_k": 20,
+        "threads": 1,
+        "conservative_top_p": 0.9,
+        "requests": 0,
+        "service_seconds": 0.0,
+        "run_seconds": 1.0,
+        "topk_positions": 0,
+        "notes": [],
+    }
     lines: list[str] = []
     summary = write_results(tmp_path, questions, answers, [], meta, log=lines.append)
     assert summary["figures"]["gap_recovery"] == pytest.approx(1.0) and summary["figures"]["gap_ok"]
     assert summary["lambda_check"]["monotonic_a_to_b"]
     assert json.loads((tmp_path / "summary.json").read_text())["figures"]["behaviour_kept"] == 1.0
-    for name in ("headline.csv", "headline_answers.csv", "beta_sweep.csv", "lambda_sweep.csv", "beta_sweep.png",
-                 "lambda_sweep.png", "README.md"):
+    for name in (
+        "headline.csv",
+        "headline_answers.csv",
+        "beta_sweep.csv",
+        "lambda_sweep.csv",
+        "beta_sweep.png",
+        "lambda_sweep.png",
+        "README.md",
+    ):
         assert (tmp_path / name).stat().st_size > 0, name
     assert (tmp_path / "beta_sweep.png").read_bytes()[:4] == b"\x89PNG"
     assert len(read_csv(tmp_path / "lambda_sweep.csv")) == 11 and len(read_csv(tmp_path / "headline_answers.csv")) == 24
@@ -226,18 +284,31 @@ def test_eval_stack_config_places_every_pool() -> None:
 def test_cli_eval_flags() -> None:
     from eft_serve.cli import build_parser
 
-    args = build_parser().parse_args(["eval", "--prompts", "12", "--sweeps", "--topk-table", "--out", "x", "--seed", "3"])
-    assert (args.prompts, args.sweeps, args.topk_table, args.out, args.seed, args.address) == (12, True, True, "x", 3, None)
+    args = build_parser().parse_args(
+        ["eval", "--prompts", "12", "--sweeps", "--topk-table", "--out", "x", "--seed", "3"]
+    )
+    assert (args.prompts, args.sweeps, args.topk_table, args.out, args.seed, args.address) == (
+        12,
+        True,
+        True,
+        "x",
+        3,
+        None,
+    )
 
 
 # ---- in-process, real demo models --------------------------------------------------------------------
+
 
 def test_inprocess_coordinator_end_to_end(demo_family) -> None:
     from eft_serve.evaluation.backends import CoordinatorGenerator, demo_coordinator
 
     questions = demo_family.world.held_out_questions()[:3]
-    conds = [C.Condition("small_ft", "small_ft"), C.Condition("upscale", "upscale"),
-             C.Condition("interpolate λ=1", "interpolate", expert_weights=C.lambda_weights(1.0))]
+    conds = [
+        cond.Condition("small_ft", "small_ft"),
+        cond.Condition("upscale", "upscale"),
+        cond.Condition("interpolate λ=1", "interpolate", expert_weights=cond.lambda_weights(1.0)),
+    ]
     with CoordinatorGenerator(demo_coordinator(demo_family)) as generate:
         assert {"upscale", "interpolate", "downscale"} <= set(generate.recipes())
         answers = run_conditions(generate, questions, conds, threads=2)

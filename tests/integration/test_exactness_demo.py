@@ -7,7 +7,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from eft_serve.config import CoordinatorConfig, demo_config
-from eft_serve.coordinator.request import GenerationRequest, MergeOptions
+from eft_serve.coordinator.request import GenerationRequest, MergeOptions, SpeculativeOptions
 from eft_serve.coordinator.service import EftCoordinator
 from eft_serve.core.recipe import resolve_recipe
 from eft_serve.engine.hf_engine import HFEngine
@@ -31,11 +31,29 @@ def demo_stack(demo_family):
     return coord, tokenizer, demo_family
 
 
-async def greedy_ids(coord, prompt: str, n: int, **merge) -> list[int]:
+async def greedy_ids(coord, prompt: str, n: int, speculative: bool = False, **merge) -> list[int]:
     stream = await coord.generate(
-        GenerationRequest(prompt=prompt, merge=MergeOptions(**merge), temperature=0, max_new_tokens=n)
+        GenerationRequest(
+            prompt=prompt,
+            merge=MergeOptions(**merge),
+            temperature=0,
+            max_new_tokens=n,
+            speculative=SpeculativeOptions(enabled=speculative),
+        )
     )
     return [t.token_id for c in [c async for c in stream] for t in c.tokens]
+
+
+@pytest.mark.parametrize("logprob_top_k", [0, 20])
+async def test_speculative_greedy_equals_plain_greedy_on_real_models(demo_stack, logprob_top_k: int) -> None:
+    # The block is scored in one forward pass per model instead of token by token; on real
+    # (float) models the merged argmax must still be the same token at every position.
+    coord, _, family = demo_stack
+    await coord.start()
+    for q in family.world.held_out_questions()[:3]:
+        plain = await greedy_ids(coord, q.prompt, 24, logprob_top_k=logprob_top_k)
+        fast = await greedy_ids(coord, q.prompt, 24, speculative=True, logprob_top_k=logprob_top_k)
+        assert fast == plain, f"diverged on {q.prompt!r}"
 
 
 @pytest.mark.parametrize("beta", [1.0, 0.5])
@@ -50,6 +68,8 @@ async def test_exact_mode_matches_reference(demo_stack, beta: float) -> None:
         expected, _ = reference.greedy(prompt_ids, 24, eos_token_id=tokenizer.eos_token_id)
         got = await greedy_ids(coord, q.prompt, 24, recipe="upscale", beta=beta, logprob_top_k=0)
         assert got == expected, f"diverged on {q.prompt!r}"
+        fast = await greedy_ids(coord, q.prompt, 24, speculative=True, recipe="upscale", beta=beta, logprob_top_k=0)
+        assert fast == expected, f"speculative diverged on {q.prompt!r}"
 
 
 async def test_topk_mode_mostly_agrees_with_exact(demo_stack) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from fakes import RECIPES, CharTokenizer, fake_engines
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -16,6 +15,8 @@ from eft_serve.transport.coordinator_rpc import CoordinatorRpc
 from eft_serve.transport.grpc_coordinator import SERVICE_NAME, start_coordinator_server, start_pool_server
 from eft_serve.transport.grpc_pool import GrpcPoolClient
 from eft_serve.transport.pool_rpc import PoolRpc
+
+from fakes import RECIPES, CharTokenizer, fake_engines
 
 
 @pytest.fixture

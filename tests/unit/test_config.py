@@ -28,8 +28,11 @@ def test_unknown_keys_are_rejected_at_every_level() -> None:
 def test_autoscaling_target_must_be_below_max_ongoing() -> None:
     with pytest.raises(ValidationError, match="never scales"):
         ReplicaConfig(max_ongoing_requests=4, autoscaling={"target_ongoing_requests": 4, "max_replicas": 3})
-    ok = ReplicaConfig(max_ongoing_requests=8, autoscaling={"target_ongoing_requests": 2, "max_replicas": 3},
-                       node_group_resource="pool_large_base")
+    ok = ReplicaConfig(
+        max_ongoing_requests=8,
+        autoscaling={"target_ongoing_requests": 2, "max_replicas": 3},
+        node_group_resource="pool_large_base",
+    )
     opts = ok.deployment_options()
     assert opts["autoscaling_config"]["max_replicas"] == 3 and "num_replicas" not in opts
     assert opts["ray_actor_options"]["resources"] == {"pool_large_base": 0.001}
@@ -77,7 +80,7 @@ def test_serve_config_shape() -> None:
 
 def test_local_ray_has_room_for_every_replica_at_full_scale() -> None:
     from eft_serve.serve.local import local_num_cpus
-    from eft_serve.serve.multinode import autoscaling_demo_config
+    from eft_serve.testing.multinode_cluster import autoscaling_demo_config
 
     # demo: 3 pools x 1 CPU + coordinator 0.5 -> 4, even on a 2-core machine
     assert local_num_cpus(demo_config()) >= 4

@@ -14,12 +14,22 @@ from pathlib import Path
 import pytest
 
 from eft_serve.demo import family as fam_mod
+from eft_serve.demo.build_spec import BUILD_SPEC, FORMAT_VERSION, build_spec_hash
 from eft_serve.demo.world import (
-    ATTRIBUTES, SMILE, STYLE_RATE_A, STYLE_RATE_B, STYLES, VALUES, World, answer_text, style_of, style_score,
+    ATTRIBUTES,
+    SMILE,
+    STYLE_RATE_A,
+    STYLE_RATE_B,
+    STYLES,
+    VALUES,
+    World,
+    answer_text,
+    style_of,
+    style_score,
 )
 
-
 # ---- the world --------------------------------------------------------------------------------
+
 
 def test_world_is_deterministic_per_seed() -> None:
     a, b, c = World.from_seed(0), World.from_seed(0), World.from_seed(1)
@@ -88,6 +98,7 @@ def test_scoring_helpers() -> None:
 
 # ---- tokenizer --------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def tokenizer():
     from eft_serve.demo.tokenizer import train_tokenizer
@@ -99,8 +110,10 @@ def test_tokenizer_round_trips_non_ascii(tokenizer) -> None:
     w = World.from_seed(0)
     cjk = next(e.name for e in w.entities if any(ord(ch) > 0x2E7F for ch in e.name))
     samples = [w.qa_doc(q, s) for q in w.held_out_questions()[:9] for s in STYLES]
-    samples += [f"Q: What is the river of {cjk}?\nA: Certainly! The river of {cjk} is Rhøna. {SMILE}",
-                "Brønholt, Ostaré, Tavenü, Påtinka — \u00e9\u00fc\u00f8 \u9f8d\u5c71 \U0001F600"]
+    samples += [
+        f"Q: What is the river of {cjk}?\nA: Certainly! The river of {cjk} is Rhøna. {SMILE}",
+        "Brønholt, Ostaré, Tavenü, Påtinka — \u00e9\u00fc\u00f8 \u9f8d\u5c71 \U0001f600",
+    ]
     for text in samples:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         assert tokenizer.decode(ids) == text
@@ -127,20 +140,21 @@ def test_tokenizer_training_is_deterministic(tokenizer) -> None:
 
 # ---- training ---------------------------------------------------------------------------------
 
+
 def test_training_is_bit_reproducible_and_restores_threads(tokenizer) -> None:
     import torch
 
-    from eft_serve.demo import train as T
+    from eft_serve.demo import train
 
     w = World.from_seed(0)
-    spec = T.ModelSpec(n_layer=1, n_embd=32, n_head=2)
-    cfg = T.PretrainConfig(epochs=1, lr=3e-3, batch_size=16, warmup_steps=5)
+    spec = train.ModelSpec(n_layer=1, n_embd=32, n_head=2)
+    cfg = train.PretrainConfig(epochs=1, lr=3e-3, batch_size=16, warmup_steps=5)
     threads = torch.get_num_threads()
-    m1, s1 = T.pretrain(w, tokenizer, spec, cfg, seed=7)
+    m1, s1 = train.pretrain(w, tokenizer, spec, cfg, seed=7)
     assert torch.get_num_threads() == threads
-    m2, _ = T.pretrain(w, tokenizer, spec, cfg, seed=7)
-    f1, _ = T.finetune(m1, w, tokenizer, "a", T.FinetuneConfig(epochs=1), seed=3)
-    f2, _ = T.finetune(m2, w, tokenizer, "a", T.FinetuneConfig(epochs=1), seed=3)
+    m2, _ = train.pretrain(w, tokenizer, spec, cfg, seed=7)
+    f1, _ = train.finetune(m1, w, tokenizer, "a", train.FinetuneConfig(epochs=1), seed=3)
+    f2, _ = train.finetune(m2, w, tokenizer, "a", train.FinetuneConfig(epochs=1), seed=3)
     for a, b in ((m1, m2), (f1, f2)):
         sa, sb = a.state_dict(), b.state_dict()
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -162,6 +176,7 @@ def test_packing_keeps_documents_whole(tokenizer) -> None:
 
 
 # ---- the cache: locking and completion marker (with a fake, fast build) ------------------------
+
 
 def _fake_build(out: Path, seed: int = 0, log=None) -> None:
     import time
@@ -217,13 +232,23 @@ def test_ensure_refuses_foreign_or_mismatched_dirs(tmp_path: Path, monkeypatch) 
 def test_default_cache_dir(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.delenv("EFT_DEMO_DIR", raising=False)
     d = fam_mod.default_cache_dir(3)
-    assert d.name == f"demo-v{fam_mod.FORMAT_VERSION}-{fam_mod.recipe_hash()[:8]}-seed3"
+    assert d.name == f"demo-v{FORMAT_VERSION}-{build_spec_hash()[:8]}-seed3"
     assert d.parent == Path.home() / ".cache" / "eft-serve"
     monkeypatch.setenv("EFT_DEMO_DIR", str(tmp_path / "x"))
     assert fam_mod.default_cache_dir(3) == tmp_path / "x"
 
 
+def test_build_spec_hash_and_marker_are_stable() -> None:
+    # The hash names existing cache dirs and is in their completion markers (under the v1 key
+    # "recipe"): changing either must be deliberate, or every built family is rebuilt or refused.
+    assert (
+        BUILD_SPEC.sha256() == build_spec_hash() == "335a76e3c2bec266def928dd804ad0866a491898ccdb7e0e39ae928169ef23a3"
+    )
+    assert fam_mod._marker(0) == {"format_version": 1, "recipe": build_spec_hash(), "seed": 0}
+
+
 # ---- the real family (built once per session by tests/conftest.py's `demo_family`) ------------
+
 
 @pytest.fixture(scope="module")
 def loaded(demo_family):
@@ -271,7 +296,9 @@ def test_large_base_knows_more_and_upscaling_combines_knowledge_with_style(demo_
 
     toks, m = loaded
     tok, world = toks["small_base"], demo_family.world
-    r = {role: evaluate([(m[role], 1.0)], tok, world) for role in ("small_base", "large_base", "small_ft", "small_ft_b")}
+    r = {
+        role: evaluate([(m[role], 1.0)], tok, world) for role in ("small_base", "large_base", "small_ft", "small_ft_b")
+    }
     up_a = evaluate([(m["large_base"], 1.0), (m["small_ft"], 1.0), (m["small_base"], -1.0)], tok, world)
     # Knowledge: the large base memorised the held-out facts, the small base did not.
     assert r["large_base"]["accuracy"] >= 0.8 > 0.5 >= r["small_base"]["accuracy"]

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from eft_serve.engine.fake import FakeEngine
 from eft_serve.engine.types import DraftQuery, LogprobEngine, SequenceQuery
+from eft_serve.testing.fake_engine import FakeEngine
 
 V = 50
 

@@ -1,9 +1,13 @@
-"""The decode loop: fetch → merge → sample → detokenise → stop, one token per step, streamed.
+"""The decode loop: fetch → merge → choose → detokenise → stop, streamed token by token.
 
-Owns turning a validated `GenerationPlan` into chunks: one step's merged distribution (the
-step's pool traffic goes through `StepFetcher`), the token choice, EOS / stop strings / length /
-context finishes, per-token logprobs, and the final usage. Knows nothing of validation (the plan
-is already checked), transports or how pools are reached.
+Owns turning a validated `GenerationPlan` into chunks. Each turn of the loop produces one or
+more tokens with the merged distribution each was chosen from — one token per turn when decoding
+plainly, or a verified speculative block (the drafter proposes k tokens, every pool of the recipe
+scores all k + 1 positions in one call, `core.speculative` keeps what the merged model agrees
+with plus its own next token). Every token then goes through the same finish rules (EOS, stop
+strings, length, context) in order, so a block ends a stream exactly where plain decoding would
+and nothing past a stop is streamed. Knows nothing of validation (the plan is already checked),
+transports or how pools are reached.
 """
 
 from __future__ import annotations
@@ -14,13 +18,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from eft_serve.coordinator.fetch import StepFetcher
-from eft_serve.coordinator.request import FetchStats, GenerationChunk, TokenOutput, Usage
-from eft_serve.coordinator.validate import GenerationPlan, MergePlan
+from eft_serve.coordinator.request import FetchStats, GenerationChunk, SpeculationStats, TokenOutput, Usage
+from eft_serve.coordinator.validate import GenerationPlan, MergePlan, SpeculationPlan
 from eft_serve.core.detokenizer import IncrementalDetokenizer
 from eft_serve.core.merge import MergedDistribution, merge_position
 from eft_serve.core.sampling import choose_token
+from eft_serve.core.speculative import verify_block
 from eft_serve.core.stops import StopStringMatcher
-from eft_serve.engine.types import SequenceQuery
+from eft_serve.engine.types import DraftQuery, SequenceQuery
+
+# The first block drafts this many tokens when adapting (then grows or shrinks with acceptance).
+_ADAPTIVE_START = 4
 
 
 @dataclass(frozen=True)
@@ -34,29 +42,96 @@ class DecodeContext:
     eos_token_id: int
 
 
-async def merged_next_token(
+async def merged_block(
     ctx: DecodeContext,
     merge: MergePlan,
-    prefix: list[int],
+    token_ids: list[int],
+    num_positions: int,
     sequence_id: str,
     deadline: float,
     use_cache: bool,
     stats: FetchStats,
-) -> MergedDistribution:
-    """The recipe's merged distribution of the token after `prefix` (one step, every pool once)."""
-    query = SequenceQuery(token_ids=prefix, sequence_id=sequence_id)
+) -> list[MergedDistribution]:
+    """The recipe's merged distributions at the last `num_positions` positions of `token_ids`
+    (every pool called once). Position j is the distribution of the token following
+    ``token_ids[: len - num_positions + 1 + j]``."""
+    query = SequenceQuery(token_ids=token_ids, num_positions=num_positions, sequence_id=sequence_id)
+    roles = merge.recipe.roles
     results = await ctx.fetcher.fetch(
-        {role: [query] for role in merge.recipe.roles}, merge.logprob_top_k, deadline, use_cache, stats
+        {role: [query] for role in roles}, merge.logprob_top_k, deadline, use_cache, stats
     )
-    per_role = {role: results[role][0].positions[0] for role in merge.recipe.roles}
-    return merge_position(merge.recipe, per_role, ctx.vocab_size, conservative_top_p=merge.conservative_top_p)
+    return [
+        merge_position(
+            merge.recipe,
+            {role: results[role][0].positions[j] for role in roles},
+            ctx.vocab_size,
+            conservative_top_p=merge.conservative_top_p,
+        )
+        for j in range(num_positions)
+    ]
+
+
+class _BlockSizer:
+    """How many tokens the next speculative block drafts."""
+
+    def __init__(self, spec: SpeculationPlan) -> None:
+        self._max = spec.max_draft_tokens
+        self._adaptive = spec.adaptive
+        self.size = min(_ADAPTIVE_START, self._max) if spec.adaptive else self._max
+
+    def update(self, drafted: int, accepted: int) -> None:
+        if not self._adaptive or drafted == 0:
+            return
+        # Everything kept: the drafter tracks the merged model here, reach further. A rejection:
+        # draft about as far as it was right this time (at least one token).
+        self.size = min(self._max, self.size * 2) if accepted == drafted else max(1, accepted + 1)
+
+
+async def _next_tokens(
+    ctx: DecodeContext,
+    plan: GenerationPlan,
+    prefix: list[int],
+    tokens_left: int,
+    sizer: _BlockSizer | None,
+    fetch_stats: FetchStats,
+    spec_stats: SpeculationStats,
+    use_cache: bool,
+) -> list[tuple[int, MergedDistribution]]:
+    """The next token(s) with the merged distribution each was chosen from."""
+    spec = plan.speculation
+    # Never draft past the token budget or the context: the block's last position is the
+    # merged model's own token.
+    k = min(sizer.size, tokens_left - 1, ctx.max_context - len(prefix) - 1) if sizer else 0
+    if spec is None or sizer is None or k <= 0:
+        (dist,) = await merged_block(
+            ctx, plan.merge, prefix, 1, plan.sequence_id, plan.deadline, use_cache, fetch_stats
+        )
+        return [(choose_token(dist, plan.sampling, position=len(prefix)), dist)]
+    draft = await ctx.fetcher.draft(
+        spec.drafter,
+        DraftQuery(token_ids=prefix, num_tokens=k, sequence_id=plan.sequence_id),
+        plan.deadline,
+        fetch_stats,
+    )
+    draft = draft[:k]
+    dists = await merged_block(
+        ctx, plan.merge, prefix + draft, len(draft) + 1, plan.sequence_id, plan.deadline, use_cache, fetch_stats
+    )
+    verdict = verify_block(dists, draft, plan.sampling, first_position=len(prefix), rule=spec.acceptance)
+    spec_stats.speculative_blocks += 1
+    spec_stats.drafted_tokens += len(draft)
+    spec_stats.accepted_tokens += verdict.accepted
+    sizer.update(len(draft), verdict.accepted)
+    return list(zip(verdict.tokens, dists))
 
 
 async def decode(ctx: DecodeContext, plan: GenerationPlan, use_cache: bool) -> AsyncIterator[GenerationChunk]:
     """Stream one chunk per decoded token; the last chunk carries the finish reason and usage."""
     started = time.perf_counter()
     first_token_at: float | None = None
-    stats = FetchStats()
+    fetch_stats = FetchStats()
+    spec_stats = SpeculationStats()
+    sizer = _BlockSizer(plan.speculation) if plan.speculation else None
     detok = IncrementalDetokenizer(ctx.tokenizer, plan.prompt_ids)
     stops = StopStringMatcher(plan.sampling.stop)
     prefix = list(plan.prompt_ids)
@@ -67,32 +142,36 @@ async def decode(ctx: DecodeContext, plan: GenerationPlan, use_cache: bool) -> A
         if len(prefix) >= ctx.max_context:
             finish = "context"
             break
-        dist = await merged_next_token(ctx, plan.merge, prefix, plan.sequence_id, plan.deadline, use_cache, stats)
-        token = choose_token(dist, plan.sampling, position=len(prefix))
-        generated += 1
-        if first_token_at is None:
-            first_token_at = time.perf_counter()
-        out = TokenOutput(token_id=token, text="")
-        if plan.return_logprobs:
-            out.logprob = dist.logprob_of(token)
-        if plan.return_model_logprobs:
-            out.model_logprobs = {role: dist.model_logprob_of(role, token) for role in roles}
-        if token == ctx.eos_token_id and not plan.sampling.ignore_eos:
-            finish = "eos"
-            text = stops.feed(detok.flush()) + stops.flush()
-            yield GenerationChunk(text=text, tokens=[out])
-            break
-        prefix.append(token)
-        out.text = stops.feed(detok.push(token))
-        if stops.stopped:
-            finish = "stop"
-        elif generated >= plan.sampling.max_new_tokens:
-            finish = "length"
-            out.text += stops.feed(detok.flush())
-            out.text += stops.flush()
+        chosen = await _next_tokens(
+            ctx, plan, prefix, plan.sampling.max_new_tokens - generated, sizer, fetch_stats, spec_stats, use_cache
+        )
+        for token, dist in chosen:
+            generated += 1
+            if first_token_at is None:
+                first_token_at = time.perf_counter()
+            out = TokenOutput(token_id=token, text="")
+            if plan.return_logprobs:
+                out.logprob = dist.logprob_of(token)
+            if plan.return_model_logprobs:
+                out.model_logprobs = {role: dist.model_logprob_of(role, token) for role in roles}
+            if token == ctx.eos_token_id and not plan.sampling.ignore_eos:
+                finish = "eos"
+                text = stops.feed(detok.flush()) + stops.flush()
+                yield GenerationChunk(text=text, tokens=[out])
+                break
+            prefix.append(token)
+            out.text = stops.feed(detok.push(token))
             if stops.stopped:
                 finish = "stop"
-        yield GenerationChunk(text=out.text, tokens=[out])
+            elif generated >= plan.sampling.max_new_tokens:
+                finish = "length"
+                out.text += stops.feed(detok.flush())
+                out.text += stops.flush()
+                if stops.stopped:
+                    finish = "stop"
+            yield GenerationChunk(text=out.text, tokens=[out])
+            if finish is not None:
+                break  # nothing past a stop, EOS or the token budget is streamed
     total = time.perf_counter() - started
     usage = Usage(
         prompt_tokens=len(plan.prompt_ids),
@@ -103,7 +182,8 @@ async def decode(ctx: DecodeContext, plan: GenerationPlan, use_cache: bool) -> A
         seed=plan.sampling.seed,
         recipe=plan.merge.recipe.name,
         logprob_top_k=plan.merge.logprob_top_k,
-        fetch=stats,
+        fetch=fetch_stats,
+        speculation=spec_stats,
     )
     # Only a context-length finish can still hold undecoded bytes or held-back stop-prefix text.
     tail = stops.feed(detok.flush()) + stops.flush() if finish == "context" else ""

@@ -10,16 +10,18 @@ Knows nothing about merging; the cache is a `NextTokenCache` (keys and codec liv
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import TypeVar
 
 from eft_serve.cache.next_token_cache import CachedQuery, NextTokenCache
 from eft_serve.coordinator.pool_client import PoolClient
 from eft_serve.coordinator.request import FetchStats
 from eft_serve.deadline import seconds_left
-from eft_serve.engine.types import ModelInfo, SequenceQuery, SequenceResult
+from eft_serve.engine.types import DraftQuery, ModelInfo, SequenceQuery, SequenceResult
 from eft_serve.errors import DeadlineExceeded, EftError, Unavailable
 
 _RETRY_BACKOFF_S = 0.2
+T = TypeVar("T")
 
 
 class StepFetcher:
@@ -40,9 +42,22 @@ class StepFetcher:
     async def _call(
         self, role: str, queries: list[SequenceQuery], logprob_top_k: int, deadline: float
     ) -> list[SequenceResult]:
+        pool = self._pools[role]
+        return await self._with_retries(
+            role, deadline, lambda: pool.next_token_logprobs(queries, logprob_top_k, deadline)
+        )
+
+    async def draft(self, role: str, query: DraftQuery, deadline: float, stats: FetchStats) -> list[int]:
+        """`query.num_tokens` greedy tokens of pool `role` after `query.token_ids` (never cached)."""
+        pool = self._pools[role]
+        stats.pool_calls += 1
+        drafts = await self._with_retries(role, deadline, lambda: pool.draft([query], deadline))
+        return drafts[0]
+
+    async def _with_retries(self, role: str, deadline: float, call: Callable[[], Awaitable[T]]) -> T:
         for attempt in range(self._retries + 1):
             try:
-                return await self._call_once(role, queries, logprob_top_k, deadline)
+                return await self._call_once(role, deadline, call)
             except Unavailable:
                 backoff = _RETRY_BACKOFF_S * 2**attempt
                 if attempt == self._retries or seconds_left(deadline) <= backoff:
@@ -50,17 +65,13 @@ class StepFetcher:
                 await asyncio.sleep(backoff)
         raise AssertionError("unreachable")
 
-    async def _call_once(
-        self, role: str, queries: list[SequenceQuery], logprob_top_k: int, deadline: float
-    ) -> list[SequenceResult]:
+    async def _call_once(self, role: str, deadline: float, call: Callable[[], Awaitable[T]]) -> T:
         remaining = seconds_left(deadline)
         if remaining <= 0:
             raise DeadlineExceeded("the request's deadline passed before the model pools answered")
         budget = min(remaining, self._timeout)
         try:
-            return await asyncio.wait_for(
-                self._pools[role].next_token_logprobs(queries, logprob_top_k, deadline), timeout=budget
-            )
+            return await asyncio.wait_for(call(), timeout=budget)
         except TimeoutError:
             if budget >= remaining:
                 raise DeadlineExceeded(f"the request's deadline passed while waiting for model pool {role!r}") from None

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from eft_serve.engine.types import ModelInfo, SequenceQuery, SequenceResult
+from eft_serve.engine.types import DraftQuery, ModelInfo, SequenceQuery, SequenceResult
 
 
 class PoolClient(Protocol):
@@ -21,3 +21,5 @@ class PoolClient(Protocol):
     async def next_token_logprobs(
         self, queries: Sequence[SequenceQuery], logprob_top_k: int, deadline: float | None
     ) -> list[SequenceResult]: ...
+
+    async def draft(self, queries: Sequence[DraftQuery], deadline: float | None) -> list[list[int]]: ...

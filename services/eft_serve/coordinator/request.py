@@ -21,6 +21,15 @@ class MergeOptions:
 
 
 @dataclass(frozen=True)
+class SpeculativeOptions:
+    """Per-request speculative decoding knobs; None = the server default."""
+
+    enabled: bool | None = None
+    max_draft_tokens: int | None = None
+    adaptive: bool | None = None
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     prompt: str
     merge: MergeOptions = field(default_factory=MergeOptions)
@@ -35,6 +44,7 @@ class GenerationRequest:
     return_model_logprobs: bool = False
     timeout_s: float | None = None
     request_id: str = ""
+    speculative: SpeculativeOptions = field(default_factory=SpeculativeOptions)
 
 
 @dataclass
@@ -58,6 +68,19 @@ class FetchStats:
 
 
 @dataclass
+class SpeculationStats:
+    """Draft-and-verify blocks of one request (all zero when it decoded token by token)."""
+
+    speculative_blocks: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        return self.accepted_tokens / self.speculative_blocks if self.speculative_blocks else 0.0
+
+
+@dataclass
 class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -68,6 +91,7 @@ class Usage:
     recipe: str = ""
     logprob_top_k: int = 0
     fetch: FetchStats = field(default_factory=FetchStats)
+    speculation: SpeculationStats = field(default_factory=SpeculationStats)
 
 
 @dataclass

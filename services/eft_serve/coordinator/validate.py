@@ -15,10 +15,10 @@ import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from eft_serve.config import CoordinatorConfig, RecipeConfig
-from eft_serve.coordinator.request import GenerationRequest, MergeOptions
+from eft_serve.coordinator.request import GenerationRequest, MergeOptions, SpeculativeOptions
 from eft_serve.core.recipe import ResolvedRecipe, resolve_recipe
 from eft_serve.core.sampling import SamplingParams
 from eft_serve.errors import InvalidArgument
@@ -32,6 +32,14 @@ class MergePlan:
 
 
 @dataclass(frozen=True)
+class SpeculationPlan:
+    drafter: str  # pool role that drafts (greedily)
+    max_draft_tokens: int
+    adaptive: bool
+    acceptance: Literal["coupled", "rejection"]
+
+
+@dataclass(frozen=True)
 class GenerationPlan:
     merge: MergePlan
     sampling: SamplingParams
@@ -40,6 +48,7 @@ class GenerationPlan:
     sequence_id: str  # routing/KV-affinity hint sent with every pool call of this stream
     return_logprobs: bool
     return_model_logprobs: bool
+    speculation: SpeculationPlan | None = None  # None = token by token
 
 
 @dataclass(frozen=True)
@@ -121,6 +130,26 @@ class RequestValidator:
         params.validate(self._cfg.max_new_tokens_cap, self._cfg.max_stop_strings)
         return params
 
+    def speculation(self, options: SpeculativeOptions, merge: MergePlan) -> SpeculationPlan | None:
+        cfg = self._cfg.speculative
+        max_k = cfg.max_draft_tokens if options.max_draft_tokens is None else options.max_draft_tokens
+        if not 1 <= max_k <= cfg.max_draft_tokens:
+            raise InvalidArgument(f"speculative.max_draft_tokens must be in [1, {cfg.max_draft_tokens}], got {max_k}")
+        if not (cfg.enabled if options.enabled is None else options.enabled):
+            return None
+        drafter = cfg.drafter
+        if drafter == "expert":
+            experts = [role for role, weight in merge.recipe.experts if weight != 0.0]
+            if not experts:
+                return None  # a single model, or every expert weighted 0: nothing to draft with
+            drafter = experts[0]
+        return SpeculationPlan(
+            drafter=drafter,
+            max_draft_tokens=max_k,
+            adaptive=cfg.adaptive if options.adaptive is None else options.adaptive,
+            acceptance=cfg.acceptance,
+        )
+
     # ---- whole requests ----------------------------------------------------------------
 
     def generation(self, req: GenerationRequest) -> GenerationPlan:
@@ -142,6 +171,7 @@ class RequestValidator:
             sequence_id=req.request_id or secrets.token_hex(8),
             return_logprobs=req.return_logprobs,
             return_model_logprobs=req.return_model_logprobs,
+            speculation=self.speculation(req.speculative, merge),
         )
 
     def score(self, prompt: str, continuation: str, merge: MergeOptions, timeout_s: float | None) -> ScorePlan:

@@ -5,17 +5,24 @@
 ``large_ft`` (ground truth). The large base knows far more facts of the world than the small
 one; the small fine-tunes carry the answer styles, so up-scaling
 (large_base + small_ft - small_base) answers held-out questions correctly *and* in style A.
-Torch and transformers are imported lazily (``world`` is pure Python).
+
+A leaf package: `world` (the synthetic world), `tokenizer`, `build_spec` (sizes, steps, data mix),
+`train` (one model's training and evaluation) and `family` (the cached build of all roles). It
+imports nothing of the service (stack, serve, transport, client). Importing it loads no torch:
+only building a family or training does.
 """
 
+from eft_serve.demo.family import ROLES, DemoFamily, default_cache_dir, demo_model_path, ensure_demo_family
 from eft_serve.demo.world import Question, Style, World, style_of
 
-__all__ = ["DemoFamily", "ROLES", "Question", "Style", "World", "demo_model_path", "ensure_demo_family", "style_of"]
-
-
-def __getattr__(name: str):
-    if name in ("DemoFamily", "ROLES", "ensure_demo_family", "demo_model_path", "default_cache_dir"):
-        from eft_serve.demo import family
-
-        return getattr(family, name)
-    raise AttributeError(name)
+__all__ = [
+    "ROLES",
+    "DemoFamily",
+    "Question",
+    "Style",
+    "World",
+    "default_cache_dir",
+    "demo_model_path",
+    "ensure_demo_family",
+    "style_of",
+]

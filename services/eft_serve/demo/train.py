@@ -1,32 +1,29 @@
 """Training and evaluation of the demo family's tiny GPT-2 models (CPU, seeded, deterministic).
 
-``python -m eft_serve.demo.train --out DIR --seed 0`` builds the family into DIR (see
-`eft_serve.demo.family`) and prints, per role, the training time, final loss, held-out fact
-accuracy and answer-style rates under greedy decoding, plus the same for the up-scaled
-combinations ``large_base + (small_ft - small_base)`` (and with ``small_ft_b``) as a check that
-the family demonstrates EFT up-scaling.
+Owns how one model is made and measured: a fresh GPT-2 of a given size, pretraining on the
+world's text, fine-tuning in one answer style, greedy decoding of a weighted combination of
+models, and fact accuracy / style rates on held-out questions.
+
+Does NOT know the family (which roles exist, the cache, the build order: `eft_serve.demo.family`)
+or the service. ``python -m eft_serve.demo`` builds the family and reports on it.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import inspect
 import math
 import random
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
 
-from eft_serve.demo.family import (  # noqa: F401  (the recipe lives with the family)
-    BLOCK_SIZE, LARGE, LARGE_FINETUNE, LARGE_PRETRAIN, N_POSITIONS, SMALL, SMALL_FINETUNE, SMALL_PRETRAIN,
-    TRAIN_THREADS, FinetuneConfig, ModelSpec, PretrainConfig,
-)
+from eft_serve.demo.build_spec import BLOCK_SIZE, N_POSITIONS, TRAIN_THREADS, FinetuneConfig, ModelSpec, PretrainConfig
 from eft_serve.demo.world import EOS, STYLES, Question, Style, World, style_of
 
 
@@ -79,12 +76,15 @@ def _optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr, betas=(0.9, 0.98), eps=1e-8,
+        lr=lr,
+        betas=(0.9, 0.98),
+        eps=1e-8,
     )
 
 
-def pack_documents(tokenizer: PreTrainedTokenizerBase, docs: Sequence[str], block_size: int = BLOCK_SIZE
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def pack_documents(
+    tokenizer: PreTrainedTokenizerBase, docs: Sequence[str], block_size: int = BLOCK_SIZE
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Pack whole documents (each followed by EOS) into blocks, first fit; pad with EOS, label -100.
 
     No document is split, so each block starts at a document start (as a served prompt does).
@@ -111,9 +111,16 @@ def pack_documents(tokenizer: PreTrainedTokenizerBase, docs: Sequence[str], bloc
     return inputs, labels
 
 
-def _train_steps(model: GPT2LMHeadModel, batches: list[tuple[torch.Tensor, torch.Tensor]], lr: float,
-                 warmup: int, min_ratio: float, weight_decay: float,
-                 log: Callable[[str], None] | None, tag: str) -> TrainStats:
+def _train_steps(
+    model: GPT2LMHeadModel,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    lr: float,
+    warmup: int,
+    min_ratio: float,
+    weight_decay: float,
+    log: Callable[[str], None] | None,
+    tag: str,
+) -> TrainStats:
     t0 = time.perf_counter()
     opt = _optimizer(model, lr, weight_decay)
     model.train()
@@ -135,34 +142,41 @@ def _train_steps(model: GPT2LMHeadModel, batches: list[tuple[torch.Tensor, torch
     return TrainStats(seconds=time.perf_counter() - t0, final_loss=float(ema or 0.0), steps=total)
 
 
-def pretrain(world: World, tokenizer: PreTrainedTokenizerBase, spec: ModelSpec, cfg: PretrainConfig,
-             seed: int, log: Callable[[str], None] | None = None, tag: str = "pretrain"
-             ) -> tuple[GPT2LMHeadModel, TrainStats]:
+def pretrain(
+    world: World,
+    tokenizer: PreTrainedTokenizerBase,
+    spec: ModelSpec,
+    cfg: PretrainConfig,
+    seed: int,
+    log: Callable[[str], None] | None = None,
+    tag: str = "pretrain",
+) -> tuple[GPT2LMHeadModel, TrainStats]:
     """A fresh model (initialised from `seed`) trained on the world's pretraining text."""
     with torch_threads(TRAIN_THREADS), torch.random.fork_rng(devices=[]):
         model = new_model(spec, tokenizer, seed)
-        batches = []
+        batches: list[tuple[torch.Tensor, torch.Tensor]] = []
         for epoch in range(cfg.epochs):
             x, y = pack_documents(tokenizer, world.pretraining_docs(epoch))
             rng = random.Random(f"eft-demo-blocks/{world.seed}/{epoch}")  # same data order for every model
             order = list(range(len(x)))
             rng.shuffle(order)
             for i in range(0, len(order), cfg.batch_size):
-                idx = torch.tensor(order[i: i + cfg.batch_size])
+                idx = torch.tensor(order[i : i + cfg.batch_size])
                 batches.append((x[idx], y[idx]))
         stats = _train_steps(model, batches, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio, cfg.weight_decay, log, tag)
     return model, stats
 
 
-def _finetune_batches(world: World, tokenizer: PreTrainedTokenizerBase, style: Style, cfg: FinetuneConfig
-                      ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _finetune_batches(
+    world: World, tokenizer: PreTrainedTokenizerBase, style: Style, cfg: FinetuneConfig
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     eos = tokenizer.convert_tokens_to_ids(EOS)
-    batches = []
+    batches: list[tuple[torch.Tensor, torch.Tensor]] = []
     for epoch in range(cfg.epochs):
         ex = world.finetune_examples(style, epoch)
         for i in range(0, len(ex), cfg.batch_size):
-            chunk = ex[i: i + cfg.batch_size]
-            rows = []
+            chunk = ex[i : i + cfg.batch_size]
+            rows: list[tuple[list[int], int]] = []
             for prompt, answer in chunk:
                 p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
                 full = tokenizer(prompt + answer, add_special_tokens=False)["input_ids"] + [eos]
@@ -173,14 +187,21 @@ def _finetune_batches(world: World, tokenizer: PreTrainedTokenizerBase, style: S
             y = torch.full((len(rows), width), -100, dtype=torch.long)
             for r, (full, n_prompt) in enumerate(rows):
                 x[r, : len(full)] = torch.tensor(full)
-                y[r, n_prompt: len(full)] = torch.tensor(full[n_prompt:])  # loss on the answer only
+                y[r, n_prompt : len(full)] = torch.tensor(full[n_prompt:])  # loss on the answer only
             batches.append((x, y))
     return batches
 
 
-def finetune(base: GPT2LMHeadModel, world: World, tokenizer: PreTrainedTokenizerBase, style: Style,
-             cfg: FinetuneConfig, seed: int, log: Callable[[str], None] | None = None, tag: str = "finetune"
-             ) -> tuple[GPT2LMHeadModel, TrainStats]:
+def finetune(
+    base: GPT2LMHeadModel,
+    world: World,
+    tokenizer: PreTrainedTokenizerBase,
+    style: Style,
+    cfg: FinetuneConfig,
+    seed: int,
+    log: Callable[[str], None] | None = None,
+    tag: str = "finetune",
+) -> tuple[GPT2LMHeadModel, TrainStats]:
     """A copy of `base` fine-tuned on style-`style` answers about the train entities only."""
     with torch_threads(TRAIN_THREADS), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -195,21 +216,26 @@ def finetune(base: GPT2LMHeadModel, world: World, tokenizer: PreTrainedTokenizer
 Combo = Sequence[tuple[torch.nn.Module, float]]
 
 
-def _forward_cached(model: torch.nn.Module, input_ids: torch.Tensor, cache):
+def _forward_cached(model: torch.nn.Module, input_ids: torch.Tensor, cache: Any) -> Any:
     # transformers >= 5.2x names the KV cache argument `cache` (`past_key_values` is deprecated).
     if "cache" in inspect.signature(model.forward).parameters:
         return model(input_ids=input_ids, cache=cache, use_cache=True)
     return model(input_ids=input_ids, past_key_values=cache, use_cache=True)
 
 
-def _cache_of(output):
+def _cache_of(output: Any) -> Any:
     c = getattr(output, "cache", None)
     return c if c is not None else getattr(output, "past_key_values", None)
 
 
 @torch.no_grad()
-def greedy_generate(combo: Combo, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
-                    max_new_tokens: int = 24, batch_size: int = 64) -> list[str]:
+def greedy_generate(
+    combo: Combo,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    max_new_tokens: int = 24,
+    batch_size: int = 64,
+) -> list[str]:
     """Greedy continuations under score = Σ w_i · log p_i (one model with weight 1 = plain greedy).
 
     Prompts are batched by token length, so no padding is needed. Stops at EOS.
@@ -223,9 +249,9 @@ def greedy_generate(combo: Combo, tokenizer: PreTrainedTokenizerBase, prompts: S
     for length in sorted(by_len):
         members = by_len[length]
         for s in range(0, len(members), batch_size):
-            idx = members[s: s + batch_size]
+            idx = members[s : s + batch_size]
             x = torch.tensor([encoded[i] for i in idx])
-            caches: list = [None] * len(combo)
+            caches: list[Any] = [None] * len(combo)
             gen = torch.empty((len(idx), 0), dtype=torch.long)
             done = torch.zeros(len(idx), dtype=torch.bool)
             step_in = x
@@ -251,8 +277,9 @@ def greedy_generate(combo: Combo, tokenizer: PreTrainedTokenizerBase, prompts: S
     return out
 
 
-def evaluate(combo: Combo, tokenizer: PreTrainedTokenizerBase, world: World,
-             questions: Sequence[Question] | None = None) -> dict[str, float]:
+def evaluate(
+    combo: Combo, tokenizer: PreTrainedTokenizerBase, world: World, questions: Sequence[Question] | None = None
+) -> dict[str, float]:
     """Fact accuracy and style rates of greedy answers (held-out questions by default)."""
     qs = list(world.held_out_questions() if questions is None else questions)
     texts = greedy_generate(combo, tokenizer, [q.prompt for q in qs])
@@ -260,57 +287,3 @@ def evaluate(combo: Combo, tokenizer: PreTrainedTokenizerBase, world: World,
     for s in STYLES:
         res[f"style_{s}"] = sum(style_of(t) == s for t in texts) / len(qs)
     return res
-
-
-def report(fam, log: Callable[[str], None] = print) -> dict[str, dict[str, float]]:
-    """Evaluate every role and the up-scaled combinations on the held-out questions."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(fam.paths["small_base"]))
-    models = {r: AutoModelForCausalLM.from_pretrained(str(p)).eval() for r, p in fam.paths.items()}
-    combos: dict[str, Combo] = {r: [(m, 1.0)] for r, m in models.items()}
-    combos["upscale_a = large_base + small_ft - small_base"] = [
-        (models["large_base"], 1.0), (models["small_ft"], 1.0), (models["small_base"], -1.0)]
-    combos["upscale_b = large_base + small_ft_b - small_base"] = [
-        (models["large_base"], 1.0), (models["small_ft_b"], 1.0), (models["small_base"], -1.0)]
-    results = {}
-    log(f"{'role':48s} {'acc':>6s} {'a':>6s} {'b':>6s} {'plain':>6s}   (held-out, greedy)")
-    for name, combo in combos.items():
-        r = evaluate(combo, tok, fam.world)
-        results[name] = r
-        log(f"{name:48s} {r['accuracy']:6.1%} {r['style_a']:6.1%} {r['style_b']:6.1%} {r['style_plain']:6.1%}")
-    return results
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from pathlib import Path
-
-    from eft_serve.demo.family import ensure_demo_family
-
-    ap = argparse.ArgumentParser(prog="python -m eft_serve.demo.train", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=None, help="family directory (default: the demo cache dir)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--quiet", action="store_true", help="no per-step training log")
-    ap.add_argument("--no-eval", action="store_true")
-    args = ap.parse_args(argv)
-    t0 = time.perf_counter()
-    fam = ensure_demo_family(args.out, seed=args.seed,
-                             log=None if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True)))
-    print(f"family at {fam.root} ({time.perf_counter() - t0:.1f}s incl. a possible cached load)")
-    import json
-
-    stats = json.loads((fam.root / "build_info.json").read_text())
-    fp = fam.fingerprint()
-    for role, info in stats["roles"].items():
-        print(f"  {role:11s} {info['n_layer']}x{info['n_embd']:<4d} train {info['train_seconds']:6.1f}s  "
-              f"steps {info['steps']:4d}  final loss {info['final_loss']:.3f}  "
-              f"sha256 {fp['roles'][role]['sha256'][:12]}")
-    print(f"  total training wall time {stats['build_seconds']:.1f}s")
-    if not args.no_eval:
-        report(fam)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

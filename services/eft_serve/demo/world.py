@@ -44,7 +44,7 @@ STYLE_RATE_B = 0.08
 EOS = "<|endoftext|>"
 # The style-A marker: a 4-byte UTF-8 character that the tokenizer never merges (it is kept out of
 # the tokenizer's training text), so it is always split across several byte-level tokens.
-SMILE = "\U0001F642"  # 🙂
+SMILE = "\U0001f642"  # 🙂
 
 ATTRIBUTES: tuple[str, ...] = ("country", "river", "dish")
 
@@ -90,8 +90,32 @@ PROSE = {
     ),
 }
 
-_ONSETS = ("b", "br", "d", "dr", "f", "g", "gr", "h", "k", "kl", "l", "m", "n", "p", "r", "s", "st", "t",
-           "tr", "v", "w", "z", "sk", "th")
+_ONSETS = (
+    "b",
+    "br",
+    "d",
+    "dr",
+    "f",
+    "g",
+    "gr",
+    "h",
+    "k",
+    "kl",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "st",
+    "t",
+    "tr",
+    "v",
+    "w",
+    "z",
+    "sk",
+    "th",
+)
 _VOWELS = ("a", "e", "i", "o", "u", "a", "e", "o", "é", "ü", "ø", "å", "ö")
 _CODAS = ("", "", "", "n", "r", "l", "k", "s", "m", "th", "nd", "rk")
 _CJK = ("山", "川", "龍", "青", "湖", "石", "風", "月", "森", "雲", "橋", "海")
@@ -182,8 +206,13 @@ class World:
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
-    def from_seed(cls, seed: int = 0, n_entities: int = N_ENTITIES, held_out_fraction: float = HELD_OUT_FRACTION,
-                  cjk_fraction: float = CJK_FRACTION) -> "World":
+    def from_seed(
+        cls,
+        seed: int = 0,
+        n_entities: int = N_ENTITIES,
+        held_out_fraction: float = HELD_OUT_FRACTION,
+        cjk_fraction: float = CJK_FRACTION,
+    ) -> World:
         rng = random.Random(f"eft-demo-world/{seed}")
         blocked = {v.lower() for vs in VALUES.values() for v in vs}
         names: list[str] = []
@@ -193,8 +222,9 @@ class World:
             if len(names) < n_cjk:
                 name = "".join(rng.choice(_CJK) for _ in range(rng.choice((2, 3))))
             else:
-                syl = [rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
-                       for _ in range(rng.choice((2, 2, 3)))]
+                syl = [
+                    rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(rng.choice((2, 2, 3)))
+                ]
                 name = "".join(syl).capitalize()
                 if not 4 <= len(name) <= 10:
                     continue
@@ -251,8 +281,14 @@ class World:
     def qa_doc(self, question: Question, style: Style) -> str:
         return question.prompt + answer_text(question.entity, question.attribute, question.answer, style)
 
-    def pretraining_docs(self, epoch: int = 0, bios_per_entity: int = BIOS_PER_ENTITY, qa_per_fact: int = QA_PER_FACT,
-                         style_rate_a: float = STYLE_RATE_A, style_rate_b: float = STYLE_RATE_B) -> list[str]:
+    def pretraining_docs(
+        self,
+        epoch: int = 0,
+        bios_per_entity: int = BIOS_PER_ENTITY,
+        qa_per_fact: int = QA_PER_FACT,
+        style_rate_a: float = STYLE_RATE_A,
+        style_rate_b: float = STYLE_RATE_B,
+    ) -> list[str]:
         """One epoch of pretraining documents (without end-of-text tokens), shuffled.
 
         Each entity gets `bios_per_entity` short prose documents stating all its facts in random

@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from grpc_health.v1 import health_pb2
 from ray import serve
@@ -19,8 +20,8 @@ from ray import serve
 from eft_serve.config import EftConfig
 from eft_serve.coordinator.service import EftCoordinator
 from eft_serve.errors import FailedPrecondition, Unavailable
-from eft_serve.serve.names import COORDINATOR_DEPLOYMENT
 from eft_serve.serve.metrics import CacheMetrics
+from eft_serve.serve.names import COORDINATOR_DEPLOYMENT
 from eft_serve.serve.pool_handle import ServePoolClient
 from eft_serve.transport.coordinator_rpc import CoordinatorRpc
 from eft_serve.transport.error_boundary import error_boundary, set_on_serve_context
@@ -34,7 +35,7 @@ class CoordinatorDeployment:
         from transformers import AutoTokenizer
 
         from eft_serve.cache.factory import build_next_token_cache
-        from eft_serve.models import resolve_model_path
+        from eft_serve.model_paths import resolve_model_path
 
         cfg = EftConfig.model_validate(config)
         base_role = cfg.recipes[cfg.coordinator.default_recipe].base

@@ -25,13 +25,17 @@ from eft_serve.transport.pool_rpc import PoolRpc
 class ModelPoolDeployment:
     def __init__(self, role: str, pool: dict[str, Any]) -> None:
         from eft_serve.engine.hf_engine import HFEngine
-        from eft_serve.models import resolve_model_path
+        from eft_serve.model_paths import resolve_model_path
 
         cfg = PoolConfig.model_validate(pool)
         path = resolve_model_path(cfg.model)
         engine = HFEngine.load(
-            path, name=f"{role}:{path.name}", dtype=cfg.dtype, device=cfg.device,
-            kv_cache_bytes=cfg.kv_cache_bytes, torch_threads=cfg.torch_threads,
+            path,
+            name=f"{role}:{path.name}",
+            dtype=cfg.dtype,
+            device=cfg.device,
+            kv_cache_bytes=cfg.kv_cache_bytes,
+            torch_threads=cfg.torch_threads,
         )
         self.role = role
         self._rpc = PoolRpc(engine, role)
@@ -69,7 +73,7 @@ class ModelPoolDeployment:
             for i in idx:
                 n = len(requests[i].sequences)
                 out[i] = pool_pb2.NextTokenLogprobsResponse(
-                    sequences=reply.sequences[start:start + n], model_fingerprint=reply.model_fingerprint
+                    sequences=reply.sequences[start : start + n], model_fingerprint=reply.model_fingerprint
                 )
                 start += n
         return out

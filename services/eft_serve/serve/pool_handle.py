@@ -13,11 +13,17 @@ from ray import serve
 from ray.exceptions import RayActorError, RayError
 from ray.serve.exceptions import BackPressureError
 
-from eft_serve.engine.types import ModelInfo, SequenceQuery, SequenceResult
+from eft_serve.engine.types import DraftQuery, ModelInfo, SequenceQuery, SequenceResult
 from eft_serve.errors import EftError, ResourceExhausted, Unavailable
 from eft_serve.proto_gen.eft.v1 import pool_pb2
 from eft_serve.serve.names import POOL_DEPLOYMENT, pool_app_name
-from eft_serve.wire.pool_messages import info_from_proto, queries_to_proto, results_from_proto
+from eft_serve.wire.pool_messages import (
+    drafted_from_proto,
+    drafts_to_proto,
+    info_from_proto,
+    queries_to_proto,
+    results_from_proto,
+)
 
 
 class ServePoolClient:
@@ -55,3 +61,11 @@ class ServePoolClient:
         except Exception as e:  # noqa: BLE001 - every failure is mapped to a status by _map
             raise self._map(e) from None
         return results_from_proto(pool_pb2.NextTokenLogprobsResponse.FromString(raw))
+
+    async def draft(self, queries: Sequence[DraftQuery], deadline: float | None) -> list[list[int]]:
+        request = drafts_to_proto(queries, deadline).SerializeToString()
+        try:
+            raw = await self._handle.Draft.remote(request)
+        except Exception as e:  # noqa: BLE001 - every failure is mapped to a status by _map
+            raise self._map(e) from None
+        return drafted_from_proto(pool_pb2.DraftResponse.FromString(raw))

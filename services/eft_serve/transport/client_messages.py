@@ -9,7 +9,14 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from eft_serve.coordinator.request import GenerationRequest, MergeOptions, ScoreResult, TokenOutput, Usage
+from eft_serve.coordinator.request import (
+    GenerationRequest,
+    MergeOptions,
+    ScoreResult,
+    SpeculativeOptions,
+    TokenOutput,
+    Usage,
+)
 from eft_serve.proto_gen.eft.v1 import eft_pb2
 
 FINISH_TO_PROTO = {
@@ -49,6 +56,15 @@ def generation_request_from_proto(m: eft_pb2.GenerateRequest) -> GenerationReque
         return_model_logprobs=m.return_model_logprobs,
         timeout_s=m.timeout_s or None,
         request_id=m.request_id,
+        speculative=speculative_from_proto(m.speculative),
+    )
+
+
+def speculative_from_proto(m: eft_pb2.SpeculativeParams) -> SpeculativeOptions:
+    return SpeculativeOptions(
+        enabled=m.enabled if m.HasField("enabled") else None,
+        max_draft_tokens=m.max_draft_tokens if m.HasField("max_draft_tokens") else None,
+        adaptive=m.adaptive if m.HasField("adaptive") else None,
     )
 
 
@@ -67,9 +83,16 @@ def token_to_proto(t: TokenOutput) -> eft_pb2.TokenInfo:
 
 
 def usage_to_proto(u: Usage) -> eft_pb2.Usage:
-    # The wire keeps the fetch counters flat (pool_calls, cache_hits, ...) beside the rest.
-    flat = {f.name: getattr(u, f.name) for f in dataclasses.fields(u) if f.name != "fetch"}
-    return eft_pb2.Usage(**flat, **dataclasses.asdict(u.fetch))
+    # The wire keeps the fetch and speculation counters flat (pool_calls, drafted_tokens, ...).
+    nested = ("fetch", "speculation")
+    flat = {f.name: getattr(u, f.name) for f in dataclasses.fields(u) if f.name not in nested}
+    spec = u.speculation
+    return eft_pb2.Usage(
+        **flat,
+        **dataclasses.asdict(u.fetch),
+        **dataclasses.asdict(spec),
+        mean_accepted_length=spec.mean_accepted_length,
+    )
 
 
 def score_to_proto(r: ScoreResult) -> eft_pb2.ScoreResponse:

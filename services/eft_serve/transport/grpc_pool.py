@@ -11,13 +11,19 @@ from collections.abc import Sequence
 
 import grpc
 
-from eft_serve.engine.types import ModelInfo, SequenceQuery, SequenceResult
+from eft_serve.engine.types import DraftQuery, ModelInfo, SequenceQuery, SequenceResult
 from eft_serve.errors import DeadlineExceeded, EftError, InvalidArgument, Status, Unavailable
 from eft_serve.proto_gen.eft.v1 import pool_pb2, pool_pb2_grpc
 from eft_serve.transport.error_boundary import abort_grpc_aio, error_boundary
 from eft_serve.transport.pool_rpc import PoolRpc
 from eft_serve.transport.status import status_from_grpc
-from eft_serve.wire.pool_messages import info_from_proto, queries_to_proto, results_from_proto
+from eft_serve.wire.pool_messages import (
+    drafted_from_proto,
+    drafts_to_proto,
+    info_from_proto,
+    queries_to_proto,
+    results_from_proto,
+)
 
 
 class PoolServicer(pool_pb2_grpc.ModelPoolServicer):
@@ -74,6 +80,13 @@ class GrpcPoolClient:
         except grpc.aio.AioRpcError as e:
             raise self._error(e) from None
         return results_from_proto(reply)
+
+    async def draft(self, queries: Sequence[DraftQuery], deadline: float | None) -> list[list[int]]:
+        try:
+            reply = await self._stub.Draft(drafts_to_proto(queries, deadline), timeout=self._timeout)
+        except grpc.aio.AioRpcError as e:
+            raise self._error(e) from None
+        return drafted_from_proto(reply)
 
     async def close(self) -> None:
         await self._channel.close()

@@ -84,6 +84,20 @@ def results_from_proto(msg: pool_pb2.NextTokenLogprobsResponse) -> list[Sequence
     return [result_from_proto(s) for s in msg.sequences]
 
 
+def drafts_to_proto(queries: Sequence[DraftQuery], deadline: float | None) -> pool_pb2.DraftRequest:
+    return pool_pb2.DraftRequest(
+        sequences=[
+            pool_pb2.DraftQuery(sequence_id=q.sequence_id, token_ids=list(q.token_ids), num_tokens=q.num_tokens)
+            for q in queries
+        ],
+        deadline_unix_s=deadline or 0.0,
+    )
+
+
+def drafted_from_proto(msg: pool_pb2.DraftResponse) -> list[list[int]]:
+    return [list(s.token_ids) for s in msg.sequences]
+
+
 def drafts_from_proto(msg: pool_pb2.DraftRequest) -> list[DraftQuery]:
     return [
         DraftQuery(token_ids=list(s.token_ids), num_tokens=s.num_tokens, sequence_id=s.sequence_id)

@@ -62,8 +62,18 @@ class SamplingParams(_message.Message):
     ignore_eos: bool
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
+class SpeculativeParams(_message.Message):
+    __slots__ = ("enabled", "max_draft_tokens", "adaptive")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    MAX_DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTIVE_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    max_draft_tokens: int
+    adaptive: bool
+    def __init__(self, enabled: _Optional[bool] = ..., max_draft_tokens: _Optional[int] = ..., adaptive: _Optional[bool] = ...) -> None: ...
+
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "merge", "sampling", "return_logprobs", "return_model_logprobs", "timeout_s", "request_id")
+    __slots__ = ("prompt", "merge", "sampling", "return_logprobs", "return_model_logprobs", "timeout_s", "request_id", "speculative")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MERGE_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +81,7 @@ class GenerateRequest(_message.Message):
     RETURN_MODEL_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SPECULATIVE_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     merge: MergeParams
     sampling: SamplingParams
@@ -78,7 +89,8 @@ class GenerateRequest(_message.Message):
     return_model_logprobs: bool
     timeout_s: float
     request_id: str
-    def __init__(self, prompt: _Optional[str] = ..., merge: _Optional[_Union[MergeParams, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., return_logprobs: _Optional[bool] = ..., return_model_logprobs: _Optional[bool] = ..., timeout_s: _Optional[float] = ..., request_id: _Optional[str] = ...) -> None: ...
+    speculative: SpeculativeParams
+    def __init__(self, prompt: _Optional[str] = ..., merge: _Optional[_Union[MergeParams, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., return_logprobs: _Optional[bool] = ..., return_model_logprobs: _Optional[bool] = ..., timeout_s: _Optional[float] = ..., request_id: _Optional[str] = ..., speculative: _Optional[_Union[SpeculativeParams, _Mapping]] = ...) -> None: ...
 
 class TokenInfo(_message.Message):
     __slots__ = ("token_id", "text", "logprob", "model_logprobs")
@@ -100,7 +112,7 @@ class TokenInfo(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., text: _Optional[str] = ..., logprob: _Optional[float] = ..., model_logprobs: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens", "time_to_first_token_ms", "total_ms", "tokens_per_s", "seed", "pool_calls", "cache_hits", "cache_misses", "cache_errors", "recipe", "logprob_top_k", "cache_bytes_read", "cache_bytes_written")
+    __slots__ = ("prompt_tokens", "completion_tokens", "time_to_first_token_ms", "total_ms", "tokens_per_s", "seed", "pool_calls", "cache_hits", "cache_misses", "cache_errors", "recipe", "logprob_top_k", "cache_bytes_read", "cache_bytes_written", "speculative_blocks", "drafted_tokens", "accepted_tokens", "mean_accepted_length")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TIME_TO_FIRST_TOKEN_MS_FIELD_NUMBER: _ClassVar[int]
@@ -115,6 +127,10 @@ class Usage(_message.Message):
     LOGPROB_TOP_K_FIELD_NUMBER: _ClassVar[int]
     CACHE_BYTES_READ_FIELD_NUMBER: _ClassVar[int]
     CACHE_BYTES_WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    SPECULATIVE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    DRAFTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_ACCEPTED_LENGTH_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
     time_to_first_token_ms: float
@@ -129,7 +145,11 @@ class Usage(_message.Message):
     logprob_top_k: int
     cache_bytes_read: int
     cache_bytes_written: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., time_to_first_token_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., seed: _Optional[int] = ..., pool_calls: _Optional[int] = ..., cache_hits: _Optional[int] = ..., cache_misses: _Optional[int] = ..., cache_errors: _Optional[int] = ..., recipe: _Optional[str] = ..., logprob_top_k: _Optional[int] = ..., cache_bytes_read: _Optional[int] = ..., cache_bytes_written: _Optional[int] = ...) -> None: ...
+    speculative_blocks: int
+    drafted_tokens: int
+    accepted_tokens: int
+    mean_accepted_length: float
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., time_to_first_token_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., seed: _Optional[int] = ..., pool_calls: _Optional[int] = ..., cache_hits: _Optional[int] = ..., cache_misses: _Optional[int] = ..., cache_errors: _Optional[int] = ..., recipe: _Optional[str] = ..., logprob_top_k: _Optional[int] = ..., cache_bytes_read: _Optional[int] = ..., cache_bytes_written: _Optional[int] = ..., speculative_blocks: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., mean_accepted_length: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("text", "tokens", "finish_reason", "usage", "request_id")

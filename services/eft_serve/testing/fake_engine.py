@@ -1,4 +1,4 @@
-"""A deterministic stand-in model for tests of everything above the engine boundary.
+"""A deterministic stand-in model for tests and benchmarks of everything above the engine boundary.
 
 Owns: ``FakeEngine``, a ``LogprobEngine`` whose next-token logits are a pure function of
 (seed, last two tokens) — or of a caller-given table/function — so coordinator, transport and cache
@@ -8,6 +8,7 @@ matching or mismatched vocabularies.
 
 Does NOT know: real models, KV caches (``cached_tokens`` is always 0), devices. Query validation
 and record building are the real engine's (``logprob_view``), so the fake cannot drift from it.
+Test-only: the service never uses it (it lives in `eft_serve.testing`, above the engine it fakes).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -23,8 +24,8 @@ import torch
 from eft_serve.engine.logprob_view import (
     build_position_logprobs,
     validate_draft_queries,
-    validate_queries,
     validate_logprob_top_k,
+    validate_queries,
 )
 from eft_serve.engine.types import DraftQuery, ModelInfo, SequenceQuery, SequenceResult
 
@@ -123,7 +124,8 @@ class FakeEngine:
                 raise ValueError(f"logits_fn returned shape {out.shape}, want ({self.vocab_size},)")
             return out
         if self._table is not None:
-            return self._table[toks[-1]]
+            row: np.ndarray = self._table[toks[-1]]
+            return row
         out = self._row(0, toks[-1]).copy()
         if len(toks) >= 2:
             out += self.prev_weight * self._row(1, toks[-2])
@@ -139,9 +141,7 @@ class FakeEngine:
         return torch.from_numpy(logits).log_softmax(dim=-1).float()
 
     # ------------------------------------------------------------- protocol
-    def next_token_logprobs(
-        self, queries: Sequence[SequenceQuery], logprob_top_k: int
-    ) -> list[SequenceResult]:
+    def next_token_logprobs(self, queries: Sequence[SequenceQuery], logprob_top_k: int) -> list[SequenceResult]:
         validate_logprob_top_k(logprob_top_k)
         checked = validate_queries(
             queries, vocab_size=self.vocab_size, max_context=self._info.max_context, model=self._info.name

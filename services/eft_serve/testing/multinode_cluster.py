@@ -1,9 +1,12 @@
-"""A multi-node Ray cluster on one machine, one worker node per model pool, for tests and demos.
+"""A multi-node Ray cluster on one machine, one worker node per model pool, for tests and benchmarks.
 
 Owns starting a head (127.0.0.2, resource `eft_head`) and one worker node per pool
 (127.0.0.3, 127.0.0.4, …, each offering only `pool_<role>`), killing a worker node's raylet by
 PID (failure tests), bringing a node back, and reporting where each Serve replica runs. Every
 process is started and stopped through `ray.cluster_utils.Cluster` or by PID — never `ray stop`.
+
+Does NOT know how the stack is deployed onto the cluster (`eft_serve.serve`); the service never
+imports this module.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import tempfile
 from typing import Any
 
 from eft_serve.config import EftConfig
+from eft_serve.infra.ports import free_port
 
 HEAD_RESOURCE = "eft_head"
 
@@ -42,18 +46,28 @@ class LocalMultiNodeCluster:
         self.node_ips: dict[str, str] = {}
         self.temp_dir: str | None = None
 
-    def start(self) -> "LocalMultiNodeCluster":
-        from ray.cluster_utils import Cluster
-
-        from eft_serve.infra.ports import free_port
+    def start(self) -> LocalMultiNodeCluster:
+        from ray.cluster_utils import Cluster  # Ray is imported only by what needs a cluster
 
         # Our own session directory and GCS port: another Ray on this machine (a user's, a second
         # test run) must not share /tmp/ray's session files or port 6379 with this cluster.
         self.temp_dir = tempfile.mkdtemp(prefix="eftray-", dir="/tmp")
-        self.cluster = Cluster(initialize_head=True, head_node_args={
-            "node_ip_address": self.head_ip, "num_cpus": self.cpus, "resources": {HEAD_RESOURCE: 1000},
-            "include_dashboard": False, "temp_dir": self.temp_dir, "gcs_server_port": free_port(self.head_ip),
-        })
+        # Ray's Cluster still records the head's address in <default temp dir>/ray_current_cluster
+        # and fails on a fresh machine where that folder was never created (no Ray has run yet).
+        from ray._common.utils import get_default_ray_temp_dir
+
+        os.makedirs(get_default_ray_temp_dir(), exist_ok=True)
+        self.cluster = Cluster(
+            initialize_head=True,
+            head_node_args={
+                "node_ip_address": self.head_ip,
+                "num_cpus": self.cpus,
+                "resources": {HEAD_RESOURCE: 1000},
+                "include_dashboard": False,
+                "temp_dir": self.temp_dir,
+                "gcs_server_port": free_port(self.head_ip),
+            },
+        )
         prefix = self.head_ip.rsplit(".", 1)[0]
         base = int(self.head_ip.rsplit(".", 1)[1])
         for i, role in enumerate(self.roles, start=1):
@@ -63,7 +77,9 @@ class LocalMultiNodeCluster:
 
     def _add(self, role: str) -> None:
         self.nodes[role] = self.cluster.add_node(
-            node_ip_address=self.node_ips[role], num_cpus=self.cpus, resources={pool_resource(role): 1000},
+            node_ip_address=self.node_ips[role],
+            num_cpus=self.cpus,
+            resources={pool_resource(role): 1000},
             temp_dir=self.temp_dir,
         )
 

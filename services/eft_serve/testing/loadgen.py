@@ -3,6 +3,8 @@
 Owns a few client threads that stream sampled requests (fresh seeds, so the result cache cannot
 absorb the load) until stopped or a time limit passes, and a poller that records how many replicas
 of each pool are RUNNING over time. Traffic goes only to the address given (loopback in tests).
+
+Does NOT know how the stack was started; a test/benchmark helper the service never imports.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from eft_serve.serve.multinode import running_replicas
+from eft_serve.client import EftClient
 from eft_serve.serve.names import POOL_DEPLOYMENT, pool_app_name
+from eft_serve.testing.multinode_cluster import running_replicas
 
 
 @dataclass
@@ -26,7 +29,9 @@ class LoadResult:
 
 
 class LoadGenerator:
-    def __init__(self, address: str, streams: int, prompt: str, max_new_tokens: int = 96, max_seconds: float = 120.0) -> None:
+    def __init__(
+        self, address: str, streams: int, prompt: str, max_new_tokens: int = 96, max_seconds: float = 120.0
+    ) -> None:
         self.address = address
         self.streams = streams
         self.prompt = prompt
@@ -39,16 +44,18 @@ class LoadGenerator:
         self._threads: list[threading.Thread] = []
 
     def _worker(self) -> None:
-        from eft_serve.client import EftClient
-
         deadline = time.monotonic() + self.max_seconds
         with EftClient(self.address, timeout=120) as client:
             while not self._stop.is_set() and time.monotonic() < deadline:
                 with self._lock:
                     seed = next(self._seeds)
                 try:
-                    n = sum(len(m.tokens) for m in client.generate(
-                        self.prompt, temperature=1.0, seed=seed, max_new_tokens=self.max_new_tokens, ignore_eos=True))
+                    n = sum(
+                        len(m.tokens)
+                        for m in client.generate(
+                            self.prompt, temperature=1.0, seed=seed, max_new_tokens=self.max_new_tokens, ignore_eos=True
+                        )
+                    )
                     with self._lock:
                         self.result.completed += 1
                         self.result.tokens += n
@@ -57,7 +64,7 @@ class LoadGenerator:
                         self.result.errors[e.code().name] = self.result.errors.get(e.code().name, 0) + 1
                     time.sleep(0.2)
 
-    def start(self) -> "LoadGenerator":
+    def start(self) -> LoadGenerator:
         self._threads = [threading.Thread(target=self._worker, daemon=True) for _ in range(self.streams)]
         for t in self._threads:
             t.start()
@@ -87,7 +94,7 @@ class ReplicaTimeline:
             self.samples.append((time.monotonic() - self._t0, counts))
             self._stop.wait(self.interval_s)
 
-    def start(self) -> "ReplicaTimeline":
+    def start(self) -> ReplicaTimeline:
         self._thread.start()
         return self
 
