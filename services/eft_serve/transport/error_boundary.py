@@ -45,28 +45,42 @@ async def set_on_serve_context(context: Any, code: grpc.StatusCode, details: str
     raise RpcFailed(details) from None  # the status says it all; no chained trace
 
 
+def _context_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    # grpc.aio passes the context positionally; Ray Serve passes it as `grpc_context=`.
+    if args:
+        return args[0]
+    for name in ("grpc_context", "context"):
+        if name in kwargs:
+            return kwargs[name]
+    raise TypeError("a servicer method behind the error boundary needs its gRPC context")
+
+
 def error_boundary(sink: StatusSink) -> Callable[[F], F]:
-    """Decorate a servicer method `(self, request, context, ...)` so errors become statuses."""
+    """Decorate a servicer method `(self, request, context)` so errors become statuses.
+
+    The context may come positionally (grpc.aio) or as the keyword `grpc_context` (Ray Serve,
+    which finds that parameter through the wrapper's signature, see `functools.wraps`).
+    """
 
     def wrap(method: F) -> F:
         if inspect.isasyncgenfunction(method):
 
             @functools.wraps(method)
-            async def streaming(self: Any, request: Any, context: Any, *args: Any) -> AsyncIterator[Any]:
+            async def streaming(self: Any, request: Any, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
                 try:
-                    async for item in method(self, request, context, *args):
+                    async for item in method(self, request, *args, **kwargs):
                         yield item
                 except Exception as e:  # noqa: BLE001 - this is the boundary
-                    await sink(context, *to_grpc_status(e))
+                    await sink(_context_of(args, kwargs), *to_grpc_status(e))
 
             return cast(F, streaming)
 
         @functools.wraps(method)
-        async def unary(self: Any, request: Any, context: Any, *args: Any) -> Any:
+        async def unary(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
             try:
-                return await cast(Callable[..., Awaitable[Any]], method)(self, request, context, *args)
+                return await cast(Callable[..., Awaitable[Any]], method)(self, request, *args, **kwargs)
             except Exception as e:  # noqa: BLE001 - this is the boundary
-                await sink(context, *to_grpc_status(e))
+                await sink(_context_of(args, kwargs), *to_grpc_status(e))
 
         return cast(F, unary)
 
