@@ -9,7 +9,7 @@ import redis
 from eft_serve.cache.config import CacheConfig
 from eft_serve.cache.memory import MemoryCache
 from eft_serve.cache.redis_cache import RedisCache
-from eft_serve.coordinator.request import GenerationRequest, MergeOptions
+from eft_serve.coordinator.request import GenerationRequest, MergeOptions, SpeculativeOptions
 
 from fakes import fake_coordinator, fake_engines
 
@@ -45,6 +45,31 @@ async def test_cached_equals_uncached_greedy_and_seeded(redis_url: str) -> None:
         assert warm[2].fetch.pool_calls == 0
         assert warm[2].fetch.cache_bytes_read > 0 and cold[2].fetch.cache_bytes_written > 0
         assert sum(e.num_calls for e in engines.values()) == calls_before
+
+
+async def test_speculative_blocks_are_cached_and_served(redis_url: str) -> None:
+    # A verified block is stored under its (prefix + draft, k + 1 positions) key; repeating the
+    # request serves every block from Redis and only the (uncached) drafts reach a pool.
+    engines = fake_engines()
+    coord = fake_coordinator(engines, cache=redis_cache(redis_url))
+    await coord.start()
+    spec = SpeculativeOptions(enabled=True, max_draft_tokens=4, adaptive=False)
+    uncached = fake_coordinator(engines)
+    await uncached.start()
+    plain = await run(uncached, temperature=0)
+    try:
+        cold = await run(coord, temperature=0, speculative=spec)
+        warm = await run(coord, temperature=0, speculative=spec)
+    finally:
+        await coord.cache.close()
+    assert cold[:2] == warm[:2] == plain[:2]
+    spec_stats, usage = warm[2].speculation, warm[2]
+    blocks = spec_stats.speculative_blocks
+    # Each block yields its kept drafts + one token; the last token of the budget is a plain step.
+    plain_steps = usage.completion_tokens - spec_stats.accepted_tokens - blocks
+    assert blocks > 0 and plain_steps >= 0
+    assert usage.fetch.cache_hits == (blocks + plain_steps) * 3 and usage.fetch.cache_misses == 0
+    assert warm[2].fetch.pool_calls == blocks  # the drafts only
 
 
 async def test_in_process_lru_behind_same_interface() -> None:
