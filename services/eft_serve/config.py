@@ -115,6 +115,9 @@ class PoolConfig(StrictModel):
     # Concurrent pool calls are coalesced into one engine call of up to this many requests.
     max_batch_size: int = Field(8, ge=1)
     batch_wait_timeout_s: float = Field(0.001, ge=0)
+    # Send every call of one sequence to the same replica (its KV cache), least loaded when it is
+    # full; off = Serve's default router (power of two choices).
+    kv_affinity: bool = True
     replica: ReplicaConfig = Field(default_factory=ReplicaConfig)
 
 

@@ -21,6 +21,8 @@ GRPC_SERVICER_FUNCTIONS = [
 ]
 IMPORT_POOL = "eft_serve.serve.app:pool_app"
 IMPORT_COORDINATOR = "eft_serve.serve.app:coordinator_app"
+# The pools' request router when `kv_affinity` is on (Serve imports it where handles route).
+KV_AFFINITY_ROUTER = "eft_serve.serve.kv_affinity_router:KvAffinityRouter"
 
 
 def _config_from_args(args: dict[str, Any]) -> EftConfig:
@@ -37,7 +39,15 @@ def pool_app(args: dict[str, Any]) -> Application:
     if not role or "pool" not in args:
         raise ValueError("pool application args need 'role' and 'pool' (a PoolConfig mapping)")
     pool = PoolConfig.model_validate(args["pool"])
-    return ModelPoolDeployment.options(**pool.replica.deployment_options()).bind(role, pool.model_dump(mode="json"))
+    return ModelPoolDeployment.options(**pool_deployment_options(pool)).bind(role, pool.model_dump(mode="json"))
+
+
+def pool_deployment_options(pool: PoolConfig) -> dict[str, Any]:
+    """`Deployment.options(...)` of a pool: its replica options and, with `kv_affinity`, the router."""
+    options = pool.replica.deployment_options()
+    if pool.kv_affinity:
+        options["request_router_config"] = {"request_router_class": KV_AFFINITY_ROUTER}
+    return options
 
 
 def coordinator_app(args: dict[str, Any]) -> Application:

@@ -3,7 +3,8 @@
 Owns replica start-up (engine load; the engine sets torch's thread count) and Serve batching: concurrent
 `NextTokenLogprobs` calls to one replica are coalesced into one engine call so sequences from
 different requests share forward passes. Messages travel as serialized `eft.v1` protobuf bytes.
-Errors leave as `EftError`s; the caller maps them.
+Each `NextTokenLogprobs` answer names the replica that served it (`replica_id`), so KV-affinity
+routing can be observed. Errors leave as `EftError`s; the caller maps them.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class ModelPoolDeployment:
             torch_threads=cfg.torch_threads,
         )
         self.role = role
+        self._replica_id = serve.get_replica_context().replica_id.unique_id
         self._rpc = PoolRpc(engine, role)
         self._batched.set_max_batch_size(cfg.max_batch_size)
         self._batched.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
@@ -48,6 +50,7 @@ class ModelPoolDeployment:
         reply = await self._batched(msg)
         if isinstance(reply, EftError):
             raise reply
+        reply.replica_id = self._replica_id
         return reply.SerializeToString()
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.001)

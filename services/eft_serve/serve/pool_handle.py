@@ -2,7 +2,9 @@
 
 Owns Ray-specific failure mapping: a pool's own `EftError` keeps its status; Serve back-pressure
 becomes RESOURCE_EXHAUSTED; a dead or unreachable replica becomes UNAVAILABLE. Calls use Serve's
-inter-deployment gRPC transport where available (`_by_reference=False`).
+inter-deployment gRPC transport where available (`_by_reference=False`). Each call names its
+sequence as the handle's `session_id`, the key of the pools' KV-affinity router
+(`serve/kv_affinity_router.py`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,11 @@ from eft_serve.wire.pool_messages import (
     queries_to_proto,
     results_from_proto,
 )
+
+
+def routing_key(queries: Sequence[SequenceQuery] | Sequence[DraftQuery]) -> str:
+    """The sequence a pool call is routed by: its first sequence id ("" = no preference)."""
+    return next((q.sequence_id for q in queries if q.sequence_id), "")
 
 
 class ServePoolClient:
@@ -55,17 +62,25 @@ class ServePoolClient:
     async def next_token_logprobs(
         self, queries: Sequence[SequenceQuery], logprob_top_k: int, deadline: float | None
     ) -> list[SequenceResult]:
+        return results_from_proto(await self.next_token_logprobs_response(queries, logprob_top_k, deadline))
+
+    async def next_token_logprobs_response(
+        self, queries: Sequence[SequenceQuery], logprob_top_k: int, deadline: float | None
+    ) -> pool_pb2.NextTokenLogprobsResponse:
+        """The pool's whole answer, incl. which replica served it (`replica_id`)."""
         request = queries_to_proto(queries, logprob_top_k, deadline).SerializeToString()
+        handle = self._handle.options(method_name="NextTokenLogprobs", session_id=routing_key(queries))
         try:
-            raw = await self._handle.NextTokenLogprobs.remote(request)
+            raw = await handle.remote(request)
         except Exception as e:  # noqa: BLE001 - every failure is mapped to a status by _map
             raise self._map(e) from None
-        return results_from_proto(pool_pb2.NextTokenLogprobsResponse.FromString(raw))
+        return pool_pb2.NextTokenLogprobsResponse.FromString(raw)
 
     async def draft(self, queries: Sequence[DraftQuery], deadline: float | None) -> list[list[int]]:
         request = drafts_to_proto(queries, deadline).SerializeToString()
+        handle = self._handle.options(method_name="Draft", session_id=routing_key(queries))
         try:
-            raw = await self._handle.Draft.remote(request)
+            raw = await handle.remote(request)
         except Exception as e:  # noqa: BLE001 - every failure is mapped to a status by _map
             raise self._map(e) from None
         return drafted_from_proto(pool_pb2.DraftResponse.FromString(raw))

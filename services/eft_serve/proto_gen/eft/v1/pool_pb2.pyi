@@ -51,12 +51,14 @@ class SequenceResult(_message.Message):
     def __init__(self, positions: _Optional[_Iterable[_Union[PositionLogprobs, _Mapping]]] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class NextTokenLogprobsResponse(_message.Message):
-    __slots__ = ("sequences", "model_fingerprint")
+    __slots__ = ("sequences", "model_fingerprint", "replica_id")
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     sequences: _containers.RepeatedCompositeFieldContainer[SequenceResult]
     model_fingerprint: str
-    def __init__(self, sequences: _Optional[_Iterable[_Union[SequenceResult, _Mapping]]] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
+    replica_id: str
+    def __init__(self, sequences: _Optional[_Iterable[_Union[SequenceResult, _Mapping]]] = ..., model_fingerprint: _Optional[str] = ..., replica_id: _Optional[str] = ...) -> None: ...
 
 class DraftQuery(_message.Message):
     __slots__ = ("sequence_id", "token_ids", "num_tokens")
