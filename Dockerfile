@@ -34,9 +34,11 @@ RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_IN
 
 COPY --chown=1000:100 pyproject.toml README.md ./
 COPY --chown=1000:100 services ./services
+# The client package (clients/python) ships in this distribution too; `eft_serve.client` re-exports it.
+COPY --chown=1000:100 clients/python/eft_serve_client ./clients/python/eft_serve_client
 # A non-editable install; the import check fails the build, not the first pod, on a broken wheel.
 RUN pip install --no-cache-dir . \
-    && python -c "import eft_serve.serve.app, eft_serve.proto_gen.eft.v1.eft_pb2_grpc, grpc_health.v1.health_pb2_grpc"
+    && python -c "import eft_serve.serve.app, eft_serve.client, eft_serve.proto_gen.eft.v1.eft_pb2_grpc, grpc_health.v1.health_pb2_grpc"
 
 # Dev images carry the demo family, so that pods do not each train it at start-up.
 RUN if [ "${PREBUILD_DEMO}" = "1" ]; then eft build-demo; fi
