@@ -44,6 +44,22 @@ async def stack():
             await s.stop(grace=None)
 
 
+@pytest.mark.parametrize("logprob_top_k", [0, 7])
+async def test_speculative_over_grpc_pools_equals_plain(stack, logprob_top_k: int) -> None:
+    # Drafts travel over the pool wire with the drafter's own scores (one call, not two).
+    async with AsyncEftClient(stack["address"], timeout=20) as client:
+        for sampling in (dict(temperature=0), dict(temperature=1.0, seed=3)):
+            kw = dict(max_new_tokens=16, ignore_eos=True, logprob_top_k=logprob_top_k, **sampling)
+            plain = await client.complete("hello", speculative=False, **kw)
+            fast = await client.complete("hello", speculative=True, max_draft_tokens=4, **kw)
+            assert list(fast.token_ids) == list(plain.token_ids) and fast.usage.speculative_blocks > 0
+            # A block costs 3 calls (small_ft's draft + scores, the two other pools); so does a
+            # plain step (the budget's last token). Each block yields its kept drafts + 1 token.
+            u = fast.usage
+            plain_steps = u.completion_tokens - u.accepted_tokens - u.speculative_blocks
+            assert u.pool_calls == 3 * (u.speculative_blocks + plain_steps)
+
+
 async def test_stream_and_complete_agree(stack) -> None:
     async with AsyncEftClient(stack["address"], timeout=20) as client:
         msgs = [

@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 
 from eft_serve.coordinator.request import GenerationRequest, MergeOptions, SpeculativeOptions
+from eft_serve.engine.types import DraftQuery, SequenceQuery
 from eft_serve.errors import InvalidArgument, Unavailable
 from eft_serve.testing.fake_engine import FakeEngine
+from eft_serve.transport.inprocess import InProcessPool
 
 from fakes import EOS, VOCAB, fake_coordinator, fake_engines
 
@@ -89,8 +91,9 @@ async def test_agreeing_drafter_is_fully_accepted_with_fewer_pool_calls() -> Non
     # 33 tokens in blocks of 8 drafts + 1 own token: 3 full blocks (27), then 6 left -> 5 drafted + 1.
     assert (s.speculative_blocks, s.drafted_tokens, s.accepted_tokens) == (4, 29, 29)
     assert s.mean_accepted_length == pytest.approx(29 / 4)
-    # One draft call + one call per recipe pool per block, instead of one call per pool per token.
-    assert fast[2].usage.fetch.pool_calls == 4 * (1 + 3)
+    # Per block: one draft call (small_ft drafts *and* scores its draft) + one call to each of the
+    # two other recipe pools — instead of one call per pool per token.
+    assert fast[2].usage.fetch.pool_calls == 4 * 3
     assert plain[2].usage.fetch.pool_calls == 33 * 3
 
 
@@ -195,9 +198,30 @@ async def test_drafter_down_is_unavailable_naming_it() -> None:
     coord = fake_coordinator(pool_call_timeout_s=0.3, pool_call_retries=0)
     await coord.start()
 
-    async def broken(queries, deadline):
+    async def broken(queries, deadline, score_logprob_top_k=None):
         raise Unavailable("model pool 'small_ft' is unavailable: RayActorError")
 
     coord._pools["small_ft"].draft = broken
     with pytest.raises(Unavailable, match="small_ft"):
         await run(coord, GenerationRequest(prompt="abc", temperature=0.0, speculative=spec()))
+
+
+@pytest.mark.parametrize("logprob_top_k", [0, 5])
+async def test_drafter_scores_its_draft_exactly_as_a_verification_call_would(logprob_top_k: int) -> None:
+    # The drafter's scores replace its verification call, so they must be what that call returns.
+    engine = fake_engines()["small_ft"]
+    pool = InProcessPool(engine, "small_ft")
+    prefix = [3, 1, 4, 1, 5]
+    (drafted,) = await pool.draft([DraftQuery(prefix, 4, "s")], None, score_logprob_top_k=logprob_top_k)
+    (plain,) = await pool.draft([DraftQuery(prefix, 4, "s")], None)
+    assert drafted.token_ids == plain.token_ids and plain.scores is None and drafted.scores is not None
+    (expected,) = await pool.next_token_logprobs(
+        [SequenceQuery(prefix + drafted.token_ids, num_positions=5)], logprob_top_k
+    )
+    assert len(drafted.scores.positions) == 5
+    for got, want in zip(drafted.scores.positions, expected.positions):
+        assert np.array_equal(got.top_ids, want.top_ids)
+        assert np.allclose(got.top_logprobs, want.top_logprobs)
+        assert (got.full_logprobs is None) == (want.full_logprobs is None)
+        if want.full_logprobs is not None:
+            assert np.allclose(got.full_logprobs, want.full_logprobs)

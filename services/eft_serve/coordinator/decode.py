@@ -13,7 +13,7 @@ transports or how pools are reached.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +25,7 @@ from eft_serve.core.merge import MergedDistribution, merge_position
 from eft_serve.core.sampling import choose_token
 from eft_serve.core.speculative import verify_block
 from eft_serve.core.stops import StopStringMatcher
-from eft_serve.engine.types import DraftQuery, SequenceQuery
+from eft_serve.engine.types import DraftQuery, SequenceQuery, SequenceResult
 
 # The first block drafts this many tokens when adapting (then grows or shrinks with acceptance).
 _ADAPTIVE_START = 4
@@ -51,19 +51,22 @@ async def merged_block(
     deadline: float,
     use_cache: bool,
     stats: FetchStats,
+    prescored: Mapping[str, SequenceResult] | None = None,
 ) -> list[MergedDistribution]:
-    """The recipe's merged distributions at the last `num_positions` positions of `token_ids`
-    (every pool called once). Position j is the distribution of the token following
-    ``token_ids[: len - num_positions + 1 + j]``."""
+    """The recipe's merged distributions at the last `num_positions` positions of `token_ids`.
+    Position j is the distribution of the token following ``token_ids[: len - num_positions + 1 + j]``.
+    Every pool is called once, except the roles already answered in `prescored` (the drafter's
+    own scores of its draft)."""
     query = SequenceQuery(token_ids=token_ids, num_positions=num_positions, sequence_id=sequence_id)
     roles = merge.recipe.roles
-    results = await ctx.fetcher.fetch(
-        {role: [query] for role in roles}, merge.logprob_top_k, deadline, use_cache, stats
-    )
+    known = dict(prescored or {})
+    asked = {role: [query] for role in roles if role not in known}
+    fetched = await ctx.fetcher.fetch(asked, merge.logprob_top_k, deadline, use_cache, stats) if asked else {}
+    results = {**{role: r[0] for role, r in fetched.items()}, **known}
     return [
         merge_position(
             merge.recipe,
-            {role: results[role][0].positions[j] for role in roles},
+            {role: results[role].positions[j] for role in roles},
             ctx.vocab_size,
             conservative_top_p=merge.conservative_top_p,
         )
@@ -107,15 +110,29 @@ async def _next_tokens(
             ctx, plan.merge, prefix, 1, plan.sequence_id, plan.deadline, use_cache, fetch_stats
         )
         return [(choose_token(dist, plan.sampling, position=len(prefix)), dist)]
-    draft = await ctx.fetcher.draft(
+    # A drafter that is also a model of the recipe scores its own draft in the same call.
+    self_scored = spec.drafter in plan.merge.recipe.roles
+    drafted = await ctx.fetcher.draft(
         spec.drafter,
         DraftQuery(token_ids=prefix, num_tokens=k, sequence_id=plan.sequence_id),
         plan.deadline,
         fetch_stats,
+        score_logprob_top_k=plan.merge.logprob_top_k if self_scored else None,
     )
-    draft = draft[:k]
+    draft = drafted.token_ids[:k]
+    prescored: dict[str, SequenceResult] = {}
+    if drafted.scores is not None and len(drafted.scores.positions) == len(drafted.token_ids) + 1:
+        prescored[spec.drafter] = SequenceResult(drafted.scores.positions[: len(draft) + 1])
     dists = await merged_block(
-        ctx, plan.merge, prefix + draft, len(draft) + 1, plan.sequence_id, plan.deadline, use_cache, fetch_stats
+        ctx,
+        plan.merge,
+        prefix + draft,
+        len(draft) + 1,
+        plan.sequence_id,
+        plan.deadline,
+        use_cache,
+        fetch_stats,
+        prescored,
     )
     verdict = verify_block(dists, draft, plan.sampling, first_position=len(prefix), rule=spec.acceptance)
     spec_stats.speculative_blocks += 1

@@ -17,7 +17,7 @@ from eft_serve.cache.next_token_cache import CachedQuery, NextTokenCache
 from eft_serve.coordinator.pool_client import PoolClient
 from eft_serve.coordinator.request import FetchStats
 from eft_serve.deadline import seconds_left
-from eft_serve.engine.types import DraftQuery, ModelInfo, SequenceQuery, SequenceResult
+from eft_serve.engine.types import DraftedSequence, DraftQuery, ModelInfo, SequenceQuery, SequenceResult
 from eft_serve.errors import DeadlineExceeded, EftError, Unavailable
 
 _RETRY_BACKOFF_S = 0.2
@@ -47,11 +47,14 @@ class StepFetcher:
             role, deadline, lambda: pool.next_token_logprobs(queries, logprob_top_k, deadline)
         )
 
-    async def draft(self, role: str, query: DraftQuery, deadline: float, stats: FetchStats) -> list[int]:
-        """`query.num_tokens` greedy tokens of pool `role` after `query.token_ids` (never cached)."""
+    async def draft(
+        self, role: str, query: DraftQuery, deadline: float, stats: FetchStats, score_logprob_top_k: int | None = None
+    ) -> DraftedSequence:
+        """`query.num_tokens` greedy tokens of pool `role` after `query.token_ids` (never cached),
+        scored by the drafter itself when `score_logprob_top_k` is given."""
         pool = self._pools[role]
         stats.pool_calls += 1
-        drafts = await self._with_retries(role, deadline, lambda: pool.draft([query], deadline))
+        drafts = await self._with_retries(role, deadline, lambda: pool.draft([query], deadline, score_logprob_top_k))
         return drafts[0]
 
     async def _with_retries(self, role: str, deadline: float, call: Callable[[], Awaitable[T]]) -> T:

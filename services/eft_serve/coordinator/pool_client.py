@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from eft_serve.engine.types import DraftQuery, ModelInfo, SequenceQuery, SequenceResult
+from eft_serve.engine.types import DraftedSequence, DraftQuery, ModelInfo, SequenceQuery, SequenceResult
 
 
 class PoolClient(Protocol):
@@ -22,4 +22,8 @@ class PoolClient(Protocol):
         self, queries: Sequence[SequenceQuery], logprob_top_k: int, deadline: float | None
     ) -> list[SequenceResult]: ...
 
-    async def draft(self, queries: Sequence[DraftQuery], deadline: float | None) -> list[list[int]]: ...
+    async def draft(
+        self, queries: Sequence[DraftQuery], deadline: float | None, score_logprob_top_k: int | None = None
+    ) -> list[DraftedSequence]:
+        """Greedy drafts; with `score_logprob_top_k` each comes with the drafter's own scores."""
+        ...

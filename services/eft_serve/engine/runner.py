@@ -13,7 +13,14 @@ import asyncio
 from collections.abc import Sequence
 
 from eft_serve.deadline import raise_if_expired
-from eft_serve.engine.types import DraftQuery, LogprobEngine, ModelInfo, SequenceQuery, SequenceResult
+from eft_serve.engine.types import (
+    DraftedSequence,
+    DraftQuery,
+    LogprobEngine,
+    ModelInfo,
+    SequenceQuery,
+    SequenceResult,
+)
 from eft_serve.errors import InvalidArgument
 
 
@@ -38,10 +45,29 @@ class EngineRunner:
             except ValueError as e:
                 raise InvalidArgument(f"model pool {self.role!r}: {e}") from None
 
-    async def draft(self, queries: Sequence[DraftQuery], deadline: float | None = None) -> list[list[int]]:
+    async def draft(
+        self, queries: Sequence[DraftQuery], deadline: float | None = None, score_logprob_top_k: int | None = None
+    ) -> list[DraftedSequence]:
+        """Greedy drafts; with `score_logprob_top_k`, each also scored by this model (see
+        `DraftedSequence`) in the same engine turn — the scores are exactly what
+        `next_token_logprobs` answers for prefix + draft, because that is how they are computed."""
         async with self._lock:
             raise_if_expired(deadline, f"model pool {self.role!r}")
             try:
-                return await asyncio.to_thread(self.engine.draft, queries)
+                return await asyncio.to_thread(self._draft, queries, score_logprob_top_k)
             except ValueError as e:
                 raise InvalidArgument(f"model pool {self.role!r}: {e}") from None
+
+    def _draft(self, queries: Sequence[DraftQuery], score_logprob_top_k: int | None) -> list[DraftedSequence]:
+        drafts = self.engine.draft(queries)
+        if score_logprob_top_k is None:
+            return [DraftedSequence(d) for d in drafts]
+        # The prefix's KV is cached by the draft; scoring re-feeds only the drafted tokens.
+        scored = self.engine.next_token_logprobs(
+            [
+                SequenceQuery(list(q.token_ids) + d, num_positions=len(d) + 1, sequence_id=q.sequence_id)
+                for q, d in zip(queries, drafts)
+            ],
+            score_logprob_top_k,
+        )
+        return [DraftedSequence(d, s) for d, s in zip(drafts, scored)]

@@ -77,6 +77,16 @@ class DraftQuery:
     sequence_id: str = ""
 
 
+@dataclass
+class DraftedSequence:
+    """A draft, optionally with the drafter's own scores of it (one call instead of two)."""
+
+    token_ids: list[int]
+    # The drafter's next-token results at the len(token_ids) + 1 positions after the prefix
+    # (position j follows prefix + token_ids[:j]); None unless asked for.
+    scores: SequenceResult | None = None
+
+
 class LogprobEngine(Protocol):
     """What every engine (real or fake) offers. Synchronous; callers run it off their event loop."""
 

@@ -15,7 +15,7 @@ from ray import serve
 from ray.exceptions import RayActorError, RayError
 from ray.serve.exceptions import BackPressureError
 
-from eft_serve.engine.types import DraftQuery, ModelInfo, SequenceQuery, SequenceResult
+from eft_serve.engine.types import DraftedSequence, DraftQuery, ModelInfo, SequenceQuery, SequenceResult
 from eft_serve.errors import EftError, ResourceExhausted, Unavailable
 from eft_serve.proto_gen.eft.v1 import pool_pb2
 from eft_serve.serve.names import POOL_DEPLOYMENT, pool_app_name
@@ -76,8 +76,10 @@ class ServePoolClient:
             raise self._map(e) from None
         return pool_pb2.NextTokenLogprobsResponse.FromString(raw)
 
-    async def draft(self, queries: Sequence[DraftQuery], deadline: float | None) -> list[list[int]]:
-        request = drafts_to_proto(queries, deadline).SerializeToString()
+    async def draft(
+        self, queries: Sequence[DraftQuery], deadline: float | None, score_logprob_top_k: int | None = None
+    ) -> list[DraftedSequence]:
+        request = drafts_to_proto(queries, deadline, score_logprob_top_k).SerializeToString()
         handle = self._handle.options(method_name="Draft", session_id=routing_key(queries))
         try:
             raw = await handle.remote(request)

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import grpc
 
-from eft_serve.engine.types import DraftQuery, ModelInfo, SequenceQuery, SequenceResult
+from eft_serve.engine.types import DraftedSequence, DraftQuery, ModelInfo, SequenceQuery, SequenceResult
 from eft_serve.errors import DeadlineExceeded, EftError, InvalidArgument, Status, Unavailable
 from eft_serve.proto_gen.eft.v1 import pool_pb2, pool_pb2_grpc
 from eft_serve.transport.error_boundary import abort_grpc_aio, error_boundary
@@ -81,9 +81,12 @@ class GrpcPoolClient:
             raise self._error(e) from None
         return results_from_proto(reply)
 
-    async def draft(self, queries: Sequence[DraftQuery], deadline: float | None) -> list[list[int]]:
+    async def draft(
+        self, queries: Sequence[DraftQuery], deadline: float | None, score_logprob_top_k: int | None = None
+    ) -> list[DraftedSequence]:
         try:
-            reply = await self._stub.Draft(drafts_to_proto(queries, deadline), timeout=self._timeout)
+            request = drafts_to_proto(queries, deadline, score_logprob_top_k)
+            reply = await self._stub.Draft(request, timeout=self._timeout)
         except grpc.aio.AioRpcError as e:
             raise self._error(e) from None
         return drafted_from_proto(reply)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from eft_serve.engine.runner import EngineRunner
-from eft_serve.engine.types import DraftQuery, LogprobEngine, ModelInfo, SequenceQuery, SequenceResult
+from eft_serve.engine.types import DraftedSequence, DraftQuery, LogprobEngine, ModelInfo, SequenceQuery, SequenceResult
 
 
 class InProcessPool:
@@ -26,5 +26,7 @@ class InProcessPool:
     ) -> list[SequenceResult]:
         return await self._runner.next_token_logprobs(queries, logprob_top_k, deadline)
 
-    async def draft(self, queries: Sequence[DraftQuery], deadline: float | None = None) -> list[list[int]]:
-        return await self._runner.draft(queries, deadline)
+    async def draft(
+        self, queries: Sequence[DraftQuery], deadline: float | None = None, score_logprob_top_k: int | None = None
+    ) -> list[DraftedSequence]:
+        return await self._runner.draft(queries, deadline, score_logprob_top_k)

@@ -11,7 +11,13 @@ from eft_serve.engine.runner import EngineRunner
 from eft_serve.engine.types import LogprobEngine
 from eft_serve.errors import InvalidArgument
 from eft_serve.proto_gen.eft.v1 import pool_pb2
-from eft_serve.wire.pool_messages import drafts_from_proto, info_to_proto, queries_from_proto, results_to_proto
+from eft_serve.wire.pool_messages import (
+    drafted_to_proto,
+    drafts_from_proto,
+    info_to_proto,
+    queries_from_proto,
+    results_to_proto,
+)
 
 
 class PoolRpc:
@@ -31,8 +37,9 @@ class PoolRpc:
         return results_to_proto(results, self.engine.info.model_fingerprint)
 
     async def draft(self, request: pool_pb2.DraftRequest) -> pool_pb2.DraftResponse:
-        drafts = await self._runner.draft(drafts_from_proto(request), request.deadline_unix_s)
-        return pool_pb2.DraftResponse(sequences=[pool_pb2.DraftSequence(token_ids=d) for d in drafts])
+        score_k = request.score_logprob_top_k if request.HasField("score_logprob_top_k") else None
+        drafts = await self._runner.draft(drafts_from_proto(request), request.deadline_unix_s, score_k)
+        return drafted_to_proto(drafts)
 
     def info(self) -> pool_pb2.ModelInfo:
         return info_to_proto(self.engine.info, self.role)

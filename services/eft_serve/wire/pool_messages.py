@@ -11,7 +11,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from eft_serve.engine.types import DraftQuery, ModelInfo, PositionLogprobs, SequenceQuery, SequenceResult
+from eft_serve.engine.types import (
+    DraftedSequence,
+    DraftQuery,
+    ModelInfo,
+    PositionLogprobs,
+    SequenceQuery,
+    SequenceResult,
+)
 from eft_serve.proto_gen.eft.v1 import pool_pb2
 
 
@@ -84,18 +91,35 @@ def results_from_proto(msg: pool_pb2.NextTokenLogprobsResponse) -> list[Sequence
     return [result_from_proto(s) for s in msg.sequences]
 
 
-def drafts_to_proto(queries: Sequence[DraftQuery], deadline: float | None) -> pool_pb2.DraftRequest:
-    return pool_pb2.DraftRequest(
+def drafts_to_proto(
+    queries: Sequence[DraftQuery], deadline: float | None, score_logprob_top_k: int | None = None
+) -> pool_pb2.DraftRequest:
+    msg = pool_pb2.DraftRequest(
         sequences=[
             pool_pb2.DraftQuery(sequence_id=q.sequence_id, token_ids=list(q.token_ids), num_tokens=q.num_tokens)
             for q in queries
         ],
         deadline_unix_s=deadline or 0.0,
     )
+    if score_logprob_top_k is not None:
+        msg.score_logprob_top_k = score_logprob_top_k
+    return msg
 
 
-def drafted_from_proto(msg: pool_pb2.DraftResponse) -> list[list[int]]:
-    return [list(s.token_ids) for s in msg.sequences]
+def drafted_to_proto(drafts: Sequence[DraftedSequence]) -> pool_pb2.DraftResponse:
+    out = pool_pb2.DraftResponse()
+    for d in drafts:
+        seq = out.sequences.add(token_ids=d.token_ids)
+        if d.scores is not None:
+            seq.scores.CopyFrom(result_to_proto(d.scores))
+    return out
+
+
+def drafted_from_proto(msg: pool_pb2.DraftResponse) -> list[DraftedSequence]:
+    return [
+        DraftedSequence(list(s.token_ids), result_from_proto(s.scores) if s.HasField("scores") else None)
+        for s in msg.sequences
+    ]
 
 
 def drafts_from_proto(msg: pool_pb2.DraftRequest) -> list[DraftQuery]:

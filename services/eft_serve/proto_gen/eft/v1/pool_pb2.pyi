@@ -71,18 +71,22 @@ class DraftQuery(_message.Message):
     def __init__(self, sequence_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ...) -> None: ...
 
 class DraftRequest(_message.Message):
-    __slots__ = ("sequences", "deadline_unix_s")
+    __slots__ = ("sequences", "deadline_unix_s", "score_logprob_top_k")
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    SCORE_LOGPROB_TOP_K_FIELD_NUMBER: _ClassVar[int]
     sequences: _containers.RepeatedCompositeFieldContainer[DraftQuery]
     deadline_unix_s: float
-    def __init__(self, sequences: _Optional[_Iterable[_Union[DraftQuery, _Mapping]]] = ..., deadline_unix_s: _Optional[float] = ...) -> None: ...
+    score_logprob_top_k: int
+    def __init__(self, sequences: _Optional[_Iterable[_Union[DraftQuery, _Mapping]]] = ..., deadline_unix_s: _Optional[float] = ..., score_logprob_top_k: _Optional[int] = ...) -> None: ...
 
 class DraftSequence(_message.Message):
-    __slots__ = ("token_ids",)
+    __slots__ = ("token_ids", "scores")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    scores: SequenceResult
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., scores: _Optional[_Union[SequenceResult, _Mapping]] = ...) -> None: ...
 
 class DraftResponse(_message.Message):
     __slots__ = ("sequences",)
