@@ -38,6 +38,12 @@ class NotFound(EftError):
     status = Status.NOT_FOUND
 
 
+class PrefixUnknown(EftError):
+    """A pool was sent only the tail of a sequence it does not hold; resend the whole prefix."""
+
+    status = Status.FAILED_PRECONDITION
+
+
 class ResourceExhausted(EftError):
     status = Status.RESOURCE_EXHAUSTED
 

@@ -24,8 +24,10 @@ async def stack():
     servers, clients = [], []
     engines = fake_engines()
     pools = {}
+    rpcs = {}
     for role, engine in engines.items():
-        server, port = await start_pool_server(PoolRpc(engine, role))
+        rpcs[role] = PoolRpc(engine, role)
+        server, port = await start_pool_server(rpcs[role])
         servers.append(server)
         pools[role] = GrpcPoolClient(f"127.0.0.1:{port}", role, timeout_s=2.0)
         clients.append(pools[role])
@@ -36,7 +38,7 @@ async def stack():
     server, port = await start_coordinator_server(CoordinatorRpc(coord))
     servers.append(server)
     try:
-        yield {"address": f"127.0.0.1:{port}", "pool_servers": servers[:-1], "engines": engines}
+        yield {"address": f"127.0.0.1:{port}", "pool_servers": servers[:-1], "engines": engines, "rpcs": rpcs}
     finally:
         for c in clients:
             await c.close()
@@ -58,6 +60,27 @@ async def test_speculative_over_grpc_pools_equals_plain(stack, logprob_top_k: in
             u = fast.usage
             plain_steps = u.completion_tokens - u.accepted_tokens - u.speculative_blocks
             assert u.pool_calls == 3 * (u.speculative_blocks + plain_steps)
+
+
+async def test_pools_are_sent_only_new_tokens_and_recover_when_they_forget(stack) -> None:
+    rpc = stack["rpcs"]["large_base"]
+    prompt, n = "the quick brown fox jumps", 20
+    async with AsyncEftClient(stack["address"], timeout=20) as client:
+        kw = dict(temperature=0, max_new_tokens=n, ignore_eos=True, request_id="seq-a")
+        first = await client.complete(prompt, **kw)
+        received = rpc.tokens_received
+        # Whole prompt once, then one new token per step (not the whole prefix every step).
+        assert received == len(prompt) + (n - 1)
+        assert rpc.sequences.restored == n - 1 and rpc.sequences.unknown == 0
+        # A replica that lost its memory (restart, another replica) is sent whole prefixes again.
+        stream = client.generate(prompt, **{**kw, "request_id": "seq-b"})
+        texts = []
+        async for msg in stream:
+            texts.append(msg.text)
+            if len(texts) == 3:
+                rpc.sequences.clear()
+        assert "".join(texts) == first.text
+        assert rpc.sequences.unknown >= 1
 
 
 async def test_stream_and_complete_agree(stack) -> None:

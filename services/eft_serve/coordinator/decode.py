@@ -52,16 +52,31 @@ async def merged_block(
     use_cache: bool,
     stats: FetchStats,
     prescored: Mapping[str, SequenceResult] | None = None,
+    sent: SentPrefixes | None = None,
 ) -> list[MergedDistribution]:
     """The recipe's merged distributions at the last `num_positions` positions of `token_ids`.
     Position j is the distribution of the token following ``token_ids[: len - num_positions + 1 + j]``.
     Every pool is called once, except the roles already answered in `prescored` (the drafter's
-    own scores of its draft)."""
-    query = SequenceQuery(token_ids=token_ids, num_positions=num_positions, sequence_id=sequence_id)
+    own scores of its draft). With `sent`, each pool is sent only the tokens it has not seen yet
+    in this stream (it rebuilds the rest, or the fetcher resends the whole prefix)."""
     roles = merge.recipe.roles
     known = dict(prescored or {})
-    asked = {role: [query] for role in roles if role not in known}
+    asked = {
+        role: [
+            SequenceQuery(
+                token_ids=token_ids,
+                num_positions=num_positions,
+                sequence_id=sequence_id,
+                known_prefix_length=sent.known(role, token_ids) if sent else 0,
+            )
+        ]
+        for role in roles
+        if role not in known
+    }
     fetched = await ctx.fetcher.fetch(asked, merge.logprob_top_k, deadline, use_cache, stats) if asked else {}
+    if sent:
+        for role in asked:
+            sent.record(role, token_ids)
     results = {**{role: r[0] for role, r in fetched.items()}, **known}
     return [
         merge_position(
@@ -72,6 +87,30 @@ async def merged_block(
         )
         for j in range(num_positions)
     ]
+
+
+class SentPrefixes:
+    """What each pool was last sent in this stream, so the next call can omit what it holds."""
+
+    def __init__(self) -> None:
+        self._sent: dict[str, list[int]] = {}
+
+    def known(self, role: str, token_ids: list[int]) -> int:
+        sent = self._sent.get(role)
+        if not sent:
+            return 0
+        n = len(sent)
+        if n <= len(token_ids) and token_ids[:n] == sent:
+            return n  # the usual case: the prefix only grew
+        common = 0  # a speculative block was partly rejected: share up to the first difference
+        for a, b in zip(sent, token_ids):
+            if a != b:
+                break
+            common += 1
+        return common
+
+    def record(self, role: str, token_ids: list[int]) -> None:
+        self._sent[role] = list(token_ids)
 
 
 class _BlockSizer:
@@ -99,6 +138,7 @@ async def _next_tokens(
     fetch_stats: FetchStats,
     spec_stats: SpeculationStats,
     use_cache: bool,
+    sent: SentPrefixes,
 ) -> list[tuple[int, MergedDistribution]]:
     """The next token(s) with the merged distribution each was chosen from."""
     spec = plan.speculation
@@ -107,7 +147,7 @@ async def _next_tokens(
     k = min(sizer.size, tokens_left - 1, ctx.max_context - len(prefix) - 1) if sizer else 0
     if spec is None or sizer is None or k <= 0:
         (dist,) = await merged_block(
-            ctx, plan.merge, prefix, 1, plan.sequence_id, plan.deadline, use_cache, fetch_stats
+            ctx, plan.merge, prefix, 1, plan.sequence_id, plan.deadline, use_cache, fetch_stats, sent=sent
         )
         return [(choose_token(dist, plan.sampling, position=len(prefix)), dist)]
     # A drafter that is also a model of the recipe scores its own draft in the same call.
@@ -133,6 +173,7 @@ async def _next_tokens(
         use_cache,
         fetch_stats,
         prescored,
+        sent,
     )
     verdict = verify_block(dists, draft, plan.sampling, first_position=len(prefix), rule=spec.acceptance)
     spec_stats.speculative_blocks += 1
@@ -149,6 +190,7 @@ async def decode(ctx: DecodeContext, plan: GenerationPlan, use_cache: bool) -> A
     fetch_stats = FetchStats()
     spec_stats = SpeculationStats()
     sizer = _BlockSizer(plan.speculation) if plan.speculation else None
+    sent = SentPrefixes()
     detok = IncrementalDetokenizer(ctx.tokenizer, plan.prompt_ids)
     stops = StopStringMatcher(plan.sampling.stop)
     prefix = list(plan.prompt_ids)
@@ -160,7 +202,15 @@ async def decode(ctx: DecodeContext, plan: GenerationPlan, use_cache: bool) -> A
             finish = "context"
             break
         chosen = await _next_tokens(
-            ctx, plan, prefix, plan.sampling.max_new_tokens - generated, sizer, fetch_stats, spec_stats, use_cache
+            ctx,
+            plan,
+            prefix,
+            plan.sampling.max_new_tokens - generated,
+            sizer,
+            fetch_stats,
+            spec_stats,
+            use_cache,
+            sent,
         )
         for token, dist in chosen:
             generated += 1

@@ -10,6 +10,7 @@ Knows nothing about merging; the cache is a `NextTokenCache` (keys and codec liv
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TypeVar
 
@@ -18,7 +19,7 @@ from eft_serve.coordinator.pool_client import PoolClient
 from eft_serve.coordinator.request import FetchStats
 from eft_serve.deadline import seconds_left
 from eft_serve.engine.types import DraftedSequence, DraftQuery, ModelInfo, SequenceQuery, SequenceResult
-from eft_serve.errors import DeadlineExceeded, EftError, Unavailable
+from eft_serve.errors import DeadlineExceeded, EftError, PrefixUnknown, Unavailable
 
 _RETRY_BACKOFF_S = 0.2
 T = TypeVar("T")
@@ -38,14 +39,26 @@ class StepFetcher:
         self._infos = infos
         self._timeout = pool_call_timeout_s
         self._cache = cache
+        # Incremental prefixes a pool could not rebuild (resent whole): observability and tests.
+        self.prefix_resends = 0
 
     async def _call(
-        self, role: str, queries: list[SequenceQuery], logprob_top_k: int, deadline: float
+        self, role: str, queries: list[SequenceQuery], logprob_top_k: int, deadline: float, stats: FetchStats
     ) -> list[SequenceResult]:
         pool = self._pools[role]
-        return await self._with_retries(
-            role, deadline, lambda: pool.next_token_logprobs(queries, logprob_top_k, deadline)
-        )
+        try:
+            return await self._with_retries(
+                role, deadline, lambda: pool.next_token_logprobs(queries, logprob_top_k, deadline)
+            )
+        except PrefixUnknown:
+            # The replica that answered does not hold the head we left out (it restarted, or the
+            # sequence moved to another replica): resend whole prefixes — any replica can serve.
+            self.prefix_resends += 1
+            stats.pool_calls += 1
+            full = [dataclasses.replace(q, known_prefix_length=0) for q in queries]
+            return await self._with_retries(
+                role, deadline, lambda: pool.next_token_logprobs(full, logprob_top_k, deadline)
+            )
 
     async def draft(
         self, role: str, query: DraftQuery, deadline: float, stats: FetchStats, score_logprob_top_k: int | None = None
@@ -94,10 +107,14 @@ class StepFetcher:
         out: dict[str, list[SequenceResult | None]] = {r: [None] * len(qs) for r, qs in role_queries.items()}
         cache = self._cache if use_cache else None
         slots = [(role, i) for role, qs in role_queries.items() for i in range(len(qs))]
-        cached = {
-            (role, i): CachedQuery(self._infos[role].model_fingerprint, role_queries[role][i], logprob_top_k)
-            for role, i in slots
-        }
+        cached = (
+            {
+                (role, i): CachedQuery(self._infos[role].model_fingerprint, role_queries[role][i], logprob_top_k)
+                for role, i in slots
+            }
+            if cache is not None
+            else {}
+        )
         before = cache.stats() if cache is not None else None
         if cache is not None:
             found = await cache.lookup([cached[s] for s in slots])
@@ -109,7 +126,7 @@ class StepFetcher:
             stats.cache_errors += found.corrupt
         missing = {role: [i for i, r in enumerate(results) if r is None] for role, results in out.items()}
         calls = {
-            role: self._call(role, [role_queries[role][i] for i in idx], logprob_top_k, deadline)
+            role: self._call(role, [role_queries[role][i] for i in idx], logprob_top_k, deadline, stats)
             for role, idx in missing.items()
             if idx
         }
@@ -128,7 +145,8 @@ class StepFetcher:
                 assert not isinstance(answer, BaseException)
                 for i, result in zip(missing[role], answer):
                     out[role][i] = result
-                    fresh.append((cached[(role, i)], result))
+                    if cache is not None:
+                        fresh.append((cached[(role, i)], result))
             if cache is not None:
                 await cache.store(fresh)
         if cache is not None and before is not None:

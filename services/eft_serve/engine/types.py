@@ -28,6 +28,10 @@ class SequenceQuery:
     candidate_ids: Sequence[int] = ()
     # Routing/KV-cache affinity hint only; results never depend on it.
     sequence_id: str = ""
+    # Transport hint: the receiving pool may already hold token_ids[:known_prefix_length] under
+    # sequence_id, so a wire may send only the rest (it falls back to all of it if the pool does
+    # not). token_ids is always the whole prefix here; results never depend on the hint.
+    known_prefix_length: int = 0
 
 
 @dataclass

@@ -16,7 +16,7 @@ from ray import serve
 
 from eft_serve.config import PoolConfig
 from eft_serve.deadline import raise_if_expired
-from eft_serve.errors import EftError, InvalidArgument
+from eft_serve.errors import EftError, InvalidArgument, PrefixUnknown
 from eft_serve.proto_gen.eft.v1 import pool_pb2
 from eft_serve.serve.names import POOL_DEPLOYMENT
 from eft_serve.transport.pool_rpc import PoolRpc
@@ -67,8 +67,9 @@ class ModelPoolDeployment:
                 merged.sequences.extend(requests[i].sequences)
             try:
                 reply = await self._rpc.next_token_logprobs(merged)
-            except InvalidArgument:
-                # One bad request must not fail its batch-mates: answer them one by one.
+            except (InvalidArgument, PrefixUnknown):
+                # One bad request (or one whose prefix this replica does not hold) must not fail
+                # its batch-mates: answer them one by one.
                 for i in idx:
                     out[i] = await self._one(requests[i])
                 continue

@@ -1,6 +1,7 @@
 """The bodies of the `eft.v1.ModelPool` RPCs over an engine, shared by every pool transport.
 
-Owns request checks that need no model (batch shape) and proto conversion; the shared
+Owns request checks that need no model (batch shape), proto conversion and the replica's
+sequence memory (so a caller may send only new tokens, see `engine.sequence_memory`); the shared
 `EngineRunner` queues calls, checks the deadline and runs the engine off the event loop.
 Raises `EftError`s only; the transport's error boundary turns them into statuses.
 """
@@ -8,6 +9,7 @@ Raises `EftError`s only; the transport's error boundary turns them into statuses
 from __future__ import annotations
 
 from eft_serve.engine.runner import EngineRunner
+from eft_serve.engine.sequence_memory import SequenceMemory
 from eft_serve.engine.types import LogprobEngine
 from eft_serve.errors import InvalidArgument
 from eft_serve.proto_gen.eft.v1 import pool_pb2
@@ -25,15 +27,20 @@ class PoolRpc:
         self.engine = engine
         self.role = role
         self._runner = EngineRunner(engine, role)
+        # What this replica last saw of each sequence: callers may then send only new tokens.
+        self.sequences = SequenceMemory()
+        self.tokens_received = 0  # token ids that crossed the wire in NextTokenLogprobs requests
 
     async def next_token_logprobs(
         self, request: pool_pb2.NextTokenLogprobsRequest
     ) -> pool_pb2.NextTokenLogprobsResponse:
         if not request.sequences:
             raise InvalidArgument("NextTokenLogprobs needs at least one sequence")
-        results = await self._runner.next_token_logprobs(
-            queries_from_proto(request), request.logprob_top_k, request.deadline_unix_s
-        )
+        self.tokens_received += sum(len(s.token_ids) for s in request.sequences)
+        queries = queries_from_proto(request, self.sequences.restore)
+        results = await self._runner.next_token_logprobs(queries, request.logprob_top_k, request.deadline_unix_s)
+        for q in queries:
+            self.sequences.remember(q.sequence_id, q.token_ids)
         return results_to_proto(results, self.engine.info.model_fingerprint)
 
     async def draft(self, request: pool_pb2.DraftRequest) -> pool_pb2.DraftResponse:

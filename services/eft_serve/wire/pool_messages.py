@@ -7,7 +7,7 @@ channels, the coordinator's records or Redis.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -19,37 +19,58 @@ from eft_serve.engine.types import (
     SequenceQuery,
     SequenceResult,
 )
+from eft_serve.errors import PrefixUnknown
 from eft_serve.proto_gen.eft.v1 import pool_pb2
+
+
+def _omitted(q: SequenceQuery) -> int:
+    # Only with a sequence id (the pool's memory is keyed by it), and at least one token is sent.
+    if not q.sequence_id:
+        return 0
+    return max(0, min(q.known_prefix_length, len(q.token_ids) - 1))
 
 
 def queries_to_proto(
     queries: Sequence[SequenceQuery], logprob_top_k: int, deadline: float | None
 ) -> pool_pb2.NextTokenLogprobsRequest:
-    return pool_pb2.NextTokenLogprobsRequest(
-        sequences=[
-            pool_pb2.SequenceQuery(
-                sequence_id=q.sequence_id,
-                token_ids=list(q.token_ids),
-                num_positions=q.num_positions,
-                candidate_ids=list(q.candidate_ids),
-            )
-            for q in queries
-        ],
-        logprob_top_k=logprob_top_k,
-        deadline_unix_s=deadline or 0.0,
-    )
-
-
-def queries_from_proto(msg: pool_pb2.NextTokenLogprobsRequest) -> list[SequenceQuery]:
-    return [
-        SequenceQuery(
-            token_ids=list(s.token_ids),
-            num_positions=s.num_positions or 1,
-            candidate_ids=list(s.candidate_ids),
-            sequence_id=s.sequence_id,
+    """Queries on the wire; a query's `known_prefix_length` head is omitted (incremental prefix)."""
+    msg = pool_pb2.NextTokenLogprobsRequest(logprob_top_k=logprob_top_k, deadline_unix_s=deadline or 0.0)
+    for q in queries:
+        omitted = _omitted(q)
+        msg.sequences.add(
+            sequence_id=q.sequence_id,
+            token_ids=list(q.token_ids[omitted:]),
+            num_positions=q.num_positions,
+            candidate_ids=list(q.candidate_ids),
+            omitted_prefix_length=omitted,
         )
-        for s in msg.sequences
-    ]
+    return msg
+
+
+RestorePrefix = Callable[[str, int, Sequence[int]], list[int]]
+
+
+def queries_from_proto(
+    msg: pool_pb2.NextTokenLogprobsRequest, restore: RestorePrefix | None = None
+) -> list[SequenceQuery]:
+    """Whole-prefix queries; an omitted head is rebuilt by `restore(sequence_id, omitted, tail)`
+    (which raises `PrefixUnknown` when it cannot)."""
+    out = []
+    for s in msg.sequences:
+        tokens = list(s.token_ids)
+        if s.omitted_prefix_length:
+            if restore is None:
+                raise PrefixUnknown("this pool keeps no sequence memory; resend the whole prefix")
+            tokens = restore(s.sequence_id, s.omitted_prefix_length, tokens)
+        out.append(
+            SequenceQuery(
+                token_ids=tokens,
+                num_positions=s.num_positions or 1,
+                candidate_ids=list(s.candidate_ids),
+                sequence_id=s.sequence_id,
+            )
+        )
+    return out
 
 
 def position_to_proto(p: PositionLogprobs) -> pool_pb2.PositionLogprobs:
