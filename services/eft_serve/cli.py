@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -40,10 +41,33 @@ def _add_stack_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cache", action="store_true", help="disable the result cache (and the local Redis)")
 
 
+INSECURE_WARNING = (
+    "warning: auth is disabled (auth.enabled: false) and Ray Serve's gRPC proxy listens on ALL "
+    "interfaces ([::]:{port}), so anyone who can reach this machine can use the service.\n"
+    "Either enable API keys (auth: {{enabled: true, keys_file: keys.yaml}} in --config; `eft keys add` "
+    "makes keys) or, on a trusted machine or network, pass --insecure to serve without keys."
+)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from eft_serve.stack import local_stack
 
     cfg = _config_from_args(args)
+    if cfg.auth.keys_file:  # the coordinator replica may run in another directory
+        auth = cfg.auth.model_copy(update={"keys_file": str(Path(cfg.auth.keys_file).resolve())})
+        cfg = cfg.model_copy(update={"auth": auth})
+    if cfg.auth.enabled:
+        from eft_serve.auth.keys import load_key_store
+
+        try:  # fail here, before anything starts, rather than in the coordinator replica
+            store = load_key_store(cfg.auth.keys_file, cfg.auth.keys_env)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"[eft] API keys required ({len(store.keys)} keys)", flush=True)
+    elif not args.insecure:
+        print(INSECURE_WARNING.format(port=cfg.grpc.port), file=sys.stderr)
+        return 2
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -135,7 +159,7 @@ def _add_generate_flags(p: argparse.ArgumentParser) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     from eft_serve.client import EftClient
 
-    with EftClient(args.address) as client:
+    with EftClient(args.address, api_key=args.api_key) as client:
         text: list[str] = []
         ids: list[int] = []
         try:
@@ -201,16 +225,49 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_recipes(args: argparse.Namespace) -> int:
     from eft_serve.client import EftClient
 
-    with EftClient(args.address, timeout=10) as client:
-        reply = client.list_recipes()
+    with EftClient(args.address, timeout=10, api_key=args.api_key) as client:
+        try:
+            reply = client.list_recipes()
+            models = client.list_models().models
+        except grpc.RpcError as e:
+            print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 2
         for r in reply.recipes:
             mark = "*" if r.name == reply.default_recipe else " "
             print(f"{mark} {r.name:12s} {r.formula}\n    {r.description}")
-        for m in client.list_models().models:
+        for m in models:
             print(
                 f"  pool {m.role:11s} {m.name} ({m.num_parameters:,} params, vocab {m.vocab_size}, ctx {m.max_context})"
             )
     return 0
+
+
+def cmd_keys_add(args: argparse.Namespace) -> int:
+    from eft_serve.auth.keys import add_key
+
+    try:
+        key = add_key(
+            args.file,
+            args.id,
+            allowed_recipes=[r for r in (args.recipes or "").split(",") if r],
+            exact_mode=args.exact,
+            max_concurrent_streams=args.streams,
+            tokens_per_minute=args.tpm,
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"added key {args.id!r} to {args.file} (only its sha256 is stored); the key, shown once:", file=sys.stderr)
+    print(key)
+    return 0
+
+
+def _add_api_key_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("EFT_API_KEY"),
+        help="API key, sent as 'authorization: Bearer <key>' (default: $EFT_API_KEY)",
+    )
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -278,6 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the whole stack in the foreground on a local Ray cluster")
     _add_stack_flags(p)
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve without API keys although the gRPC proxy listens on all interfaces (trusted networks only)",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("generate", help="stream a completion from a running server")
@@ -285,12 +347,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default="127.0.0.1:9000")
     p.add_argument("--json", action="store_true", help="JSON lines; the last carries token_ids and text")
     p.add_argument("--model-logprobs", action="store_true", help="with --json: each model's logprob per token")
+    _add_api_key_flag(p)
     _add_generate_flags(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("recipes", help="list a running server's recipes and models")
     p.add_argument("--address", default="127.0.0.1:9000")
+    _add_api_key_flag(p)
     p.set_defaults(func=cmd_recipes)
+
+    keys = sub.add_parser("keys", help="manage the API keys file (auth.keys_file)")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    p = keys_sub.add_parser("add", help="make a random key, print it once, store only its sha256")
+    p.add_argument("--id", required=True, help="the key's name (in logs and messages)")
+    p.add_argument("--file", required=True, help="the keys file (YAML; created if missing)")
+    p.add_argument("--recipes", help="comma-separated recipes the key may use (default: all)")
+    p.add_argument("--exact", action="store_true", help="may request exact mode (logprob_top_k = 0)")
+    p.add_argument("--streams", type=int, default=4, help="concurrent calls (default %(default)s)")
+    p.add_argument("--tpm", type=int, help="generated tokens per minute (default: unlimited)")
+    p.set_defaults(func=cmd_keys_add)
 
     p = sub.add_parser("demo", help="build the demo family, start the stack, compare models side by side, stop")
     _add_stack_flags(p)

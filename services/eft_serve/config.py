@@ -193,6 +193,22 @@ class GrpcConfig(StrictModel):
     request_timeout_s: float | None = Field(None, gt=0)
 
 
+class AuthConfig(StrictModel):
+    """API keys on the client-facing gRPC API (README.md#authentication); off by default."""
+
+    enabled: bool = False
+    # YAML keys file (sha256 hashes only; `eft keys add` writes it), readable where the coordinator runs.
+    keys_file: str | None = None
+    # Name of an environment variable holding the same YAML (e.g. a Kubernetes Secret as env).
+    keys_env: str | None = None
+
+    @model_validator(mode="after")
+    def _has_keys(self) -> AuthConfig:
+        if self.enabled and self.keys_file is None and self.keys_env is None:
+            raise ValueError("auth.enabled needs auth.keys_file or auth.keys_env")
+        return self
+
+
 class RayConfig(StrictModel):
     # None: start a local cluster (`eft serve`); else connect, e.g. "ray://..." or "auto".
     address: str | None = None
@@ -211,6 +227,7 @@ class EftConfig(StrictModel):
     cache: CacheConfig = Field(default_factory=CacheConfig)
     local_redis: LocalRedisConfig = Field(default_factory=LocalRedisConfig)
     grpc: GrpcConfig = Field(default_factory=GrpcConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
     @model_validator(mode="after")

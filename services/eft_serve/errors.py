@@ -19,6 +19,8 @@ class Status(StrEnum):
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
     FAILED_PRECONDITION = "FAILED_PRECONDITION"
     CANCELLED = "CANCELLED"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
     INTERNAL = "INTERNAL"
 
 
@@ -46,6 +48,26 @@ class PrefixUnknown(EftError):
 
 class ResourceExhausted(EftError):
     status = Status.RESOURCE_EXHAUSTED
+
+
+class RateLimited(ResourceExhausted):
+    """Over a caller's quota: `retry_after_s` says when a retry can succeed (a `retry-after` hint)."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class Unauthenticated(EftError):
+    """No API key, or one the server does not know."""
+
+    status = Status.UNAUTHENTICATED
+
+
+class PermissionDenied(EftError):
+    """A known API key asked for something it is not allowed (a recipe, exact mode)."""
+
+    status = Status.PERMISSION_DENIED
 
 
 class Unavailable(EftError):

@@ -8,6 +8,7 @@ goes to stderr, so stdout is exactly the generated text. Exit 2 on an RPC error,
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -44,7 +45,7 @@ def _generate_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     final = None
-    with EftClient(args.address) as client:
+    with EftClient(args.address, api_key=args.api_key) as client:
         try:
             for msg in client.generate(args.prompt, **_generate_kwargs(args)):
                 print(msg.text, end="", flush=True)
@@ -69,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="stream a generation from a running EFT Serve")
     p.add_argument("prompt")
     p.add_argument("--address", default="127.0.0.1:9000", help="host:port of the service (default %(default)s)")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("EFT_API_KEY"),
+        help="API key, sent as 'authorization: Bearer <key>' (default: $EFT_API_KEY)",
+    )
     p.add_argument("--recipe", help="recipe name; default: the server's")
     p.add_argument("--beta", type=float, help="strength of the behaviour delta (default 1)")
     p.add_argument("--expert-weight", action="append", metavar="ROLE=W", help="per-expert weight (repeatable)")

@@ -3,6 +3,7 @@
 Owns request building from keyword arguments and the channel. Streaming `generate` yields
 `GenerateResponse` messages (text deltas; the last one carries finish reason and usage).
 Errors surface as `grpc.RpcError` with the server's status code and actionable details.
+`api_key` (or $EFT_API_KEY via the CLIs) is sent as `authorization: Bearer <key>` on every call.
 
 Design: this module is the one copy of the client code. It imports only grpcio and protobuf, so
 the `eft-serve-client` distribution (clients/python) installs without torch, transformers or Ray;
@@ -102,6 +103,11 @@ def build_generate_request(
     )
 
 
+def auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
+    """The call metadata carrying `api_key` (none without a key)."""
+    return (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
+
 def _health_check(channel: grpc.Channel | grpc.aio.Channel) -> Any:
     return channel.unary_unary(
         HEALTH_CHECK_METHOD,
@@ -111,23 +117,27 @@ def _health_check(channel: grpc.Channel | grpc.aio.Channel) -> Any:
 
 
 class EftClient:
-    """Blocking client. `timeout` is the gRPC deadline per call (seconds, None = none)."""
+    """Blocking client. `timeout` is the gRPC deadline per call (seconds, None = none); `api_key`
+    is sent as `authorization: Bearer <key>` on every call (servers with auth enabled need it)."""
 
-    def __init__(self, address: str = "127.0.0.1:9000", timeout: float | None = None) -> None:
+    def __init__(
+        self, address: str = "127.0.0.1:9000", timeout: float | None = None, api_key: str | None = None
+    ) -> None:
         self.address = address
         self.timeout = timeout
+        self._metadata = auth_metadata(api_key)
         self._channel = grpc.insecure_channel(address)
         self._stub: Any = eft_pb2_grpc.EftServiceStub(self._channel)  # type: ignore[no-untyped-call]
 
     def generate(self, prompt: str, **params: Any) -> Iterator[eft_pb2.GenerateResponse]:
         stream: Iterator[eft_pb2.GenerateResponse] = self._stub.Generate(
-            build_generate_request(prompt, **params), timeout=self.timeout
+            build_generate_request(prompt, **params), timeout=self.timeout, metadata=self._metadata
         )
         return stream
 
     def complete(self, prompt: str, **params: Any) -> eft_pb2.CompleteResponse:
         reply: eft_pb2.CompleteResponse = self._stub.Complete(
-            build_generate_request(prompt, **params), timeout=self.timeout
+            build_generate_request(prompt, **params), timeout=self.timeout, metadata=self._metadata
         )
         return reply
 
@@ -135,21 +145,26 @@ class EftClient:
         reply: eft_pb2.ScoreResponse = self._stub.Score(
             eft_pb2.ScoreRequest(prompt=prompt, continuation=continuation, merge=build_merge(**merge)),
             timeout=self.timeout,
+            metadata=self._metadata,
         )
         return reply
 
     def list_models(self) -> eft_pb2.ListModelsResponse:
-        reply: eft_pb2.ListModelsResponse = self._stub.ListModels(eft_pb2.ListModelsRequest(), timeout=self.timeout)
+        reply: eft_pb2.ListModelsResponse = self._stub.ListModels(
+            eft_pb2.ListModelsRequest(), timeout=self.timeout, metadata=self._metadata
+        )
         return reply
 
     def list_recipes(self) -> eft_pb2.ListRecipesResponse:
-        reply: eft_pb2.ListRecipesResponse = self._stub.ListRecipes(eft_pb2.ListRecipesRequest(), timeout=self.timeout)
+        reply: eft_pb2.ListRecipesResponse = self._stub.ListRecipes(
+            eft_pb2.ListRecipesRequest(), timeout=self.timeout, metadata=self._metadata
+        )
         return reply
 
     def health(self, service: str = "") -> int:
         """The `grpc.health.v1` serving status of `service` ("" = the server); 1 = SERVING."""
         reply: wrappers_pb2.Int32Value = _health_check(self._channel)(
-            wrappers_pb2.StringValue(value=service), timeout=self.timeout
+            wrappers_pb2.StringValue(value=service), timeout=self.timeout, metadata=self._metadata
         )
         return int(reply.value)
 
@@ -166,21 +181,24 @@ class EftClient:
 class AsyncEftClient:
     """asyncio client; `generate` returns an async iterator of stream messages."""
 
-    def __init__(self, address: str = "127.0.0.1:9000", timeout: float | None = None) -> None:
+    def __init__(
+        self, address: str = "127.0.0.1:9000", timeout: float | None = None, api_key: str | None = None
+    ) -> None:
         self.address = address
         self.timeout = timeout
+        self._metadata = auth_metadata(api_key)
         self._channel = grpc.aio.insecure_channel(address)
         self._stub: Any = eft_pb2_grpc.EftServiceStub(self._channel)  # type: ignore[no-untyped-call]
 
     def generate(self, prompt: str, **params: Any) -> AsyncIterator[eft_pb2.GenerateResponse]:
         stream: AsyncIterator[eft_pb2.GenerateResponse] = self._stub.Generate(
-            build_generate_request(prompt, **params), timeout=self.timeout
+            build_generate_request(prompt, **params), timeout=self.timeout, metadata=self._metadata
         )
         return stream
 
     async def complete(self, prompt: str, **params: Any) -> eft_pb2.CompleteResponse:
         reply: eft_pb2.CompleteResponse = await self._stub.Complete(
-            build_generate_request(prompt, **params), timeout=self.timeout
+            build_generate_request(prompt, **params), timeout=self.timeout, metadata=self._metadata
         )
         return reply
 
@@ -188,25 +206,26 @@ class AsyncEftClient:
         reply: eft_pb2.ScoreResponse = await self._stub.Score(
             eft_pb2.ScoreRequest(prompt=prompt, continuation=continuation, merge=build_merge(**merge)),
             timeout=self.timeout,
+            metadata=self._metadata,
         )
         return reply
 
     async def list_models(self) -> eft_pb2.ListModelsResponse:
         reply: eft_pb2.ListModelsResponse = await self._stub.ListModels(
-            eft_pb2.ListModelsRequest(), timeout=self.timeout
+            eft_pb2.ListModelsRequest(), timeout=self.timeout, metadata=self._metadata
         )
         return reply
 
     async def list_recipes(self) -> eft_pb2.ListRecipesResponse:
         reply: eft_pb2.ListRecipesResponse = await self._stub.ListRecipes(
-            eft_pb2.ListRecipesRequest(), timeout=self.timeout
+            eft_pb2.ListRecipesRequest(), timeout=self.timeout, metadata=self._metadata
         )
         return reply
 
     async def health(self, service: str = "") -> int:
         """The `grpc.health.v1` serving status of `service` ("" = the server); 1 = SERVING."""
         reply: wrappers_pb2.Int32Value = await _health_check(self._channel)(
-            wrappers_pb2.StringValue(value=service), timeout=self.timeout
+            wrappers_pb2.StringValue(value=service), timeout=self.timeout, metadata=self._metadata
         )
         return int(reply.value)
 

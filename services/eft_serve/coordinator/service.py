@@ -96,6 +96,11 @@ class EftCoordinator:
         return self._cfg.default_recipe
 
     @property
+    def default_logprob_top_k(self) -> int:
+        """What a request that does not set `logprob_top_k` gets (0 = exact)."""
+        return self._cfg.default_logprob_top_k
+
+    @property
     def eos_token_id(self) -> int:
         return self._started()[1].eos_token_id
 

@@ -3,12 +3,14 @@
 Owns replica start-up (tokenizer, pool handles, result cache, the vocabulary check — a mismatch
 fails the deployment with a message naming the pools); status codes on the proxy path come from
 the shared `transport.error_boundary` (set on Serve's gRPC context). Also answers
-`grpc.health.v1.Health/Check`.
+`grpc.health.v1.Health/Check` (open: no API key needed). API keys and quotas are checked in
+`CoordinatorRpc` from the call's metadata, as on the plain grpc.aio server.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -17,6 +19,8 @@ from typing import Any
 from grpc_health.v1 import health_pb2
 from ray import serve
 
+from eft_serve.auth.gate import Gate
+from eft_serve.auth.keys import load_key_store
 from eft_serve.config import EftConfig
 from eft_serve.coordinator.service import EftCoordinator
 from eft_serve.errors import FailedPrecondition, Unavailable
@@ -38,6 +42,9 @@ class CoordinatorDeployment:
         from eft_serve.model_paths import resolve_model_path
 
         cfg = EftConfig.model_validate(config)
+        # API keys (auth.enabled), loaded first so a bad keys file fails the replica at once;
+        # checked in `CoordinatorRpc`, the same as on the plain grpc.aio server.
+        gate = Gate(load_key_store(cfg.auth.keys_file, cfg.auth.keys_env)) if cfg.auth.enabled else None
         base_role = cfg.recipes[cfg.coordinator.default_recipe].base
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.pools[base_role].model))
         pools = {role: ServePoolClient(role) for role in cfg.pools}
@@ -56,36 +63,39 @@ class CoordinatorDeployment:
                     raise
                 log.warning("waiting for model pools: %s", e)
                 await asyncio.sleep(1.0)
-        self._rpc = CoordinatorRpc(self._coordinator)
+        self._rpc = CoordinatorRpc(self._coordinator, gate)
 
     # Serve passes its gRPC context to methods with a `grpc_context` parameter; the boundary
     # sets the status there (Serve's proxy reads it when the method raises).
     @error_boundary(set_on_serve_context)
     async def Generate(self, request, grpc_context) -> AsyncIterator[Any]:  # noqa: N802 (RPC name)
         try:
-            async for msg in await self._rpc.generate(request):
-                yield msg
+            async with contextlib.aclosing(
+                await self._rpc.generate(request, grpc_context.invocation_metadata())
+            ) as stream:
+                async for msg in stream:
+                    yield msg
         finally:
             self._metrics.export()
 
     @error_boundary(set_on_serve_context)
     async def Complete(self, request, grpc_context):  # noqa: N802
         try:
-            return await self._rpc.complete(request)
+            return await self._rpc.complete(request, grpc_context.invocation_metadata())
         finally:
             self._metrics.export()
 
     @error_boundary(set_on_serve_context)
     async def Score(self, request, grpc_context):  # noqa: N802
-        return await self._rpc.score(request)
+        return await self._rpc.score(request, grpc_context.invocation_metadata())
 
     @error_boundary(set_on_serve_context)
     async def ListModels(self, request, grpc_context):  # noqa: N802
-        return self._rpc.list_models()
+        return self._rpc.list_models(grpc_context.invocation_metadata())
 
     @error_boundary(set_on_serve_context)
     async def ListRecipes(self, request, grpc_context):  # noqa: N802
-        return self._rpc.list_recipes()
+        return self._rpc.list_recipes(grpc_context.invocation_metadata())
 
     async def Check(self, request):  # noqa: N802 (grpc.health.v1.Health/Check)
         # A replica exists only after its start-up vocabulary check passed: it can serve.

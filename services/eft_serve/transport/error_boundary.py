@@ -10,27 +10,32 @@ its context. Knows nothing of what the methods do.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, NoReturn, Protocol, TypeVar, cast
 
 import grpc
 
-from eft_serve.transport.status import to_grpc_status
+from eft_serve.transport.status import to_grpc_status, trailing_metadata_of
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 class StatusSink(Protocol):
-    """Delivers (code, details) for a failed call through `context`; must not return normally."""
+    """Delivers (code, details, trailing metadata) for a failed call through `context`; must not return normally."""
 
-    async def __call__(self, context: Any, code: grpc.StatusCode, details: str) -> NoReturn: ...
+    async def __call__(
+        self, context: Any, code: grpc.StatusCode, details: str, trailing: Sequence[tuple[str, str]] = ()
+    ) -> NoReturn: ...
 
 
-async def abort_grpc_aio(context: Any, code: grpc.StatusCode, details: str) -> NoReturn:
+async def abort_grpc_aio(
+    context: Any, code: grpc.StatusCode, details: str, trailing: Sequence[tuple[str, str]] = ()
+) -> NoReturn:
     """For grpc.aio servicers: `context.abort` ends the call with the status."""
-    await context.abort(code, details)
+    await context.abort(code, details, trailing_metadata=tuple(trailing))
     raise AssertionError("grpc.aio context.abort returned")  # it always raises
 
 
@@ -38,10 +43,14 @@ class RpcFailed(Exception):
     """Raised after the status is set on a Ray Serve gRPC context (Serve needs an exception)."""
 
 
-async def set_on_serve_context(context: Any, code: grpc.StatusCode, details: str) -> NoReturn:
+async def set_on_serve_context(
+    context: Any, code: grpc.StatusCode, details: str, trailing: Sequence[tuple[str, str]] = ()
+) -> NoReturn:
     """For Ray Serve deployments behind its gRPC proxy: the proxy sends the code set here."""
     context.set_code(code)
     context.set_details(details)
+    if trailing:
+        context.set_trailing_metadata(list(trailing))
     raise RpcFailed(details) from None  # the status says it all; no chained trace
 
 
@@ -68,10 +77,13 @@ def error_boundary(sink: StatusSink) -> Callable[[F], F]:
             @functools.wraps(method)
             async def streaming(self: Any, request: Any, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
                 try:
-                    async for item in method(self, request, *args, **kwargs):
-                        yield item
+                    # aclosing: a stream closed early (client gone) closes the method's too, so its
+                    # `finally` blocks (quota release, metrics) run now, not at garbage collection.
+                    async with contextlib.aclosing(method(self, request, *args, **kwargs)) as items:
+                        async for item in items:
+                            yield item
                 except Exception as e:  # noqa: BLE001 - this is the boundary
-                    await sink(_context_of(args, kwargs), *to_grpc_status(e))
+                    await sink(_context_of(args, kwargs), *to_grpc_status(e), trailing_metadata_of(e))
 
             return cast(F, streaming)
 
@@ -80,7 +92,7 @@ def error_boundary(sink: StatusSink) -> Callable[[F], F]:
             try:
                 return await cast(Callable[..., Awaitable[Any]], method)(self, request, *args, **kwargs)
             except Exception as e:  # noqa: BLE001 - this is the boundary
-                await sink(_context_of(args, kwargs), *to_grpc_status(e))
+                await sink(_context_of(args, kwargs), *to_grpc_status(e), trailing_metadata_of(e))
 
         return cast(F, unary)
 

@@ -1,12 +1,14 @@
 """The client-facing `eft.v1.EftService` over plain grpc.aio, with health and reflection.
 
 Owns the grpc.aio servicer (status codes via `context.abort`) and a server factory bound to
-loopback by default. Inside Ray Serve the proxy plays this role (`serve.coordinator_deployment`);
+loopback by default; health and reflection need no API key. Inside Ray Serve the proxy plays this role (`serve.coordinator_deployment`);
 this server runs the same `CoordinatorRpc` without Ray (integration tests, a Ray-less deployment).
 Errors leave servicer methods through the shared `transport.error_boundary`.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -28,24 +30,25 @@ class EftServicer(eft_pb2_grpc.EftServiceServicer):
 
     @error_boundary(abort_grpc_aio)
     async def Generate(self, request, context):  # noqa: N802 (gRPC method name)
-        async for msg in await self._rpc.generate(request):
-            yield msg
+        async with contextlib.aclosing(await self._rpc.generate(request, context.invocation_metadata())) as stream:
+            async for msg in stream:
+                yield msg
 
     @error_boundary(abort_grpc_aio)
     async def Complete(self, request, context):  # noqa: N802
-        return await self._rpc.complete(request)
+        return await self._rpc.complete(request, context.invocation_metadata())
 
     @error_boundary(abort_grpc_aio)
     async def Score(self, request, context):  # noqa: N802
-        return await self._rpc.score(request)
+        return await self._rpc.score(request, context.invocation_metadata())
 
     @error_boundary(abort_grpc_aio)
     async def ListModels(self, request, context):  # noqa: N802
-        return self._rpc.list_models()
+        return self._rpc.list_models(context.invocation_metadata())
 
     @error_boundary(abort_grpc_aio)
     async def ListRecipes(self, request, context):  # noqa: N802
-        return self._rpc.list_recipes()
+        return self._rpc.list_recipes(context.invocation_metadata())
 
 
 async def start_coordinator_server(

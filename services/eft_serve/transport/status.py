@@ -7,11 +7,12 @@ unexpected exception reaches a client as INTERNAL with a reference, never a stac
 from __future__ import annotations
 
 import logging
+import math
 import uuid
 
 import grpc
 
-from eft_serve.errors import EftError, Status
+from eft_serve.errors import EftError, RateLimited, Status
 
 log = logging.getLogger("eft_serve")
 
@@ -23,6 +24,8 @@ _CODES = {
     Status.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
     Status.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
     Status.CANCELLED: grpc.StatusCode.CANCELLED,
+    Status.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    Status.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
     Status.INTERNAL: grpc.StatusCode.INTERNAL,
 }
 
@@ -36,6 +39,13 @@ def to_grpc_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     ref = uuid.uuid4().hex[:12]
     log.error("unexpected error (ref %s)", ref, exc_info=exc)
     return grpc.StatusCode.INTERNAL, f"internal error (ref {ref}); the server log has the details"
+
+
+def trailing_metadata_of(exc: BaseException) -> tuple[tuple[str, str], ...]:
+    """Trailing metadata that goes with the status of `exc`: `retry-after` (whole seconds) when over a quota."""
+    if isinstance(exc, RateLimited):
+        return (("retry-after", str(max(1, math.ceil(exc.retry_after_s)))),)
+    return ()
 
 
 def status_from_grpc(code: grpc.StatusCode) -> Status:
