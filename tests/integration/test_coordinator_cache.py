@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import redis
 
+from eft_serve.cache.codec import decode_result, encode_result
 from eft_serve.cache.config import CacheConfig
 from eft_serve.cache.memory import MemoryCache
-from eft_serve.cache.redis_cache import RedisCache
+from eft_serve.cache.redis_cache import RedisCache, frame_value, unframe_value
 from eft_serve.coordinator.request import GenerationRequest, MergeOptions, SpeculativeOptions
+from eft_serve.engine.types import SequenceResult
 
 from fakes import fake_coordinator, fake_engines
 
@@ -120,6 +123,41 @@ async def test_garbage_under_our_keys_is_ignored_and_overwritten(redis_url: str)
     healed = await run(coord, temperature=0)
     assert healed[:2] == expected[:2] and healed[2].fetch.cache_hits == healed[2].completion_tokens * 3
     client.close()
+
+
+async def test_well_framed_values_of_the_wrong_shape_are_misses_never_errors(redis_url: str) -> None:
+    # Values that pass the frame and CRC and parse as protobuf, but cannot be the answer stored
+    # under their key (another writer, an old version, a bug): each is a miss, overwritten.
+    coord = fake_coordinator(cache=redis_cache(redis_url))
+    await coord.start()
+    expected = await run(coord, temperature=0)
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(match="eft:v1:*"))
+    assert len(keys) >= 5
+
+    def break_it(result: SequenceResult, how: int) -> SequenceResult:
+        p = result.positions[0]
+        if how == 0:
+            return SequenceResult(positions=[])  # no positions
+        if how == 1:
+            return SequenceResult(positions=[p, p])  # more positions than asked
+        if how == 2:
+            p.top_ids = np.full_like(p.top_ids, 10_000)  # ids outside the vocabulary
+        elif how == 3:
+            p.top_logprobs = p.top_logprobs[:-1]  # lengths disagree
+        else:
+            p.top_logprobs = np.full_like(p.top_logprobs, np.nan)  # NaN logprobs
+        return result
+
+    for i, key in enumerate(keys):
+        good = decode_result(unframe_value(client.get(key)))
+        client.set(key, frame_value(encode_result(break_it(good, i % 5))))
+    polluted = await run(coord, temperature=0)
+    assert polluted[:2] == expected[:2] and polluted[2].fetch.cache_errors > 0
+    healed = await run(coord, temperature=0)
+    assert healed[:2] == expected[:2] and healed[2].fetch.cache_hits == healed[2].completion_tokens * 3
+    client.close()
+    await coord.cache.close()
 
 
 async def test_cache_can_be_disabled_per_recipe(redis_url: str) -> None:

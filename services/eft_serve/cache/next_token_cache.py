@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from eft_serve.cache.base import CacheStats, ResultCache
-from eft_serve.cache.codec import CorruptValue, decode_result, encode_result
+from eft_serve.cache.codec import CorruptValue, ExpectedShape, decode_checked, encode_result
 from eft_serve.cache.keys import DEFAULT_KEY_PREFIX, candidates_shape, next_token_key
 from eft_serve.engine.types import SequenceQuery, SequenceResult
 
@@ -24,6 +24,15 @@ class CachedQuery:
     model_fingerprint: str
     query: SequenceQuery
     logprob_top_k: int
+    vocab_size: int
+
+    def expected(self) -> ExpectedShape:
+        return ExpectedShape(
+            num_positions=self.query.num_positions,
+            num_candidates=len(self.query.candidate_ids),
+            logprob_top_k=self.logprob_top_k,
+            vocab_size=self.vocab_size,
+        )
 
 
 @dataclass
@@ -65,13 +74,9 @@ class NextTokenCache:
                 results.append(None)
                 continue
             try:
-                result = decode_result(raw)
+                result = decode_checked(raw, item.expected())
             except CorruptValue:
                 corrupt += 1  # a miss now; the fresh result overwrites it
-                results.append(None)
-                continue
-            if len(result.positions) != item.query.num_positions:
-                corrupt += 1
                 results.append(None)
                 continue
             results.append(result)

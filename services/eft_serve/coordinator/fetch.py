@@ -109,7 +109,12 @@ class StepFetcher:
         slots = [(role, i) for role, qs in role_queries.items() for i in range(len(qs))]
         cached = (
             {
-                (role, i): CachedQuery(self._infos[role].model_fingerprint, role_queries[role][i], logprob_top_k)
+                (role, i): CachedQuery(
+                    self._infos[role].model_fingerprint,
+                    role_queries[role][i],
+                    logprob_top_k,
+                    self._infos[role].vocab_size,
+                )
                 for role, i in slots
             }
             if cache is not None
