@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 import threading
@@ -19,6 +18,7 @@ from typing import Any
 import grpc
 
 from eft_serve.config import EftConfig, load_config
+from eft_serve_client.cli import add_api_key_flag, add_request_flags, request_kwargs
 
 
 def _config_from_args(args: argparse.Namespace) -> EftConfig:
@@ -79,81 +79,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _generate_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    weights = {}
-    for item in args.expert_weight or []:
-        name, _, value = item.partition("=")
-        weights[name] = float(value)
-    return dict(
-        recipe=args.recipe,
-        beta=args.beta,
-        expert_weights=weights,
-        conservative=args.conservative,
-        logprob_top_k=args.logprob_top_k,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.sample_top_k,
-        seed=args.seed,
-        max_new_tokens=args.max_new_tokens,
-        stop=args.stop or [],
-        return_logprobs=args.json,
-        return_model_logprobs=args.json and args.model_logprobs,
-        timeout_s=args.timeout,
-        speculative=args.speculative,
-        max_draft_tokens=args.max_draft_tokens,
-    )
-
-
-class _ChangedMeaning(argparse.Action):
-    """`--top-k` used to set the merge's per-model logprob truncation, while the request field
-    `top_k` is the sampling truncation. Rather than silently change what it does, it fails with
-    the new spelling for one release; afterwards it will mean `sampling.top_k`."""
-
-    def __call__(
-        self,
-        parser: argparse.ArgumentParser,
-        namespace: argparse.Namespace,
-        values: Any,
-        option_string: str | None = None,
-    ) -> None:
-        parser.error(
-            "--top-k is retired for this release because its meaning is changing: use --logprob-top-k K "
-            "for the per-model logprob truncation it used to set (merge.logprob_top_k; 0 = exact), or "
-            "--sample-top-k K for top-k sampling of the merged distribution (sampling.top_k)"
-        )
-
-
-def _add_generate_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--recipe", help="recipe name (see `eft recipes`); default: the server's (upscale)")
-    p.add_argument("--beta", type=float, help="strength of the behaviour delta (default 1)")
-    p.add_argument("--expert-weight", action="append", metavar="ROLE=W", help="per-expert weight (interpolation)")
-    p.add_argument("--conservative", action="store_true", help="conservative decoding")
-    p.add_argument(
-        "--logprob-top-k",
-        type=int,
-        metavar="K",
-        help="merge.logprob_top_k: per-model top-k logprobs merged; 0 = exact full vocabulary",
-    )
-    p.add_argument("--top-k", action=_ChangedMeaning, nargs="?", help=argparse.SUPPRESS)
-    p.add_argument("--temperature", type=float, help="0 = greedy (default 1)")
-    p.add_argument("--top-p", type=float)
-    p.add_argument(
-        "--sample-top-k",
-        type=int,
-        default=0,
-        metavar="K",
-        help="sampling.top_k: top-k truncation of the merged distribution (0 = off)",
-    )
-    p.add_argument("--seed", type=int)
-    p.add_argument("--max-new-tokens", type=int)
-    p.add_argument("--stop", action="append", help="stop string (repeatable)")
-    p.add_argument("--timeout", type=float, default=0.0, help="request deadline in seconds")
-    p.add_argument(
-        "--speculative",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="speculative.enabled: draft-and-verify decoding (same output); default: the server's",
-    )
-    p.add_argument("--max-draft-tokens", type=int, metavar="K", help="speculative.max_draft_tokens per block")
+    return {
+        **request_kwargs(args),
+        "return_logprobs": args.json,
+        "return_model_logprobs": args.json and args.model_logprobs,
+    }
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -262,14 +192,6 @@ def cmd_keys_add(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_api_key_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--api-key",
-        default=os.environ.get("EFT_API_KEY"),
-        help="API key, sent as 'authorization: Bearer <key>' (default: $EFT_API_KEY)",
-    )
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     from eft_serve.showcase import run_demo
 
@@ -347,13 +269,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default="127.0.0.1:9000")
     p.add_argument("--json", action="store_true", help="JSON lines; the last carries token_ids and text")
     p.add_argument("--model-logprobs", action="store_true", help="with --json: each model's logprob per token")
-    _add_api_key_flag(p)
-    _add_generate_flags(p)
+    add_api_key_flag(p)
+    add_request_flags(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("recipes", help="list a running server's recipes and models")
     p.add_argument("--address", default="127.0.0.1:9000")
-    _add_api_key_flag(p)
+    add_api_key_flag(p)
     p.set_defaults(func=cmd_recipes)
 
     keys = sub.add_parser("keys", help="manage the API keys file (auth.keys_file)")
