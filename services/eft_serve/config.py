@@ -118,6 +118,9 @@ class PoolConfig(StrictModel):
     # Send every call of one sequence to the same replica (its KV cache), least loaded when it is
     # full; off = Serve's default router (power of two choices).
     kv_affinity: bool = True
+    # Serve's periodic replica health check runs a 1-token forward (queued fairly with requests);
+    # slower than this, or failing, and Serve restarts the replica.
+    health_check_timeout_s: float = Field(10.0, gt=0)
     replica: ReplicaConfig = Field(default_factory=ReplicaConfig)
 
 
@@ -184,6 +187,10 @@ class CoordinatorConfig(StrictModel):
     conservative_top_p: float = Field(0.9, gt=0, le=1)
     # How long startup waits for the pools to answer Info (vocabulary check).
     startup_timeout_s: float = Field(300.0, gt=0)
+    # Health: every period each pool's Info is probed (under the timeout); gRPC health checks
+    # answer SERVING only while every pool answered its last probe.
+    health_probe_period_s: float = Field(2.0, gt=0)
+    health_probe_timeout_s: float = Field(1.0, gt=0)
     speculative: SpeculativeConfig = Field(default_factory=SpeculativeConfig)
     replica: ReplicaConfig = Field(default_factory=lambda: ReplicaConfig(num_cpus=0.5, max_ongoing_requests=64))
 

@@ -40,6 +40,7 @@ async def stack():
     try:
         yield {"address": f"127.0.0.1:{port}", "pool_servers": servers[:-1], "engines": engines, "rpcs": rpcs}
     finally:
+        await coord.stop()
         for c in clients:
             await c.close()
         for s in servers:

@@ -1,6 +1,7 @@
 """The coordinator façade: start-up checks, then validate → decode for `Generate`, and `Score`.
 
-Owns start-up (every pool's identity, the shared-vocabulary check, the tokenizer check) and the
+Owns start-up (every pool's identity, the shared-vocabulary check, the tokenizer check), the
+cached health verdict (`health`: the background pool probe, stopped by `stop`) and the
 wiring of the pieces each request runs through: `validate` (request → plan), `decode` (the
 token loop), `fetch` (one step's pool and cache traffic). Transport-neutral: pools arrive as
 `PoolClient`s, the tokenizer as any HF tokenizer, the cache as a `NextTokenCache` or None.
@@ -16,6 +17,7 @@ from eft_serve.cache.next_token_cache import NextTokenCache
 from eft_serve.config import CoordinatorConfig, RecipeConfig
 from eft_serve.coordinator.decode import DecodeContext, decode
 from eft_serve.coordinator.fetch import StepFetcher
+from eft_serve.coordinator.health import HealthListener, HealthReport, PoolProber
 from eft_serve.coordinator.pool_client import PoolClient
 from eft_serve.coordinator.request import (
     FetchStats,
@@ -48,6 +50,7 @@ class EftCoordinator:
         self.infos: dict[str, ModelInfo] = {}
         self._validator: RequestValidator | None = None
         self._ctx: DecodeContext | None = None
+        self._prober = PoolProber(self._pools, config.health_probe_period_s, config.health_probe_timeout_s)
 
     # ---- startup -------------------------------------------------------------------------
 
@@ -77,6 +80,25 @@ class EftCoordinator:
         self._validator = RequestValidator(self._recipes, self._cfg, self._tok, limits)
         self._ctx = DecodeContext(fetcher, self._tok, limits.vocab_size, limits.max_context, eos)
         self.infos = infos
+        await self._prober.start()  # every pool just answered: SERVING until a probe says otherwise
+
+    async def stop(self) -> None:
+        """Stop the background pool probe (idempotent)."""
+        await self._prober.stop()
+
+    def stop_nowait(self) -> None:
+        """Cancel the background pool probe without waiting (synchronous shutdown hooks)."""
+        self._prober.stop_nowait()
+
+    # ---- health --------------------------------------------------------------------------
+
+    def health(self) -> HealthReport:
+        """SERVING iff start-up finished and every pool answered its last probe; never calls a pool."""
+        return self._prober.report()
+
+    def add_health_listener(self, listener: HealthListener) -> None:
+        """Awaited with the new report whenever health changes (SERVING <-> NOT_SERVING)."""
+        self._prober.add_listener(listener)
 
     def _started(self) -> tuple[RequestValidator, DecodeContext]:
         if self._validator is None or self._ctx is None:

@@ -4,13 +4,16 @@ Owns the rules every pool path shares (the in-process pool and the pool RPC behi
 Ray Serve): calls queue for the engine in arrival order, the request's deadline is checked
 once the call reaches the engine (time spent queued counts), the engine runs in a worker
 thread so the event loop keeps serving, and an engine `ValueError` (bad ids, too long) becomes
-INVALID_ARGUMENT naming the pool. Knows nothing of transports, protobuf or Ray.
+INVALID_ARGUMENT naming the pool. A cancelled call frees the engine only when its worker thread
+ends. `probe` is the replica health check (a 1-token forward under a timeout). Knows nothing of
+transports, protobuf or Ray.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from eft_serve.deadline import raise_if_expired
 from eft_serve.engine.types import (
@@ -21,7 +24,9 @@ from eft_serve.engine.types import (
     SequenceQuery,
     SequenceResult,
 )
-from eft_serve.errors import InvalidArgument
+from eft_serve.errors import InvalidArgument, Unavailable
+
+_T = TypeVar("_T")
 
 
 class EngineRunner:
@@ -38,12 +43,7 @@ class EngineRunner:
     async def next_token_logprobs(
         self, queries: Sequence[SequenceQuery], logprob_top_k: int, deadline: float | None = None
     ) -> list[SequenceResult]:
-        async with self._lock:
-            raise_if_expired(deadline, f"model pool {self.role!r}")
-            try:
-                return await asyncio.to_thread(self.engine.next_token_logprobs, queries, logprob_top_k)
-            except ValueError as e:
-                raise InvalidArgument(f"model pool {self.role!r}: {e}") from None
+        return await self._run(deadline, self.engine.next_token_logprobs, queries, logprob_top_k)
 
     async def draft(
         self, queries: Sequence[DraftQuery], deadline: float | None = None, score_logprob_top_k: int | None = None
@@ -51,12 +51,42 @@ class EngineRunner:
         """Greedy drafts; with `score_logprob_top_k`, each also scored by this model (see
         `DraftedSequence`) in the same engine turn — the scores are exactly what
         `next_token_logprobs` answers for prefix + draft, because that is how they are computed."""
-        async with self._lock:
+        return await self._run(deadline, self._draft, queries, score_logprob_top_k)
+
+    async def probe(self, timeout_s: float) -> None:
+        """A liveness check: one 1-token forward (top-1), queued like any call; raises Unavailable
+        if it fails or does not finish within `timeout_s` (a hung or wedged engine)."""
+        query = SequenceQuery(token_ids=[self.info.eos_token_id], num_positions=1)
+        try:
+            await asyncio.wait_for(self.next_token_logprobs([query], 1), timeout_s)
+        except TimeoutError:
+            raise Unavailable(
+                f"model pool {self.role!r}: a 1-token health check did not finish within {timeout_s:g}s"
+            ) from None
+        except Exception as e:
+            raise Unavailable(f"model pool {self.role!r}: health check failed: {type(e).__name__}: {e}") from e
+
+    async def _run(self, deadline: float | None, fn: Callable[..., _T], *args: Any) -> _T:
+        """`fn(*args)` in a worker thread, alone on the engine. A cancelled caller (client gone,
+        a timeout) returns at once, but the lock is held until the thread ends: a running engine
+        call cannot be stopped, and the next one must not overlap it."""
+        await self._lock.acquire()
+        try:
             raise_if_expired(deadline, f"model pool {self.role!r}")
-            try:
-                return await asyncio.to_thread(self._draft, queries, score_logprob_top_k)
-            except ValueError as e:
-                raise InvalidArgument(f"model pool {self.role!r}: {e}") from None
+            work = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+        except BaseException:
+            self._lock.release()
+            raise
+        work.add_done_callback(self._release)
+        try:
+            return await asyncio.shield(work)
+        except ValueError as e:
+            raise InvalidArgument(f"model pool {self.role!r}: {e}") from None
+
+    def _release(self, work: asyncio.Future[Any]) -> None:
+        self._lock.release()
+        if not work.cancelled():
+            work.exception()  # retrieved: a caller that was cancelled no longer awaits it
 
     def _draft(self, queries: Sequence[DraftQuery], score_logprob_top_k: int | None) -> list[DraftedSequence]:
         drafts = self.engine.draft(queries)

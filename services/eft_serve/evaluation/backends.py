@@ -82,6 +82,7 @@ class CoordinatorGenerator:
         return self._run(collect())
 
     def close(self) -> None:
+        self._run(self._coordinator.stop())  # its background pool probe
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
         self._loop.close()

@@ -3,7 +3,8 @@
 Owns replica start-up (tokenizer, pool handles, result cache, the vocabulary check — a mismatch
 fails the deployment with a message naming the pools); status codes on the proxy path come from
 the shared `transport.error_boundary` (set on Serve's gRPC context). Also answers
-`grpc.health.v1.Health/Check` (open: no API key needed). API keys and quotas are checked in
+`grpc.health.v1.Health/Check` (open: no API key needed) from the coordinator's cached pool probe:
+NOT_SERVING while a pool is unreachable. API keys and quotas are checked in
 `CoordinatorRpc` from the call's metadata, as on the plain grpc.aio server.
 """
 
@@ -29,6 +30,7 @@ from eft_serve.serve.names import COORDINATOR_DEPLOYMENT
 from eft_serve.serve.pool_handle import ServePoolClient
 from eft_serve.transport.coordinator_rpc import CoordinatorRpc
 from eft_serve.transport.error_boundary import error_boundary, set_on_serve_context
+from eft_serve.transport.status import health_status
 
 log = logging.getLogger("eft_serve")
 
@@ -97,11 +99,25 @@ class CoordinatorDeployment:
     async def ListRecipes(self, request, grpc_context):  # noqa: N802
         return self._rpc.list_recipes(grpc_context.invocation_metadata())
 
+    def _health(self) -> Any:
+        # From the coordinator's cached pool probe (no pool call): SERVING iff every pool
+        # answered its last probe.
+        report = self._coordinator.health()
+        if not report.serving:
+            log.warning("health check answered NOT_SERVING: %s", report.detail)
+        return health_pb2.HealthCheckResponse(status=health_status(report))
+
     async def Check(self, request):  # noqa: N802 (grpc.health.v1.Health/Check)
-        # A replica exists only after its start-up vocabulary check passed: it can serve.
-        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+        return self._health()
 
     async def Watch(self, request) -> AsyncIterator[Any]:  # noqa: N802 (grpc.health.v1.Health/Watch)
         # One update, then the stream ends: holding a replica slot per watcher would starve
         # real requests; watchers re-subscribe (or poll Check) as gRPC health clients do on end.
-        yield health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+        yield self._health()
+
+    def __del__(self) -> None:
+        # Serve calls this on replica shutdown (and Python may again at collection; sync so that
+        # is harmless): stop the background pool probe.
+        coordinator = getattr(self, "_coordinator", None)
+        if coordinator is not None:
+            coordinator.stop_nowait()

@@ -4,12 +4,12 @@ Owns replica start-up (engine load; the engine sets torch's thread count) and Se
 `NextTokenLogprobs` calls to one replica are coalesced into one engine call so sequences from
 different requests share forward passes. Messages travel as serialized `eft.v1` protobuf bytes.
 Each `NextTokenLogprobs` answer names the replica that served it (`replica_id`), so KV-affinity
-routing can be observed. Errors leave as `EftError`s; the caller maps them.
+routing can be observed. `check_health` (Serve's periodic replica check) runs a 1-token forward
+under `health_check_timeout_s`, so a hung engine gets its replica restarted. Errors leave as `EftError`s; the caller maps them.
 """
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from ray import serve
@@ -41,6 +41,7 @@ class ModelPoolDeployment:
         self.role = role
         self._replica_id = serve.get_replica_context().replica_id.unique_id
         self._rpc = PoolRpc(engine, role)
+        self._health_check_timeout_s = cfg.health_check_timeout_s
         self._batched.set_max_batch_size(cfg.max_batch_size)
         self._batched.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
 
@@ -95,5 +96,6 @@ class ModelPoolDeployment:
         return self._rpc.info().SerializeToString()
 
     async def check_health(self) -> None:
-        # The engine is loaded in __init__; a replica that got here can serve.
-        await asyncio.sleep(0)
+        # Serve calls this periodically: a 1-token forward through the engine queue; raising
+        # (failure or timeout) makes Serve restart the replica.
+        await self._rpc.check_health(self._health_check_timeout_s)

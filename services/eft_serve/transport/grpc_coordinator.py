@@ -1,7 +1,8 @@
 """The client-facing `eft.v1.EftService` over plain grpc.aio, with health and reflection.
 
 Owns the grpc.aio servicer (status codes via `context.abort`) and a server factory bound to
-loopback by default; health and reflection need no API key. Inside Ray Serve the proxy plays this role (`serve.coordinator_deployment`);
+loopback by default; health and reflection need no API key. Health follows the coordinator's
+cached pool probe (`EftCoordinator.health`): NOT_SERVING while any pool is unreachable. Inside Ray Serve the proxy plays this role (`serve.coordinator_deployment`);
 this server runs the same `CoordinatorRpc` without Ray (integration tests, a Ray-less deployment).
 Errors leave servicer methods through the shared `transport.error_boundary`.
 """
@@ -11,14 +12,16 @@ from __future__ import annotations
 import contextlib
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from eft_serve.coordinator.health import HealthReport
 from eft_serve.proto_gen.eft.v1 import eft_pb2, eft_pb2_grpc, pool_pb2, pool_pb2_grpc
 from eft_serve.transport.coordinator_rpc import CoordinatorRpc
 from eft_serve.transport.error_boundary import abort_grpc_aio, error_boundary
 from eft_serve.transport.grpc_pool import PoolServicer
 from eft_serve.transport.pool_rpc import PoolRpc
+from eft_serve.transport.status import health_status
 
 SERVICE_NAME = eft_pb2.DESCRIPTOR.services_by_name["EftService"].full_name
 POOL_SERVICE_NAME = pool_pb2.DESCRIPTOR.services_by_name["ModelPool"].full_name
@@ -62,8 +65,16 @@ async def start_coordinator_server(
     reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
-    await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+
+    async def publish(report: HealthReport) -> None:
+        status = health_status(report)
+        for name in (SERVICE_NAME, ""):
+            await health_servicer.set(name, status)
+
+    # Check/Watch answer from the servicer's table, updated whenever the coordinator's cached
+    # pool probe changes its verdict: a health check never waits on a pool or a request.
+    await publish(rpc.coordinator.health())
+    rpc.coordinator.add_health_listener(publish)
     return server, bound
 
 

@@ -48,5 +48,9 @@ class PoolRpc:
         drafts = await self._runner.draft(drafts_from_proto(request), request.deadline_unix_s, score_k)
         return drafted_to_proto(drafts)
 
+    async def check_health(self, timeout_s: float) -> None:
+        """Raise `Unavailable` unless a 1-token forward finishes within `timeout_s` (queued fairly)."""
+        await self._runner.probe(timeout_s)
+
     def info(self) -> pool_pb2.ModelInfo:
         return info_to_proto(self.engine.info, self.role)

@@ -1,7 +1,8 @@
 """Mapping domain errors to gRPC status codes and user-facing messages.
 
 Owns the one table from `eft_serve.errors.Status` to `grpc.StatusCode`, and the rule that an
-unexpected exception reaches a client as INTERNAL with a reference, never a stack trace.
+unexpected exception reaches a client as INTERNAL with a reference, never a stack trace; and the
+`grpc.health.v1` status of the coordinator's health report.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import math
 import uuid
 
 import grpc
+from grpc_health.v1 import health_pb2
 
+from eft_serve.coordinator.health import HealthReport
 from eft_serve.errors import EftError, RateLimited, Status
 
 log = logging.getLogger("eft_serve")
@@ -50,3 +53,10 @@ def trailing_metadata_of(exc: BaseException) -> tuple[tuple[str, str], ...]:
 
 def status_from_grpc(code: grpc.StatusCode) -> Status:
     return _FROM_GRPC.get(code, Status.UNAVAILABLE)
+
+
+def health_status(report: HealthReport) -> int:
+    """The `grpc.health.v1` status of a coordinator health report."""
+    if report.serving:
+        return health_pb2.HealthCheckResponse.SERVING
+    return health_pb2.HealthCheckResponse.NOT_SERVING
