@@ -181,7 +181,8 @@ async def test_rejection_rule_keeps_greedy_output_and_runs_sampled() -> None:
     assert fast[:2] == plain[:2] and fast[2].usage.speculation.speculative_blocks > 0
     sampled = await run(coord, GenerationRequest(prompt="abc", temperature=1.0, seed=5, max_new_tokens=12))
     again = await run(coord, GenerationRequest(prompt="abc", temperature=1.0, seed=5, max_new_tokens=12))
-    assert sampled[:2] == again[:2] and len(sampled[1]) >= 1
+    # Reproducible per seed, and really decoded in blocks (the distribution is tested in core).
+    assert sampled[:2] == again[:2] and sampled[2].usage.speculation.speculative_blocks > 0
 
 
 async def test_server_default_and_request_override() -> None:

@@ -42,3 +42,13 @@ def test_no_sequence_id_is_not_remembered() -> None:
     mem = SequenceMemory()
     mem.remember("", [1, 2])
     assert len(mem) == 0
+
+
+def test_remembering_a_restored_prefix_keeps_it_whole() -> None:
+    mem = SequenceMemory()
+    mem.remember("s", [1, 2, 3, 4])
+    full = mem.restore("s", 2, [7, 8, 9])  # a rolled-back tail replaced by a longer one
+    mem.remember("s", full, omitted=2)
+    assert mem.restore("s", 5, []) == [1, 2, 7, 8, 9]
+    with pytest.raises(PrefixUnknown):
+        mem.restore("s", 6, [])

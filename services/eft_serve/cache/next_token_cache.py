@@ -39,6 +39,9 @@ class CachedQuery:
 class LookupOutcome:
     results: list[SequenceResult | None]
     corrupt: int  # values that were present but unusable (counted as misses)
+    # The items' keys, aligned with `results`: `store` takes them back, so a step hashes each
+    # prefix once (a key digests the whole token prefix).
+    keys: list[str]
 
 
 class NextTokenCache:
@@ -66,7 +69,8 @@ class NextTokenCache:
 
     async def lookup(self, items: Sequence[CachedQuery]) -> LookupOutcome:
         """Results aligned with `items`; None where missing or corrupt. Never raises for the backend."""
-        raw_values = await self.backend.get_many([self.key(i) for i in items])
+        keys = [self.key(i) for i in items]
+        raw_values = await self.backend.get_many(keys)
         results: list[SequenceResult | None] = []
         corrupt = 0
         for item, raw in zip(items, raw_values):
@@ -80,12 +84,13 @@ class NextTokenCache:
                 results.append(None)
                 continue
             results.append(result)
-        return LookupOutcome(results=results, corrupt=corrupt)
+        return LookupOutcome(results=results, corrupt=corrupt, keys=keys)
 
-    async def store(self, items: Sequence[tuple[CachedQuery, SequenceResult]]) -> None:
-        """Write fresh results best-effort (the backend drops what it cannot store)."""
+    async def store(self, items: Sequence[tuple[str, SequenceResult]]) -> None:
+        """Write fresh results under the keys `lookup` returned, best-effort (the backend drops
+        what it cannot store)."""
         if items:
-            await self.backend.set_many([(self.key(i), encode_result(r)) for i, r in items])
+            await self.backend.set_many([(key, encode_result(r)) for key, r in items])
 
     def stats(self) -> CacheStats:
         return self.backend.stats()

@@ -75,8 +75,9 @@ async def merged_block(
     }
     fetched = await ctx.fetcher.fetch(asked, merge.logprob_top_k, deadline, use_cache, stats) if asked else {}
     if sent:
+        committed = len(token_ids) - num_positions + 1
         for role in asked:
-            sent.record(role, token_ids)
+            sent.record(role, token_ids, committed)
     results = {**{role: r[0] for role, r in fetched.items()}, **known}
     return [
         merge_position(
@@ -90,27 +91,32 @@ async def merged_block(
 
 
 class SentPrefixes:
-    """What each pool was last sent in this stream, so the next call can omit what it holds."""
+    """What each pool was last sent in this stream, so the next call can omit what it holds.
+
+    The tokens before a call's first scored position are the stream's committed prefix, which
+    only ever grows; only the drafted tokens after it can be rolled back (a partly rejected
+    block). So a pool holds every committed token it was sent, and only the short uncommitted
+    tail of the last send needs comparing: O(block) per call, not O(prefix) — this runs for
+    every pool on every decoding step.
+    """
 
     def __init__(self) -> None:
-        self._sent: dict[str, list[int]] = {}
+        self._sent: dict[str, tuple[int, list[int]]] = {}  # role -> (committed length, tokens after it)
 
     def known(self, role: str, token_ids: list[int]) -> int:
-        sent = self._sent.get(role)
-        if not sent:
+        last = self._sent.get(role)
+        if last is None:
             return 0
-        n = len(sent)
-        if n <= len(token_ids) and token_ids[:n] == sent:
-            return n  # the usual case: the prefix only grew
-        common = 0  # a speculative block was partly rejected: share up to the first difference
-        for a, b in zip(sent, token_ids):
-            if a != b:
+        committed, tail = last
+        known = min(committed, len(token_ids))
+        for token in tail:
+            if known >= len(token_ids) or token_ids[known] != token:
                 break
-            common += 1
-        return common
+            known += 1
+        return known
 
-    def record(self, role: str, token_ids: list[int]) -> None:
-        self._sent[role] = list(token_ids)
+    def record(self, role: str, token_ids: list[int], committed: int) -> None:
+        self._sent[role] = (committed, token_ids[committed:])
 
 
 class _BlockSizer:

@@ -107,22 +107,21 @@ class StepFetcher:
         out: dict[str, list[SequenceResult | None]] = {r: [None] * len(qs) for r, qs in role_queries.items()}
         cache = self._cache if use_cache else None
         slots = [(role, i) for role, qs in role_queries.items() for i in range(len(qs))]
-        cached = (
-            {
-                (role, i): CachedQuery(
-                    self._infos[role].model_fingerprint,
-                    role_queries[role][i],
-                    logprob_top_k,
-                    self._infos[role].vocab_size,
-                )
-                for role, i in slots
-            }
-            if cache is not None
-            else {}
-        )
+        keys: dict[tuple[str, int], str] = {}
         before = cache.stats() if cache is not None else None
         if cache is not None:
-            found = await cache.lookup([cached[s] for s in slots])
+            found = await cache.lookup(
+                [
+                    CachedQuery(
+                        self._infos[role].model_fingerprint,
+                        role_queries[role][i],
+                        logprob_top_k,
+                        self._infos[role].vocab_size,
+                    )
+                    for role, i in slots
+                ]
+            )
+            keys = dict(zip(slots, found.keys))
             for (role, i), result in zip(slots, found.results):
                 out[role][i] = result
             hits = sum(r is not None for r in found.results)
@@ -145,13 +144,13 @@ class StepFetcher:
                     if isinstance(e, EftError):
                         raise e
                 raise Unavailable(f"a model pool failed: {type(errors[0]).__name__}") from errors[0]
-            fresh: list[tuple[CachedQuery, SequenceResult]] = []
+            fresh: list[tuple[str, SequenceResult]] = []
             for role, answer in zip(calls, answers):
                 assert not isinstance(answer, BaseException)
                 for i, result in zip(missing[role], answer):
                     out[role][i] = result
                     if cache is not None:
-                        fresh.append((cached[(role, i)], result))
+                        fresh.append((keys[(role, i)], result))
             if cache is not None:
                 await cache.store(fresh)
         if cache is not None and before is not None:

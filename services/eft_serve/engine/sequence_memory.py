@@ -45,14 +45,23 @@ class SequenceMemory:
         self.restored += 1
         return [*seen[:omitted], *tail]
 
-    def remember(self, sequence_id: str, token_ids: Sequence[int]) -> None:
+    def remember(self, sequence_id: str, token_ids: Sequence[int], omitted: int = 0) -> None:
+        """Record `token_ids` (the whole prefix) as what `sequence_id` holds now. With `omitted`,
+        its first `omitted` tokens are the ones held already (it was `restore`d): only the tail
+        is copied — the usual step costs O(new tokens), not O(prefix)."""
         if not sequence_id:
             return
         old = self._seen.pop(sequence_id, None)
         if old is not None:
             self._tokens -= len(old)
-        self._seen[sequence_id] = array("i", token_ids)
-        self._tokens += len(token_ids)
+        if old is not None and 0 < omitted <= len(old):
+            del old[omitted:]
+            old.extend(token_ids[omitted:])
+            seen = old
+        else:
+            seen = array("i", token_ids)
+        self._seen[sequence_id] = seen
+        self._tokens += len(seen)
         while self._seen and (len(self._seen) > self._max_sequences or self._tokens > self._max_tokens):
             _, evicted = self._seen.popitem(last=False)
             self._tokens -= len(evicted)

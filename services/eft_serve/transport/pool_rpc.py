@@ -39,8 +39,8 @@ class PoolRpc:
         self.tokens_received += sum(len(s.token_ids) for s in request.sequences)
         queries = queries_from_proto(request, self.sequences.restore)
         results = await self._runner.next_token_logprobs(queries, request.logprob_top_k, request.deadline_unix_s)
-        for q in queries:
-            self.sequences.remember(q.sequence_id, q.token_ids)
+        for q, sent in zip(queries, request.sequences):
+            self.sequences.remember(q.sequence_id, q.token_ids, sent.omitted_prefix_length)
         return results_to_proto(results, self.engine.info.model_fingerprint)
 
     async def draft(self, request: pool_pb2.DraftRequest) -> pool_pb2.DraftResponse:
