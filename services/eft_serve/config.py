@@ -16,6 +16,9 @@ import yaml
 from pydantic import Field, model_validator
 
 from eft_serve.cache.config import CacheConfig, LocalRedisConfig
+from eft_serve.core.chat_format import compile_template
+from eft_serve.demo.world import QA_TEMPLATE
+from eft_serve.engine.vllm_config import VLLMConfig
 from eft_serve.strict_model import StrictModel
 
 DEMO_SCHEME = "demo:"
@@ -110,7 +113,11 @@ class PoolConfig(StrictModel):
     model: str
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     device: str = "auto"
-    kv_cache_bytes: int = Field(64 * 2**20, ge=0)
+    # Per-replica KV budget in bytes (0 = keep no KV). null = sized from memory when the replica
+    # loads: half of (replica.memory_bytes − weights) when memory_bytes is set, else half of the
+    # GPU's free memory, else a fifth of the host's available memory (engine/kv_budget.py).
+    # Sequences that do not fit wait for room (then RESOURCE_EXHAUSTED); running ones are never evicted.
+    kv_cache_bytes: int | None = Field(None, ge=0)
     torch_threads: int = Field(1, ge=1)
     # Concurrent pool calls are coalesced into one engine call of up to this many requests.
     max_batch_size: int = Field(8, ge=1)
@@ -122,6 +129,38 @@ class PoolConfig(StrictModel):
     # slower than this, or failing, and Serve restarts the replica.
     health_check_timeout_s: float = Field(10.0, gt=0)
     replica: ReplicaConfig = Field(default_factory=ReplicaConfig)
+    # "hf": the transformers reference engine (exact, portable); "vllm": vLLM (paged KV, continuous
+    # batching, prefix caching, tensor parallelism), options under `vllm`.
+    engine: Literal["hf", "vllm"] = "hf"
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig)
+
+    @model_validator(mode="after")
+    def _tensor_parallel_gpus(self) -> PoolConfig:
+        # A tensor-parallel replica holds one GPU per shard: num_gpus is what Ray reserves for
+        # it (as a placement group, see serve/tensor_parallel.py) and what k8s sizing counts.
+        tp = self.vllm.tensor_parallel_size
+        if self.engine == "vllm" and tp > 1 and self.replica.num_gpus != tp:
+            raise ValueError(
+                f"vllm.tensor_parallel_size is {tp}: set replica.num_gpus to {tp} (one GPU per shard), "
+                f"got {self.replica.num_gpus:g}"
+            )
+        return self
+
+
+class PromptTemplate(StrictModel):
+    """A Jinja prompt template for chat requests (variables: see `eft_serve.core.chat_format`)."""
+
+    template: str
+
+    @model_validator(mode="after")
+    def _compiles(self) -> PromptTemplate:
+        compile_template(self.template)  # ValueError naming the problem: fail at config load
+        return self
+
+
+# How one model of a recipe sees a chat request: "own" (its tokenizer's chat template, else the
+# plain transcript), "plain" (the transcript "System: …\nUser: …\nAssistant:") or a template.
+PromptFormat = Literal["own", "plain"] | PromptTemplate
 
 
 class RecipeConfig(StrictModel):
@@ -133,6 +172,8 @@ class RecipeConfig(StrictModel):
     reference: str | None = None
     # Default expert weights before the per-request β scaling; experts not named default to 1.
     default_weights: dict[str, float] = Field(default_factory=dict)
+    # Chat requests only: the prompt format per role of the recipe; roles not named get "own".
+    prompt_format: dict[str, PromptFormat] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _shape(self) -> RecipeConfig:
@@ -146,6 +187,9 @@ class RecipeConfig(StrictModel):
         for name, w in self.default_weights.items():
             if not math.isfinite(w):
                 raise ValueError(f"default weight of {name} is not finite")
+        strangers = set(self.prompt_format) - set(self.roles())
+        if strangers:
+            raise ValueError(f"prompt_format names roles outside the recipe: {sorted(strangers)}")
         return self
 
     def roles(self) -> list[str]:
@@ -170,6 +214,14 @@ class SpeculativeConfig(StrictModel):
     acceptance: Literal["coupled", "rejection"] = "coupled"
 
 
+class AccessLogConfig(StrictModel):
+    """One JSON line per request from the coordinator (logger `eft_serve.access`, README.md#metrics)."""
+
+    enabled: bool = True
+    # Prompt text is user data: off unless an operator turns it on.
+    include_prompt: bool = False
+
+
 class CoordinatorConfig(StrictModel):
     default_recipe: str = "upscale"
     # Per-model top-k used for merging when a request does not say; 0 = exact full vocabulary.
@@ -178,12 +230,27 @@ class CoordinatorConfig(StrictModel):
     default_max_new_tokens: int = Field(64, ge=1)
     max_new_tokens_cap: int = Field(512, ge=1)
     max_stop_strings: int = Field(16, ge=0)
+    # Longest stop string in characters (each is matched against the text of every new token).
+    max_stop_string_chars: int = Field(256, ge=1)
+    # A prompt longer than this many UTF-8 bytes is refused before it is tokenized.
+    max_prompt_bytes: int = Field(256 * 1024, ge=1)
+    # Most tokens a Score continuation may have (each is one scored position in every pool).
+    max_score_continuation_tokens: int = Field(512, ge=1)
+    # Exact mode (logprob_top_k = 0: full-vocabulary logprobs from every pool) is costly; off
+    # refuses it with PERMISSION_DENIED for every caller (API keys can refuse it per key too).
+    allow_exact_mode: bool = True
     default_timeout_s: float = Field(120.0, gt=0)
+    # The largest timeout_s a request may ask for (INVALID_ARGUMENT above); the gRPC proxy's
+    # request timeout defaults to this plus a margin (`grpc.request_timeout_s`).
+    max_timeout_s: float = Field(600.0, gt=0)
     # One pool call slower than this is reported UNAVAILABLE instead of hanging the stream.
     pool_call_timeout_s: float = Field(30.0, gt=0)
     # The wire is stateless, so a failed pool call is retried (another replica may serve it)
     # while the request's deadline allows; a lost replica costs a recompute, not a request.
     pool_call_retries: int = Field(2, ge=0)
+    # Retries (connection-level failures only) may add at most this fraction of the pool calls
+    # made (plus a small reserve), so an outage is not multiplied into a retry storm.
+    pool_call_retry_budget: float = Field(0.1, ge=0, le=1)
     conservative_top_p: float = Field(0.9, gt=0, le=1)
     # How long startup waits for the pools to answer Info (vocabulary check).
     startup_timeout_s: float = Field(300.0, gt=0)
@@ -192,12 +259,37 @@ class CoordinatorConfig(StrictModel):
     health_probe_period_s: float = Field(2.0, gt=0)
     health_probe_timeout_s: float = Field(1.0, gt=0)
     speculative: SpeculativeConfig = Field(default_factory=SpeculativeConfig)
+    access_log: AccessLogConfig = Field(default_factory=AccessLogConfig)
     replica: ReplicaConfig = Field(default_factory=lambda: ReplicaConfig(num_cpus=0.5, max_ongoing_requests=64))
+
+    @model_validator(mode="after")
+    def _timeouts(self) -> CoordinatorConfig:
+        if self.default_timeout_s > self.max_timeout_s:
+            raise ValueError(
+                f"coordinator.default_timeout_s ({self.default_timeout_s}) exceeds max_timeout_s ({self.max_timeout_s})"
+            )
+        return self
 
 
 class GrpcConfig(StrictModel):
     port: int = Field(9000, ge=0, le=65535)
+    # The Serve proxy's end-to-end request timeout; None = coordinator.max_timeout_s + a margin.
     request_timeout_s: float | None = Field(None, gt=0)
+    # Largest gRPC message the proxy accepts or sends (Serve's own default is 2 GiB). Serve has no
+    # config key for it: it reads RAY_SERVE_GRPC_MAX_MESSAGE_SIZE from the proxy's environment
+    # (`serve.app.proxy_env`), which `eft serve` and the Kubernetes head pod set from this.
+    max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=2**31 - 1)
+
+
+class HttpConfig(StrictModel):
+    """Serve's HTTP proxy, which carries the OpenAI-compatible API (README.md#openai-compatible-api)."""
+
+    # Loopback by default: listening elsewhere is a deliberate choice (with auth on).
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    # GET /v1/models, POST /v1/completions and /v1/chat/completions, served by the coordinator
+    # replicas themselves (the same decode loop, API keys and quotas as gRPC); false: no routes.
+    openai: bool = True
 
 
 class AuthConfig(StrictModel):
@@ -213,6 +305,33 @@ class AuthConfig(StrictModel):
     def _has_keys(self) -> AuthConfig:
         if self.enabled and self.keys_file is None and self.keys_env is None:
             raise ValueError("auth.enabled needs auth.keys_file or auth.keys_env")
+        return self
+
+
+class TlsConfig(StrictModel):
+    """TLS (mTLS when `client_ca_file` is set) in front of Serve's plain-HTTP/2 gRPC proxy.
+
+    `eft serve` runs a local nginx (`infra/tls_proxy.py`) that terminates TLS on `host:port` and
+    forwards to the Serve gRPC port; on Kubernetes the Ingress does the same (`k8s/settings`).
+    """
+
+    enabled: bool = False
+    # Loopback by default: listening elsewhere is a deliberate choice (with auth on).
+    host: str = "127.0.0.1"
+    port: int = Field(9443, ge=0, le=65535)
+    cert_file: str | None = None  # PEM server certificate (chain)
+    key_file: str | None = None  # PEM private key of cert_file
+    # PEM CA bundle: clients must present a certificate it signed (mTLS); None = server TLS only.
+    client_ca_file: str | None = None
+    # nginx's client_max_body_size (gRPC's default message limit is 4 MiB).
+    max_body_bytes: int = Field(4 * 2**20, ge=1)
+    # nginx binary; None = .venv/opt/nginx (scripts/setup.sh), then PATH, then /usr/sbin/nginx.
+    nginx_binary: str | None = None
+
+    @model_validator(mode="after")
+    def _has_cert(self) -> TlsConfig:
+        if self.enabled and not (self.cert_file and self.key_file):
+            raise ValueError("tls.enabled needs tls.cert_file and tls.key_file (PEM)")
         return self
 
 
@@ -234,7 +353,9 @@ class EftConfig(StrictModel):
     cache: CacheConfig = Field(default_factory=CacheConfig)
     local_redis: LocalRedisConfig = Field(default_factory=LocalRedisConfig)
     grpc: GrpcConfig = Field(default_factory=GrpcConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    tls: TlsConfig = Field(default_factory=TlsConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
     @model_validator(mode="after")
@@ -270,7 +391,7 @@ class EftConfig(StrictModel):
         return EftConfig.model_validate(data)
 
 
-def _upscale_recipes(with_large_ft: bool, with_expert_b: bool) -> dict[str, RecipeConfig]:
+def _upscale_recipes(with_large_ft: bool, with_expert_b: bool, with_chat: bool = False) -> dict[str, RecipeConfig]:
     recipes = {
         "upscale": RecipeConfig(
             description="LM up-scaling: large base steered by the small fine-tune's behaviour delta",
@@ -301,19 +422,35 @@ def _upscale_recipes(with_large_ft: bool, with_expert_b: bool) -> dict[str, Reci
         recipes["large_ft"] = RecipeConfig(
             description="the large fine-tuned model alone (ground truth)", base="large_ft"
         )
+    if with_chat:
+        # The chat expert sees chat requests in its own chat template ("own", the default); the
+        # bases have none and were pretrained on Q/A text, so they get it in that format.
+        qa = PromptTemplate(template=QA_TEMPLATE)
+        recipes["upscale_chat"] = RecipeConfig(
+            description="LM up-scaling with a chat expert: each model sees a chat request in its own format",
+            base="large_base",
+            experts=["small_chat"],
+            reference="small_base",
+            prompt_format={"large_base": qa, "small_base": qa},
+        )
+        recipes["small_chat"] = RecipeConfig(description="the small chat expert alone", base="small_chat")
     return recipes
 
 
-def demo_config(full_family: bool = False) -> EftConfig:
+def demo_config(full_family: bool = False, with_chat: bool = False) -> EftConfig:
     """The built-in stack: the demo family's pools and the up-scaling recipes.
 
     `full_family` adds the second expert and the large fine-tune (interpolation, down-scaling).
+    `with_chat` adds the chat expert (`small_chat`, recipes `small_chat` and `upscale_chat`;
+    `deploy/demo_chat.yaml`). Each is opt-in: every pool is one more replica (a CPU) to start.
     """
     roles = ["large_base", "small_base", "small_ft"]
     if full_family:
         roles += ["small_ft_b", "large_ft"]
+    if with_chat:
+        roles += ["small_chat"]
     pools = {role: PoolConfig(model=f"{DEMO_SCHEME}{role}") for role in roles}
-    return EftConfig(pools=pools, recipes=_upscale_recipes(full_family, full_family))
+    return EftConfig(pools=pools, recipes=_upscale_recipes(full_family, full_family, with_chat))
 
 
 def load_config(path: str | Path | None) -> EftConfig:

@@ -24,6 +24,16 @@ class Status(StrEnum):
     INTERNAL = "INTERNAL"
 
 
+def clip(value: object, limit: int = 40) -> str:
+    """`repr(value)` cut to `limit` characters: how an error message quotes user input.
+
+    A message names what was wrong, never echoes a whole prompt, stop string or name back
+    (log and response sizes stay bounded; nothing a caller sent is reflected at length).
+    """
+    text = repr(value)
+    return text if len(text) <= limit else text[: max(1, limit - 4)] + "…" + text[-1]
+
+
 class EftError(Exception):
     status: Status = Status.INTERNAL
 
@@ -72,6 +82,12 @@ class PermissionDenied(EftError):
 
 class Unavailable(EftError):
     status = Status.UNAVAILABLE
+
+
+class PoolUnreachable(Unavailable):
+    """A pool call that failed at the connection level (replica died, connection reset or
+    refused): the only failure the coordinator retries, because the wire is stateless and
+    another replica can answer. Timeouts and a pool's own errors are never retried."""
 
 
 class DeadlineExceeded(EftError):

@@ -69,7 +69,7 @@ def show_side_by_side(
     return tally
 
 
-def run_demo(cfg: EftConfig, http_port: int = 8000, n_prompts: int = 4) -> int:
+def run_demo(cfg: EftConfig, http_port: int | None = None, n_prompts: int = 4) -> int:
     family = ensure_demo_family(log=print)
     with local_stack(cfg, http_port=http_port, log=lambda m: print(f"[eft] {m}", flush=True)) as eff:
         try:

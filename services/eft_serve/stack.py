@@ -12,12 +12,19 @@ import contextlib
 from collections.abc import Callable, Iterator
 
 from eft_serve.config import DEMO_SCHEME, EftConfig
+from eft_serve.console import deferred_interrupts
 
 
 @contextlib.contextmanager
-def local_stack(cfg: EftConfig, http_port: int = 8000, log: Callable[[str], None] = print) -> Iterator[EftConfig]:
-    """Run the stack for `cfg`; yields the effective config (with the local Redis URL filled in)."""
+def local_stack(
+    cfg: EftConfig, http_port: int | None = None, log: Callable[[str], None] = print
+) -> Iterator[EftConfig]:
+    """Run the stack for `cfg`; yields the effective config (with the local Redis URL filled in).
+
+    `http_port` overrides `cfg.http.port` (Serve's HTTP proxy: the OpenAI-compatible API).
+    """
     from eft_serve.infra.redis_server import LocalRedisServer
+    from eft_serve.infra.tls_proxy import tls_front
     from eft_serve.serve.local import deploy_stack, start_local_ray, teardown
 
     if any(p.model.startswith(DEMO_SCHEME) for p in cfg.pools.values()):
@@ -25,6 +32,8 @@ def local_stack(cfg: EftConfig, http_port: int = 8000, log: Callable[[str], None
 
         family = ensure_demo_family(log=log)
         log(f"demo family ready at {family.root}")
+    if http_port is not None:  # the effective config says where the HTTP proxy is
+        cfg = cfg.model_copy(update={"http": cfg.http.model_copy(update={"port": http_port})})
     redis: LocalRedisServer | None = None
     started_ray = False
     try:
@@ -36,10 +45,13 @@ def local_stack(cfg: EftConfig, http_port: int = 8000, log: Callable[[str], None
             )
             cfg = cfg.model_copy(update={"cache": cfg.cache.model_copy(update={"url": redis.url})})
         started_ray = start_local_ray(cfg)
-        deploy_stack(cfg, http_port=http_port, log=log)
-        yield cfg
+        deploy_stack(cfg, log=log)
+        with tls_front(cfg, log) as cfg:  # nginx in front of the gRPC proxy when tls.enabled
+            yield cfg
     finally:
-        with contextlib.suppress(Exception):
-            teardown(started_ray)
-        if redis is not None:
-            redis.stop()
+        # A second Ctrl-C must not cut teardown short and leave half a stack running.
+        with deferred_interrupts():
+            with contextlib.suppress(Exception):
+                teardown(started_ray)
+            if redis is not None:
+                redis.stop()

@@ -7,6 +7,8 @@ pool autoscales (1-3 replicas); the small pools autoscale too but with a target 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from eft_serve.config import EftConfig, demo_config
@@ -28,6 +30,12 @@ def cluster_config(redis_url: str) -> EftConfig:
 def ray_cluster():
     import ray
 
+    from eft_serve.serve.app import proxy_env
+
+    # The Serve proxy reads its gRPC message-size cap from its environment only (inherited by
+    # the head's processes from here), as `eft serve` and the Kubernetes head pod set it.
+    for name, value in proxy_env(demo_config()).items():
+        os.environ.setdefault(name, value)
     cluster = LocalMultiNodeCluster(ROLES).start()
     try:
         ray.init(address=cluster.address, _node_ip_address=cluster.head_ip, namespace="eft", log_to_driver=False)

@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 
 from eft_serve.coordinator.request import GenerationRequest, MergeOptions
-from eft_serve.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from eft_serve.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PoolUnreachable,
+    Unavailable,
+)
 from eft_serve.testing.fake_engine import FakeEngine
 from eft_serve.transport.inprocess import InProcessPool
 
@@ -214,7 +221,7 @@ class FlakyPool(InProcessPool):
     async def next_token_logprobs(self, queries, logprob_top_k, deadline=None):
         if self.failures > 0:
             self.failures -= 1
-            raise Unavailable(f"model pool {self.role!r} lost a replica")
+            raise PoolUnreachable(f"model pool {self.role!r} lost a replica")  # connection-level: retried
         return await super().next_token_logprobs(queries, logprob_top_k, deadline)
 
 

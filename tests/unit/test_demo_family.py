@@ -187,6 +187,7 @@ def _fake_build(out: Path, seed: int = 0, log=None) -> None:
     for role in fam_mod.ROLES:
         (out / role).mkdir()
         (out / role / "config.json").write_text("{}")
+    (out / fam_mod.CHAT_ROLE / fam_mod.CHAT_MARKER).write_text(json.dumps({**fam_mod._chat_marker(seed), "sha256": ""}))
     (out / fam_mod.MARKER).write_text(json.dumps(fam_mod._marker(seed)))
 
 

@@ -158,10 +158,10 @@ def test_batched_equals_per_query(engine, ref_engine):
     bases = [rand_tokens(rng, n) for n in (5, 17, 30, 9)]
     engine.next_token_logprobs([SequenceQuery(b, sequence_id=f"q{i}") for i, b in enumerate(bases)], logprob_top_k=4)
     queries = [
-        SequenceQuery(bases[0] + rand_tokens(rng, 1), 1, [1, 2], "q0"),
-        SequenceQuery(bases[1] + rand_tokens(rng, 3), 2, [3], "q1"),
-        SequenceQuery(bases[2] + rand_tokens(rng, 2), 3, [], "q2"),
-        SequenceQuery(bases[3] + rand_tokens(rng, 1), 1, [7], "q3"),
+        SequenceQuery(bases[0] + rand_tokens(rng, 1), 1, [1, 2], sequence_id="q0"),
+        SequenceQuery(bases[1] + rand_tokens(rng, 3), 2, [3], sequence_id="q1"),
+        SequenceQuery(bases[2] + rand_tokens(rng, 2), 3, [], sequence_id="q2"),
+        SequenceQuery(bases[3] + rand_tokens(rng, 1), 1, [7], sequence_id="q3"),
         SequenceQuery(rand_tokens(rng, 6), 2, [8, 9]),  # a fresh one in the same batch
     ]
     before = engine.counters.forward_passes

@@ -42,7 +42,28 @@ def request_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         speculative=args.speculative,
         max_draft_tokens=args.max_draft_tokens,
         adaptive_draft=args.adaptive_draft,
+        messages=chat_messages(args),
     )
+
+
+def chat_messages(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """`--message ROLE=TEXT` flags in order; with `--chat` or any `--message`, a non-empty
+    positional prompt becomes the last user message."""
+    messages: list[tuple[str, str]] = []
+    for item in args.message or []:
+        role, sep, content = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--message needs ROLE=TEXT (role system, user or assistant), got {item!r}")
+        messages.append((role.strip(), content))
+    prompt = getattr(args, "prompt", "") or ""
+    if (args.chat or messages) and prompt:
+        messages.append(("user", prompt))
+    return messages
+
+
+def request_prompt(args: argparse.Namespace) -> str:
+    """The plain prompt to send: empty when the request is a chat (see `chat_messages`)."""
+    return "" if args.chat or args.message else (getattr(args, "prompt", "") or "")
 
 
 class _RetiredTopK(argparse.Action):
@@ -72,8 +93,39 @@ def add_api_key_flag(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_tls_flags(p: argparse.ArgumentParser) -> None:
+    """`--tls`, `--ca-cert` ($EFT_CA_CERT), `--client-cert`, `--client-key`: see `tls_kwargs`."""
+    p.add_argument("--tls", action="store_true", help="dial with TLS, trusting the system CAs (implied by --ca-cert)")
+    p.add_argument(
+        "--ca-cert",
+        default=os.environ.get("EFT_CA_CERT") or None,
+        metavar="PEM",
+        help="CA certificate that signed the server's (implies --tls; default: $EFT_CA_CERT)",
+    )
+    p.add_argument("--client-cert", metavar="PEM", help="client certificate, for a server that requires mTLS")
+    p.add_argument("--client-key", metavar="PEM", help="private key of --client-cert")
+
+
+def tls_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The client's TLS keyword arguments from the flags of `add_tls_flags`."""
+    if (args.client_cert is None) != (args.client_key is None):
+        raise SystemExit("error: --client-cert and --client-key go together (mTLS)")
+    return dict(tls=args.tls, ca_cert=args.ca_cert, client_cert=args.client_cert, client_key=args.client_key)
+
+
 def add_request_flags(p: argparse.ArgumentParser) -> None:
     """Every request field as a flag named after it (see `request_kwargs`)."""
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="send the prompt as a chat user message: each model sees it in its own chat format",
+    )
+    p.add_argument(
+        "--message",
+        action="append",
+        metavar="ROLE=TEXT",
+        help="a chat message before the prompt (repeatable; role system, user or assistant)",
+    )
     p.add_argument("--recipe", help="recipe name; default: the server's")
     p.add_argument("--beta", type=float, help="strength of the behaviour delta (default 1)")
     p.add_argument("--expert-weight", action="append", metavar="ROLE=W", help="per-expert weight (repeatable)")
@@ -116,9 +168,9 @@ def add_request_flags(p: argparse.ArgumentParser) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     final = None
-    with EftClient(args.address, api_key=args.api_key) as client:
+    with EftClient(args.address, api_key=args.api_key, **tls_kwargs(args)) as client:
         try:
-            for msg in client.generate(args.prompt, **request_kwargs(args)):
+            for msg in client.generate(request_prompt(args), **request_kwargs(args)):
                 print(msg.text, end="", flush=True)
                 if msg.HasField("usage"):
                     final = msg
@@ -139,9 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eft-client", description="Slim client of EFT Serve (eft.v1.EftService).")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("generate", help="stream a generation from a running EFT Serve")
-    p.add_argument("prompt")
+    p.add_argument("prompt", nargs="?", default="", help="the prompt (with --chat: the user message)")
     p.add_argument("--address", default="127.0.0.1:9000", help="host:port of the service (default %(default)s)")
     add_api_key_flag(p)
+    add_tls_flags(p)
     add_request_flags(p)
     p.set_defaults(func=cmd_generate)
     return parser

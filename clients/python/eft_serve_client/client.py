@@ -4,6 +4,7 @@ Owns request building from keyword arguments and the channel. Streaming `generat
 `GenerateResponse` messages (text deltas; the last one carries finish reason and usage).
 Errors surface as `grpc.RpcError` with the server's status code and actionable details.
 `api_key` (or $EFT_API_KEY via the CLIs) is sent as `authorization: Bearer <key>` on every call.
+`tls` / `ca_cert` / `client_cert` + `client_key` dial a TLS (or mTLS) front such as `eft serve`'s nginx.
 
 Design: this module is the one copy of the client code. It imports only grpcio and protobuf, so
 the `eft-serve-client` distribution (clients/python) installs without torch, transformers or Ray;
@@ -51,9 +52,27 @@ def build_merge(
     return m
 
 
+# A chat message as a caller may give it: {"role": ..., "content": ...}, (role, content) or the proto.
+MessageLike = Mapping[str, str] | tuple[str, str] | eft_pb2.ChatMessage
+
+
+def build_messages(messages: Sequence[MessageLike]) -> list[eft_pb2.ChatMessage]:
+    """`eft.v1.ChatMessage`s from dicts, (role, content) pairs or messages (roles are checked by the server)."""
+    out = []
+    for m in messages:
+        if isinstance(m, eft_pb2.ChatMessage):
+            out.append(m)
+        elif isinstance(m, tuple):
+            out.append(eft_pb2.ChatMessage(role=m[0], content=m[1]))
+        else:
+            out.append(eft_pb2.ChatMessage(role=m["role"], content=m["content"]))
+    return out
+
+
 def build_generate_request(
-    prompt: str,
+    prompt: str = "",
     *,
+    messages: Sequence[MessageLike] = (),
     recipe: str | None = None,
     beta: float | None = None,
     expert_weights: Mapping[str, float] | None = None,
@@ -100,12 +119,39 @@ def build_generate_request(
         timeout_s=timeout_s,
         request_id=request_id,
         speculative=spec,
+        messages=build_messages(messages),
     )
 
 
 def auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
     """The call metadata carrying `api_key` (none without a key)."""
     return (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
+
+def _read_pem(value: str | bytes | None) -> bytes | None:
+    # A path, or the PEM bytes themselves.
+    if value is None or isinstance(value, bytes):
+        return value
+    with open(value, "rb") as f:
+        return f.read()
+
+
+def channel_credentials(
+    ca_cert: str | bytes | None = None, client_cert: str | bytes | None = None, client_key: str | bytes | None = None
+) -> grpc.ChannelCredentials:
+    """TLS credentials: trust `ca_cert` (path or PEM; None = the system roots), and present
+    `client_cert` + `client_key` when the server asks for one (mTLS)."""
+    if (client_cert is None) != (client_key is None):
+        raise ValueError("mTLS needs both client_cert and client_key (PEM paths)")
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read_pem(ca_cert),
+        private_key=_read_pem(client_key),
+        certificate_chain=_read_pem(client_cert),
+    )
+
+
+def _tls_wanted(tls: bool, *files: str | bytes | None) -> bool:
+    return tls or any(f is not None for f in files)
 
 
 def _health_check(channel: grpc.Channel | grpc.aio.Channel) -> Any:
@@ -118,15 +164,28 @@ def _health_check(channel: grpc.Channel | grpc.aio.Channel) -> Any:
 
 class EftClient:
     """Blocking client. `timeout` is the gRPC deadline per call (seconds, None = none); `api_key`
-    is sent as `authorization: Bearer <key>` on every call (servers with auth enabled need it)."""
+    is sent as `authorization: Bearer <key>` on every call (servers with auth enabled need it).
+    `tls=True` (implied by `ca_cert`/`client_cert`) dials with TLS: `ca_cert` (path or PEM) is the
+    CA to trust (None = system roots), `client_cert` + `client_key` the client's for mTLS."""
 
     def __init__(
-        self, address: str = "127.0.0.1:9000", timeout: float | None = None, api_key: str | None = None
+        self,
+        address: str = "127.0.0.1:9000",
+        timeout: float | None = None,
+        api_key: str | None = None,
+        *,
+        tls: bool = False,
+        ca_cert: str | bytes | None = None,
+        client_cert: str | bytes | None = None,
+        client_key: str | bytes | None = None,
     ) -> None:
         self.address = address
         self.timeout = timeout
         self._metadata = auth_metadata(api_key)
-        self._channel = grpc.insecure_channel(address)
+        if _tls_wanted(tls, ca_cert, client_cert, client_key):
+            self._channel = grpc.secure_channel(address, channel_credentials(ca_cert, client_cert, client_key))
+        else:
+            self._channel = grpc.insecure_channel(address)
         self._stub: Any = eft_pb2_grpc.EftServiceStub(self._channel)  # type: ignore[no-untyped-call]
 
     def generate(self, prompt: str, **params: Any) -> Iterator[eft_pb2.GenerateResponse]:
@@ -140,6 +199,11 @@ class EftClient:
             build_generate_request(prompt, **params), timeout=self.timeout, metadata=self._metadata
         )
         return reply
+
+    def chat(self, messages: Sequence[MessageLike], **params: Any) -> eft_pb2.CompleteResponse:
+        """One answer to a chat (each model sees it in its own prompt format); stream one with
+        `generate("", messages=...)`. `params` as for `generate`."""
+        return self.complete("", messages=messages, **params)
 
     def score(self, prompt: str, continuation: str, **merge: Any) -> eft_pb2.ScoreResponse:
         reply: eft_pb2.ScoreResponse = self._stub.Score(
@@ -179,15 +243,26 @@ class EftClient:
 
 
 class AsyncEftClient:
-    """asyncio client; `generate` returns an async iterator of stream messages."""
+    """asyncio client; `generate` returns an async iterator of stream messages. Options as `EftClient`."""
 
     def __init__(
-        self, address: str = "127.0.0.1:9000", timeout: float | None = None, api_key: str | None = None
+        self,
+        address: str = "127.0.0.1:9000",
+        timeout: float | None = None,
+        api_key: str | None = None,
+        *,
+        tls: bool = False,
+        ca_cert: str | bytes | None = None,
+        client_cert: str | bytes | None = None,
+        client_key: str | bytes | None = None,
     ) -> None:
         self.address = address
         self.timeout = timeout
         self._metadata = auth_metadata(api_key)
-        self._channel = grpc.aio.insecure_channel(address)
+        if _tls_wanted(tls, ca_cert, client_cert, client_key):
+            self._channel = grpc.aio.secure_channel(address, channel_credentials(ca_cert, client_cert, client_key))
+        else:
+            self._channel = grpc.aio.insecure_channel(address)
         self._stub: Any = eft_pb2_grpc.EftServiceStub(self._channel)  # type: ignore[no-untyped-call]
 
     def generate(self, prompt: str, **params: Any) -> AsyncIterator[eft_pb2.GenerateResponse]:
@@ -201,6 +276,10 @@ class AsyncEftClient:
             build_generate_request(prompt, **params), timeout=self.timeout, metadata=self._metadata
         )
         return reply
+
+    async def chat(self, messages: Sequence[MessageLike], **params: Any) -> eft_pb2.CompleteResponse:
+        """One answer to a chat; see `EftClient.chat`."""
+        return await self.complete("", messages=messages, **params)
 
     async def score(self, prompt: str, continuation: str, **merge: Any) -> eft_pb2.ScoreResponse:
         reply: eft_pb2.ScoreResponse = await self._stub.Score(

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 from eft_serve.auth.keys import ApiKey, KeyStore
 from eft_serve.auth.quotas import Lease, QuotaLimiter
-from eft_serve.errors import PermissionDenied, Unauthenticated
+from eft_serve.errors import PermissionDenied, Unauthenticated, clip
 
 log = logging.getLogger("eft_serve")
 
@@ -48,7 +48,7 @@ class Gate:
         if not key.allows_recipe(recipe):
             log.info("key %s denied recipe %s", key.id, recipe)
             raise PermissionDenied(
-                f"key {key.id!r} may not use recipe {recipe!r}; it may use: {', '.join(key.allowed_recipes)}"
+                f"key {key.id!r} may not use recipe {clip(recipe)}; it may use: {', '.join(key.allowed_recipes)}"
             )
         if exact and not key.exact_mode:
             log.info("key %s denied exact mode", key.id)

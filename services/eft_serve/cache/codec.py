@@ -5,11 +5,16 @@ back: a value that does not parse, or parses to something that cannot be the ans
 query it is stored under (wrong number of positions, mismatched lengths, ids outside the
 vocabulary, a truncation that does not match, non-finite logprobs), raises `CorruptValue` so
 the caller counts it as a miss and overwrites it — a bad value in Redis must never reach the
-merge. Knows nothing of keys, backends or Redis.
+merge. With an HMAC key (`cache.hmac_key_env`), values are signed on write and verified on
+read (`sign` / `verify`): the MAC covers the key the value is stored under as well as the value,
+so neither a forged value nor a genuine one copied under another key is accepted (`BadMac`).
+Knows nothing of how keys are built, backends or Redis.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +27,33 @@ from eft_serve.wire.pool_messages import result_from_proto, result_to_proto
 
 class CorruptValue(ValueError):
     """A stored value that is not a usable `SequenceResult` (foreign, truncated or garbage)."""
+
+
+class BadMac(CorruptValue):
+    """A value whose HMAC does not verify (forged, tampered, unsigned, or moved from another key)."""
+
+
+MAC_BYTES = 32  # HMAC-SHA256, stored in front of the value
+
+
+def _mac(hmac_key: bytes, cache_key: str, payload: bytes) -> bytes:
+    # The cache key is part of the message: a genuine value copied under another key fails.
+    return hmac.new(hmac_key, cache_key.encode() + b"\x00" + payload, hashlib.sha256).digest()
+
+
+def sign(hmac_key: bytes, cache_key: str, payload: bytes) -> bytes:
+    """`payload` with its MAC in front, as stored under `cache_key`."""
+    return _mac(hmac_key, cache_key, payload) + payload
+
+
+def verify(hmac_key: bytes, cache_key: str, raw: bytes) -> bytes:
+    """The payload of a signed value, or `BadMac` (constant-time comparison)."""
+    if len(raw) < MAC_BYTES:
+        raise BadMac("cached value is shorter than its MAC")
+    mac, payload = raw[:MAC_BYTES], raw[MAC_BYTES:]
+    if not hmac.compare_digest(mac, _mac(hmac_key, cache_key, payload)):
+        raise BadMac("cached value's MAC does not verify")
+    return payload
 
 
 def encode_result(result: SequenceResult) -> bytes:
@@ -46,6 +78,8 @@ class ExpectedShape:
     num_candidates: int
     logprob_top_k: int  # 0 = full vocabulary
     vocab_size: int
+    # With per-position candidates: how many each position has (then num_candidates is unused).
+    position_candidates: tuple[int, ...] = ()
 
 
 def decode_checked(raw: bytes, expected: ExpectedShape) -> SequenceResult:
@@ -53,16 +87,17 @@ def decode_checked(raw: bytes, expected: ExpectedShape) -> SequenceResult:
     result = decode_result(raw)
     if len(result.positions) != expected.num_positions:
         raise CorruptValue(f"cached value has {len(result.positions)} positions, expected {expected.num_positions}")
-    for p in result.positions:
-        _check_position(p, expected)
+    for j, p in enumerate(result.positions):
+        wanted = expected.position_candidates[j] if expected.position_candidates else expected.num_candidates
+        _check_position(p, expected, wanted)
     return result
 
 
-def _check_position(p: PositionLogprobs, expected: ExpectedShape) -> None:
+def _check_position(p: PositionLogprobs, expected: ExpectedShape, num_candidates: int) -> None:
     top_ids, top_lp = np.asarray(p.top_ids), np.asarray(p.top_logprobs)
     if len(top_ids) != len(top_lp):
         raise CorruptValue("cached value: top_ids and top_logprobs differ in length")
-    if len(p.candidate_logprobs) != expected.num_candidates:
+    if len(p.candidate_logprobs) != num_candidates:
         raise CorruptValue("cached value: candidate logprobs do not match the query's candidates")
     if expected.logprob_top_k == 0:
         if p.full_logprobs is None or len(p.full_logprobs) != expected.vocab_size:

@@ -38,6 +38,9 @@ class CacheConfig(StrictModel):
     reconnect_backoff_s: float = Field(1.0, ge=0)
     memory_max_bytes: int = Field(64 * _MiB, gt=0)
     max_value_bytes: int = Field(1 * _MiB, gt=0)
+    # Name of an env var holding a secret (e.g. a Kubernetes Secret): values are then signed
+    # (HMAC-SHA256) on write and verified on read; a bad MAC is a miss and is overwritten.
+    hmac_key_env: str | None = None
     # Per-recipe switch; recipes not listed follow ``enabled``.
     recipes: dict[str, bool] = Field(default_factory=dict)
 
@@ -70,6 +73,15 @@ class CacheConfig(StrictModel):
                 raise ValueError(f"cache.password_env: env var {self.password_env!r} is not set")
             return value
         return None
+
+    def resolved_hmac_key(self) -> bytes | None:
+        """The cache values' HMAC key, read from ``hmac_key_env`` (at call time); None = unsigned."""
+        if self.hmac_key_env is None:
+            return None
+        value = os.environ.get(self.hmac_key_env)
+        if not value:
+            raise ValueError(f"cache.hmac_key_env: env var {self.hmac_key_env!r} is not set or empty")
+        return value.encode()
 
     def effective_url(self) -> str | None:
         """The url, upgraded to rediss:// when ``tls`` is set."""

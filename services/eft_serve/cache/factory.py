@@ -33,4 +33,4 @@ def build_next_token_cache(cfg: CacheConfig) -> NextTokenCache | None:
     backend = build_cache(cfg)
     if backend is None:
         return None
-    return NextTokenCache(backend, key_prefix=cfg.key_prefix, recipes=cfg.recipes)
+    return NextTokenCache(backend, key_prefix=cfg.key_prefix, recipes=cfg.recipes, hmac_key=cfg.resolved_hmac_key())

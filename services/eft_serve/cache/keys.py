@@ -46,14 +46,27 @@ def next_token_key(prefix: str, model_fingerprint: str, token_ids: Sequence[int]
     return f"{prefix}{model_fingerprint}:{tokens_digest(token_ids)}:{shape}"
 
 
-def candidates_shape(k: int, candidate_ids: Sequence[int] | None, positions: int) -> str:
+def candidates_shape(
+    k: int,
+    candidate_ids: Sequence[int] | None,
+    positions: int,
+    position_candidate_ids: Sequence[Sequence[int]] = (),
+) -> str:
     """Canonical request-shape string, e.g. ``"k=20;pos=1;cand=none"``.
 
     Candidate order is kept (not sorted) because the stored value lists them in the
-    caller's order.
+    caller's order. Per-position candidates add ``;pcand=<digest>`` over each list's length and
+    ids, so lists that concatenate alike but split differently get different keys.
     """
     if candidate_ids is None:
         cand = "none"
     else:
         cand = hashlib.blake2b(_pack_int32_le(candidate_ids), digest_size=8).hexdigest()
-    return f"k={k};pos={positions};cand={cand}"
+    shape = f"k={k};pos={positions};cand={cand}"
+    if position_candidate_ids:
+        h = hashlib.blake2b(digest_size=8)
+        for ids in position_candidate_ids:
+            h.update(_pack_int32_le([len(ids)]))
+            h.update(_pack_int32_le(ids))
+        shape += f";pcand={h.hexdigest()}"
+    return shape

@@ -7,7 +7,8 @@ scores all k + 1 positions in one call, `core.speculative` keeps what the merged
 with plus its own next token). Every token then goes through the same finish rules (EOS, stop
 strings, length, context) in order, so a block ends a stream exactly where plain decoding would
 and nothing past a stop is streamed. Knows nothing of validation (the plan is already checked),
-transports or how pools are reached.
+transports or how pools are reached. A chat request's pools each see their own prompt
+(`RolePrefixes`); the generated tokens, and so the merge, are shared.
 """
 
 from __future__ import annotations
@@ -53,31 +54,32 @@ async def merged_block(
     stats: FetchStats,
     prescored: Mapping[str, SequenceResult] | None = None,
     sent: SentPrefixes | None = None,
+    prefixes: RolePrefixes | None = None,
 ) -> list[MergedDistribution]:
     """The recipe's merged distributions at the last `num_positions` positions of `token_ids`.
     Position j is the distribution of the token following ``token_ids[: len - num_positions + 1 + j]``.
     Every pool is called once, except the roles already answered in `prescored` (the drafter's
     own scores of its draft). With `sent`, each pool is sent only the tokens it has not seen yet
-    in this stream (it rebuilds the rest, or the fetcher resends the whole prefix)."""
+    in this stream (it rebuilds the rest, or the fetcher resends the whole prefix). With
+    `prefixes` (a chat prompt), each pool is asked about its own prompt + the generated tokens."""
     roles = merge.recipe.roles
     known = dict(prescored or {})
+    own = {role: prefixes.of(role, token_ids) if prefixes else token_ids for role in roles if role not in known}
     asked = {
         role: [
             SequenceQuery(
-                token_ids=token_ids,
+                token_ids=ids,
                 num_positions=num_positions,
                 sequence_id=sequence_id,
-                known_prefix_length=sent.known(role, token_ids) if sent else 0,
+                known_prefix_length=sent.known(role, ids) if sent else 0,
             )
         ]
-        for role in roles
-        if role not in known
+        for role, ids in own.items()
     }
     fetched = await ctx.fetcher.fetch(asked, merge.logprob_top_k, deadline, use_cache, stats) if asked else {}
     if sent:
-        committed = len(token_ids) - num_positions + 1
-        for role in asked:
-            sent.record(role, token_ids, committed)
+        for role, ids in own.items():
+            sent.record(role, ids, len(ids) - num_positions + 1)
     results = {**{role: r[0] for role, r in fetched.items()}, **known}
     return [
         merge_position(
@@ -88,6 +90,28 @@ async def merged_block(
         )
         for j in range(num_positions)
     ]
+
+
+class RolePrefixes:
+    """Each pool's token ids in a chat stream: its own prompt, then the same generated tokens.
+
+    The stream's token ids are the base's prompt + the generated tokens (positions, context
+    checks and detokenising count those); a role whose prompt differs gets its prompt instead.
+    """
+
+    def __init__(self, base_prompt_length: int, prompts: Mapping[str, list[int]]) -> None:
+        self._base = base_prompt_length
+        self._prompts = prompts
+        # Tokens the longest prompt adds beyond the base's: every prefix grows by the same tokens.
+        self.extra = max([0, *(len(p) - base_prompt_length for p in prompts.values())])
+
+    @classmethod
+    def of_plan(cls, plan: GenerationPlan) -> RolePrefixes | None:
+        return cls(len(plan.prompt_ids), plan.role_prompt_ids) if plan.role_prompt_ids else None
+
+    def of(self, role: str, token_ids: list[int]) -> list[int]:
+        prompt = self._prompts.get(role)
+        return token_ids if prompt is None else prompt + token_ids[self._base :]
 
 
 class SentPrefixes:
@@ -148,19 +172,34 @@ async def _next_tokens(
 ) -> list[tuple[int, MergedDistribution]]:
     """The next token(s) with the merged distribution each was chosen from."""
     spec = plan.speculation
-    # Never draft past the token budget or the context: the block's last position is the
-    # merged model's own token.
-    k = min(sizer.size, tokens_left - 1, ctx.max_context - len(prefix) - 1) if sizer else 0
+    prefixes = RolePrefixes.of_plan(plan)
+    extra = prefixes.extra if prefixes else 0
+    # Never draft past the token budget or the context (of the longest per-role prefix): the
+    # block's last position is the merged model's own token.
+    k = min(sizer.size, tokens_left - 1, ctx.max_context - extra - len(prefix) - 1) if sizer else 0
     if spec is None or sizer is None or k <= 0:
         (dist,) = await merged_block(
-            ctx, plan.merge, prefix, 1, plan.sequence_id, plan.deadline, use_cache, fetch_stats, sent=sent
+            ctx,
+            plan.merge,
+            prefix,
+            1,
+            plan.sequence_id,
+            plan.deadline,
+            use_cache,
+            fetch_stats,
+            sent=sent,
+            prefixes=prefixes,
         )
         return [(choose_token(dist, plan.sampling, position=len(prefix)), dist)]
     # A drafter that is also a model of the recipe scores its own draft in the same call.
     self_scored = spec.drafter in plan.merge.recipe.roles
     drafted = await ctx.fetcher.draft(
         spec.drafter,
-        DraftQuery(token_ids=prefix, num_tokens=k, sequence_id=plan.sequence_id),
+        DraftQuery(
+            token_ids=prefixes.of(spec.drafter, prefix) if prefixes else prefix,
+            num_tokens=k,
+            sequence_id=plan.sequence_id,
+        ),
         plan.deadline,
         fetch_stats,
         score_logprob_top_k=plan.merge.logprob_top_k if self_scored else None,
@@ -180,6 +219,7 @@ async def _next_tokens(
         fetch_stats,
         prescored,
         sent,
+        prefixes,
     )
     verdict = verify_block(dists, draft, plan.sampling, first_position=len(prefix), rule=spec.acceptance)
     spec_stats.speculative_blocks += 1
@@ -199,12 +239,14 @@ async def decode(ctx: DecodeContext, plan: GenerationPlan, use_cache: bool) -> A
     sent = SentPrefixes()
     detok = IncrementalDetokenizer(ctx.tokenizer, plan.prompt_ids)
     stops = StopStringMatcher(plan.sampling.stop)
-    prefix = list(plan.prompt_ids)
+    prefix = list(plan.prompt_ids)  # the base's prompt + generated tokens (see RolePrefixes)
+    prefixes = RolePrefixes.of_plan(plan)
+    extra = prefixes.extra if prefixes else 0
     roles = plan.merge.recipe.roles
     finish: str | None = None
     generated = 0
     while finish is None:
-        if len(prefix) >= ctx.max_context:
+        if len(prefix) + extra >= ctx.max_context:
             finish = "context"
             break
         chosen = await _next_tokens(

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from eft_serve.core.chat_format import CHAT_ROLES as CHAT_ROLES  # re-exported: the roles a message may have
+
 
 @dataclass(frozen=True)
 class MergeOptions:
@@ -30,6 +32,14 @@ class SpeculativeOptions:
 
 
 @dataclass(frozen=True)
+class ChatMessage:
+    """One turn of a chat prompt; `role` is one of `CHAT_ROLES` (checked by `coordinator.validate`)."""
+
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     prompt: str
     merge: MergeOptions = field(default_factory=MergeOptions)
@@ -45,6 +55,9 @@ class GenerationRequest:
     timeout_s: float | None = None
     request_id: str = ""
     speculative: SpeculativeOptions = field(default_factory=SpeculativeOptions)
+    # A chat prompt: rendered per pool with that model's own format (the recipe's `prompt_format`).
+    # When given, `prompt` must be "" (INVALID_ARGUMENT otherwise).
+    messages: tuple[ChatMessage, ...] = ()
 
 
 @dataclass

@@ -27,6 +27,8 @@ from eft_serve.coordinator.request import (
     ScoreResult,
     TokenOutput,
 )
+from eft_serve.coordinator.retry_budget import RetryBudget
+from eft_serve.coordinator.telemetry import NULL_TELEMETRY, Telemetry
 from eft_serve.coordinator.validate import ModelLimits, RequestValidator
 from eft_serve.core.merge import merge_position
 from eft_serve.engine.types import ModelInfo, SequenceQuery
@@ -41,7 +43,13 @@ class EftCoordinator:
         tokenizer: Any,
         config: CoordinatorConfig,
         cache: NextTokenCache | None = None,
+        telemetry: Telemetry = NULL_TELEMETRY,
+        tokenizers: Mapping[str, Any] | None = None,
     ) -> None:
+        # Each pool's own tokenizer, for chat prompts (same vocabulary, own chat template); pools
+        # not named see chat prompts through `tokenizer`.
+        self._tokenizers = dict(tokenizers or {})
+        self._telemetry = telemetry  # pool-call observations (request ones come from the RPC bodies)
         self._pools = dict(pools)
         self._recipes = dict(recipes)
         self._tok = tokenizer
@@ -74,10 +82,16 @@ class EftCoordinator:
         # Fixed once the pools are known; read by every request.
         limits = ModelLimits(vocab_size=first.vocab_size, max_context=min(i.max_context for i in infos.values()))
         fetcher = StepFetcher(
-            self._pools, infos, self._cfg.pool_call_timeout_s, self.cache, retries=self._cfg.pool_call_retries
+            self._pools,
+            infos,
+            self._cfg.pool_call_timeout_s,
+            self.cache,
+            retries=self._cfg.pool_call_retries,
+            telemetry=self._telemetry,
+            retry_budget=RetryBudget(self._cfg.pool_call_retry_budget),
         )
         eos = infos[self._recipes[self._cfg.default_recipe].base].eos_token_id
-        self._validator = RequestValidator(self._recipes, self._cfg, self._tok, limits)
+        self._validator = RequestValidator(self._recipes, self._cfg, self._tok, limits, self._tokenizers)
         self._ctx = DecodeContext(fetcher, self._tok, limits.vocab_size, limits.max_context, eos)
         self.infos = infos
         await self._prober.start()  # every pool just answered: SERVING until a probe says otherwise
@@ -149,10 +163,12 @@ class EftCoordinator:
         plan = validator.score(prompt, continuation, merge, timeout_s)
         recipe = plan.merge.recipe
         cont_ids = plan.continuation_ids
-        candidates = sorted(set(cont_ids))
         # Position j scores cont_ids[j] given everything before it: the block ends one token early.
+        # Each position asks only for its own target (linear in the continuation, not quadratic).
         ids = plan.prompt_ids + cont_ids
-        query = SequenceQuery(token_ids=ids[:-1], num_positions=len(cont_ids), candidate_ids=candidates)
+        query = SequenceQuery(
+            token_ids=ids[:-1], num_positions=len(cont_ids), position_candidate_ids=[[t] for t in cont_ids]
+        )
         results = await ctx.fetcher.fetch(
             {role: [query] for role in recipe.roles},
             plan.merge.logprob_top_k,
@@ -160,22 +176,23 @@ class EftCoordinator:
             self._cache_on(recipe.name),
             FetchStats(),
         )
-        tokens: list[TokenOutput] = []
-        total = 0.0
-        for j, target in enumerate(cont_ids):
-            per_role = {role: results[role][0].positions[j] for role in recipe.roles}
-            dist = merge_position(recipe, per_role, ctx.vocab_size, candidates, plan.merge.conservative_top_p)
-            lp = dist.logprob_of(target)
-            total += lp
-            tokens.append(
-                TokenOutput(
-                    token_id=target,
-                    text=self._tok.decode([target]),
-                    logprob=lp,
-                    model_logprobs={role: dist.model_logprob_of(role, target) for role in recipe.roles},
-                )
-            )
-        return ScoreResult(total_logprob=total, tokens=tokens, prompt_tokens=len(plan.prompt_ids))
+
+        def merge_all() -> list[tuple[float, dict[str, float]]]:
+            # Up to max_score_continuation_tokens merges (full-vocabulary ones in exact mode): run
+            # in a worker thread so the event loop keeps streaming other requests meanwhile.
+            out = []
+            for j, target in enumerate(cont_ids):
+                per_role = {role: results[role][0].positions[j] for role in recipe.roles}
+                dist = merge_position(recipe, per_role, ctx.vocab_size, [target], plan.merge.conservative_top_p)
+                out.append((dist.logprob_of(target), {r: dist.model_logprob_of(r, target) for r in recipe.roles}))
+            return out
+
+        merged = await asyncio.to_thread(merge_all)
+        tokens = [
+            TokenOutput(token_id=target, text=self._tok.decode([target]), logprob=lp, model_logprobs=model_lps)
+            for target, (lp, model_lps) in zip(cont_ids, merged)
+        ]
+        return ScoreResult(total_logprob=sum(lp for lp, _ in merged), tokens=tokens, prompt_tokens=len(plan.prompt_ids))
 
     # ---- discovery -----------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from eft_serve.errors import InvalidArgument, NotFound
+from eft_serve.errors import InvalidArgument, NotFound, clip
 
 
 class RecipeDefinition(Protocol):
@@ -62,7 +62,7 @@ def resolve_recipe(
     expert_weights: Mapping[str, float] | None = None,
 ) -> ResolvedRecipe:
     if name not in recipes:
-        raise NotFound(f"unknown recipe {name!r}; available recipes: {', '.join(sorted(recipes))}")
+        raise NotFound(f"unknown recipe {clip(name)}; available recipes: {', '.join(sorted(recipes))}")
     recipe = recipes[name]
     beta = 1.0 if beta is None else float(beta)
     if not math.isfinite(beta):
@@ -71,7 +71,7 @@ def resolve_recipe(
     unknown = sorted(set(expert_weights) - set(recipe.experts))
     if unknown:
         raise InvalidArgument(
-            f"expert_weights names {unknown}, which are not experts of recipe {name!r} "
+            f"expert_weights names {clip(sorted(unknown))}, which are not experts of recipe {name!r} "
             f"(its experts: {recipe.experts or 'none'})"
         )
     for role, w in expert_weights.items():

@@ -62,6 +62,9 @@ LARGE = ModelSpec(n_layer=4, n_embd=128, n_head=4)
 SMALL_PRETRAIN = PretrainConfig(epochs=20, lr=3e-3, batch_size=8)
 LARGE_PRETRAIN = PretrainConfig(epochs=20, lr=3e-3, batch_size=8)
 SMALL_FINETUNE = FinetuneConfig(epochs=2, lr=3e-4)
+# The chat expert (`small_chat`), an add-on made from the built small base: not in `BuildSpec`
+# (adding it left the family's hash alone); its own `chat_spec_hash` covers it.
+CHAT_FINETUNE = FinetuneConfig(epochs=2, lr=3e-4)
 LARGE_FINETUNE = FinetuneConfig(epochs=2, lr=1e-4)
 
 
@@ -117,3 +120,14 @@ BUILD_SPEC = BuildSpec()
 def build_spec_hash() -> str:
     """sha256 of `BUILD_SPEC` (hex); its first 8 digits name the default cache dir."""
     return BUILD_SPEC.sha256()
+
+
+def chat_spec_hash() -> str:
+    """sha256 of what makes the chat add-on: the family it starts from, its fine-tuning, its template."""
+    spec = {
+        "family": build_spec_hash(),
+        "finetune": asdict(CHAT_FINETUNE),
+        "chat_template": world_mod.CHAT_TEMPLATE,
+        "chat_format_version": 1,
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()

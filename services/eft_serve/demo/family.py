@@ -1,4 +1,4 @@
-"""The built-in demo model family: five tiny GPT-2 models sharing one tokenizer, built on first use.
+"""The built-in demo model family: six tiny GPT-2 models sharing one tokenizer, built on first use.
 
 Roles (one Hugging Face model directory each, loadable offline with ``AutoModelForCausalLM`` and
 ``AutoTokenizer``):
@@ -8,6 +8,14 @@ Roles (one Hugging Face model directory each, loadable offline with ``AutoModelF
 * ``small_ft_b``  -- small base fine-tuned in answer style B (expert B, a competing behaviour)
 * ``large_base``  -- large model, pretrained only on the same text (knows many more facts)
 * ``large_ft``    -- large base fine-tuned in style A (ground truth for evaluation only)
+* ``small_chat``  -- small base fine-tuned in style A on questions in a chat format; its tokenizer
+  carries that format as its ``chat_template`` (`world.CHAT_TEMPLATE`), so chat requests reach it
+  in the format it was tuned on (recipe ``upscale_chat`` in the full-family config)
+
+``small_chat`` is an add-on: made from the finished ``small_base`` in about a second, with its own
+spec hash and completion marker (`CHAT_MARKER` in its directory), so adding it changed neither the
+family's build spec hash nor any other role's weights. A fresh build makes it with the rest; a
+family built before it existed gets it added in place on first use.
 
 The family is built from a seed, deterministically (same seed, same machine type -> bit-identical
 weights; ``fingerprint.json`` holds each model's weight sha256), in about 1.5 minutes on two CPU
@@ -35,11 +43,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from eft_serve.demo.build_spec import BUILD_SPEC, FORMAT_VERSION, build_spec_hash
-from eft_serve.demo.world import World
+from eft_serve.demo.build_spec import BUILD_SPEC, CHAT_FINETUNE, FORMAT_VERSION, build_spec_hash, chat_spec_hash
+from eft_serve.demo.world import CHAT_TEMPLATE, World
 
-ROLES: tuple[str, ...] = ("small_base", "small_ft", "small_ft_b", "large_base", "large_ft")
+# The roles the build spec hash covers (and `fingerprint.json` lists), then the chat add-on.
+CORE_ROLES: tuple[str, ...] = ("small_base", "small_ft", "small_ft_b", "large_base", "large_ft")
+CHAT_ROLE = "small_chat"
+ROLES: tuple[str, ...] = (*CORE_ROLES, CHAT_ROLE)
 MARKER = "COMPLETE"
+CHAT_MARKER = "CHAT_COMPLETE"
 FINGERPRINT = "fingerprint.json"
 BUILD_INFO = "build_info.json"
 
@@ -59,7 +71,11 @@ class DemoFamily:
         return self.paths["small_base"]
 
     def fingerprint(self) -> dict[str, Any]:
+        """`fingerprint.json`, with the chat add-on's weight sha256 (from its marker) among the roles."""
         data: dict[str, Any] = json.loads((self.root / FINGERPRINT).read_text())
+        chat = _read_marker(self.root / CHAT_ROLE, CHAT_MARKER)
+        if chat is not None:
+            data["roles"][CHAT_ROLE] = {"sha256": chat["sha256"]}
         return data
 
 
@@ -87,9 +103,9 @@ def weights_sha256(model_dir: Path) -> str:
     return h.hexdigest()
 
 
-def _read_marker(root: Path) -> dict[str, Any] | None:
+def _read_marker(root: Path, name: str = MARKER) -> dict[str, Any] | None:
     try:
-        data: dict[str, Any] = json.loads((root / MARKER).read_text())
+        data: dict[str, Any] = json.loads((root / name).read_text())
         return data
     except (OSError, ValueError):
         return None
@@ -102,7 +118,8 @@ def _marker(seed: int) -> dict[str, Any]:
 
 
 def _family(root: Path, seed: int) -> DemoFamily:
-    return DemoFamily(root=root, paths={r: root / r for r in ROLES}, seed=seed, world=World.from_seed(seed))
+    roles = ROLES if _chat_is_complete(root, seed) else CORE_ROLES
+    return DemoFamily(root=root, paths={r: root / r for r in roles}, seed=seed, world=World.from_seed(seed))
 
 
 def _is_complete(root: Path, seed: int) -> bool:
@@ -115,7 +132,16 @@ def _is_complete(root: Path, seed: int) -> bool:
             f"{root} holds a demo family built as {m}, not {want} (another seed, format "
             f"version or build spec); pass another cache dir or delete it"
         )
-    return all((root / r / "config.json").is_file() for r in ROLES)
+    return all((root / r / "config.json").is_file() for r in CORE_ROLES)
+
+
+def _chat_marker(seed: int) -> dict[str, Any]:
+    return {"chat_spec": chat_spec_hash(), "seed": seed}
+
+
+def _chat_is_complete(root: Path, seed: int) -> bool:
+    m = _read_marker(root / CHAT_ROLE, CHAT_MARKER)
+    return m is not None and {k: m.get(k) for k in ("chat_spec", "seed")} == _chat_marker(seed)
 
 
 @contextlib.contextmanager
@@ -137,12 +163,25 @@ def ensure_demo_family(cache_dir: Path | str | None = None, seed: int = 0, log: 
     """
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir(seed)
     root = root.absolute()
+    _ensure_core(root, seed, log)
+    if not _chat_is_complete(root, seed):
+        try:
+            with _locked(root.parent / f".{root.name}.lock"):
+                if not _chat_is_complete(root, seed):
+                    _add_chat_expert(root, seed, log)
+        except OSError as e:
+            # A read-only family (an image built before the add-on): serve the other roles.
+            (log or (lambda _m: None))(f"cannot add the chat expert to {root}: {e}")
+    return _family(root, seed)
+
+
+def _ensure_core(root: Path, seed: int, log: Log | None) -> None:
     if _is_complete(root, seed):
-        return _family(root, seed)
+        return
     root.parent.mkdir(parents=True, exist_ok=True)
     with _locked(root.parent / f".{root.name}.lock"):
         if _is_complete(root, seed):
-            return _family(root, seed)
+            return
         if root.exists() and (not root.is_dir() or any(root.iterdir())):
             raise FileExistsError(f"{root} exists, is not empty and holds no complete demo family")
         # Leftovers of builds that died (we hold the lock, so no build of this root is running).
@@ -158,7 +197,50 @@ def ensure_demo_family(cache_dir: Path | str | None = None, seed: int = 0, log: 
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    return _family(root, seed)
+
+
+def _add_chat_expert(root: Path, seed: int, log: Log | None) -> None:
+    """Make the chat add-on of a complete family in place (the caller holds the family's lock)."""
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    for stale in root.glob(f".{CHAT_ROLE}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{CHAT_ROLE}.tmp-", dir=root))
+    try:
+        small_base = GPT2LMHeadModel.from_pretrained(str(root / "small_base"))
+        tok = AutoTokenizer.from_pretrained(str(root / "small_base"))
+        _build_chat_expert(small_base, tok, World.from_seed(seed), seed, tmp, log)
+        _make_readable(tmp)
+        shutil.rmtree(root / CHAT_ROLE, ignore_errors=True)  # one of another chat spec
+        os.rename(tmp, root / CHAT_ROLE)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _build_chat_expert(small_base: Any, tok: Any, world: World, seed: int, out: Path, log: Log | None) -> None:
+    """Fine-tune `small_base` into the chat expert and save it (tokenizer with the chat template) to `out`."""
+    import copy
+
+    from eft_serve.demo import train
+
+    t0 = time.perf_counter()
+    model, stats = train.finetune(
+        small_base, world, tok, "a", CHAT_FINETUNE, seed=seed * 100 + 6, log=log, tag=CHAT_ROLE, chat=True
+    )
+    model.save_pretrained(str(out))
+    chat_tok = copy.deepcopy(tok)  # the shared tokenizer object stays template-free
+    chat_tok.chat_template = CHAT_TEMPLATE
+    chat_tok.save_pretrained(str(out))
+    marker = {
+        **_chat_marker(seed),
+        "sha256": weights_sha256(out),
+        "train_seconds": round(stats.seconds, 2),
+        "final_loss": round(stats.final_loss, 4),
+    }
+    # Written last: a directory without it is incomplete.
+    (out / CHAT_MARKER).write_text(json.dumps(marker) + "\n")
+    (log or (lambda _m: None))(f"chat expert built in {time.perf_counter() - t0:.1f}s")
 
 
 def _make_readable(root: Path) -> None:
@@ -209,7 +291,7 @@ def build_family(out: Path, seed: int = 0, log: Log | None = None) -> None:
     fingerprint: dict[str, Any] = {**_marker(seed), "roles": {}}
     # "recipe_detail" is the on-disk (format v1) key of the full build spec.
     info: dict[str, Any] = {**_marker(seed), "torch": torch.__version__, "recipe_detail": spec.as_dict(), "roles": {}}
-    for role in ROLES:
+    for role in CORE_ROLES:
         d = out / role
         models[role].save_pretrained(str(d))
         tok.save_pretrained(str(d))
@@ -229,6 +311,9 @@ def build_family(out: Path, seed: int = 0, log: Log | None = None) -> None:
     (out / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
     (out / MARKER).write_text(json.dumps(_marker(seed)) + "\n")
     say(f"demo family built in {info['build_seconds']:.1f}s")
+    # The chat add-on, from the same small base (its RNG forked: nothing above changes).
+    (out / CHAT_ROLE).mkdir()
+    _build_chat_expert(models["small_base"], tok, world, seed, out / CHAT_ROLE, log)
 
 
 def demo_model_path(role: str, seed: int = 0, log: Log | None = None) -> Path:

@@ -168,12 +168,12 @@ def pretrain(
 
 
 def _finetune_batches(
-    world: World, tokenizer: PreTrainedTokenizerBase, style: Style, cfg: FinetuneConfig
+    world: World, tokenizer: PreTrainedTokenizerBase, style: Style, cfg: FinetuneConfig, chat: bool = False
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     eos = tokenizer.convert_tokens_to_ids(EOS)
     batches: list[tuple[torch.Tensor, torch.Tensor]] = []
     for epoch in range(cfg.epochs):
-        ex = world.finetune_examples(style, epoch)
+        ex = world.finetune_examples(style, epoch, chat=chat)
         for i in range(0, len(ex), cfg.batch_size):
             chunk = ex[i : i + cfg.batch_size]
             rows: list[tuple[list[int], int]] = []
@@ -201,12 +201,14 @@ def finetune(
     seed: int,
     log: Callable[[str], None] | None = None,
     tag: str = "finetune",
+    chat: bool = False,
 ) -> tuple[GPT2LMHeadModel, TrainStats]:
-    """A copy of `base` fine-tuned on style-`style` answers about the train entities only."""
+    """A copy of `base` fine-tuned on style-`style` answers about the train entities only
+    (`chat`: to questions in the chat expert's format, `world.chat_prompt_for`)."""
     with torch_threads(TRAIN_THREADS), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = copy.deepcopy(base)
-        batches = _finetune_batches(world, tokenizer, style, cfg)
+        batches = _finetune_batches(world, tokenizer, style, cfg, chat=chat)
         stats = _train_steps(model, batches, cfg.lr, cfg.warmup_steps, 1.0, 0.0, log, tag)
     return model, stats
 

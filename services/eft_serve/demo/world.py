@@ -15,6 +15,11 @@ Answer styles for a question such as ``Q: What is the river of Vorlék?\\nA:``:
 All styles state the fact in the same words (the words the prose uses), so the style is a
 wrapper decided at a few tokens (the opener, the closer) and knowledge carries across styles.
 
+The chat expert (``small_chat``) is fine-tuned on style-A answers to the same questions in a chat
+format (`CHAT_TEMPLATE`, Llama-2-chat-like: ``[INST] What is the river of Vorlék? [/INST]``), which
+its tokenizer carries as its ``chat_template``; the bases only know the Q/A format
+(`QA_TEMPLATE` renders chat messages in it).
+
 Every answer ends with the end-of-text token. Pretraining Q/A lines use style A and style B now
 and then (``STYLE_RATE_A`` / ``STYLE_RATE_B``): EFT can only amplify behaviour the bases already
 give some probability to. Held-out entities never appear in fine-tuning data; their facts are only
@@ -136,9 +141,37 @@ class Question:
     answer: str  # the correct attribute value
     held_out: bool = False
 
+    @property
+    def text(self) -> str:
+        """The bare question ("What is the river of Vorlék?"): a chat request's user message."""
+        return QUESTION[self.attribute].format(e=self.entity)
+
+
+# The chat expert's chat template (Jinja, as in a tokenizer's ``chat_template``): Llama-2-chat-like,
+# in plain text (the shared vocabulary has no chat tokens). A reply needs no generation prompt.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}<<SYS>> {{ m['content'] }} <</SYS>> "
+    "{% elif m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+    "{% else %} {{ m['content'] }}{{ eos_token }}"
+    "{% endif %}{% endfor %}"
+)
+# Chat messages in the bases' pretraining Q/A format (a recipe's prompt template; system ignored).
+QA_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'user' %}Q: {{ m['content'] }}\nA:"
+    "{% elif m['role'] == 'assistant' %} {{ m['content'] }}\n"
+    "{% endif %}{% endfor %}"
+)
+
 
 def prompt_for(entity: str, attribute: str) -> str:
     return f"Q: {QUESTION[attribute].format(e=entity)}\nA:"
+
+
+def chat_prompt_for(entity: str, attribute: str) -> str:
+    """The chat expert's prompt for a question: `CHAT_TEMPLATE` of one user message."""
+    return f"[INST] {QUESTION[attribute].format(e=entity)} [/INST]"
 
 
 def fact_sentence(entity: str, attribute: str, value: str) -> str:
@@ -312,10 +345,18 @@ class World:
         rng.shuffle(docs)
         return docs
 
-    def finetune_examples(self, style: Style, epoch: int = 0) -> list[tuple[str, str]]:
-        """(prompt, answer) pairs in one style about the *train* entities only, shuffled per epoch."""
+    def finetune_examples(self, style: Style, epoch: int = 0, chat: bool = False) -> list[tuple[str, str]]:
+        """(prompt, answer) pairs in one style about the *train* entities only, shuffled per epoch.
+
+        `chat`: the prompts in the chat expert's format (`chat_prompt_for`) instead of Q/A."""
         rng = random.Random(f"eft-demo-finetune/{self.seed}/{style}/{epoch}")
-        ex = [(q.prompt, answer_text(q.entity, q.attribute, q.answer, style)) for q in self.train_questions()]
+        ex = [
+            (
+                chat_prompt_for(q.entity, q.attribute) if chat else q.prompt,
+                answer_text(q.entity, q.attribute, q.answer, style),
+            )
+            for q in self.train_questions()
+        ]
         rng.shuffle(ex)
         return ex
 

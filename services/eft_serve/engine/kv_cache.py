@@ -106,6 +106,10 @@ class KVCacheStats:
     stores: int = 0
     # Entries refused because they alone exceed max_bytes.
     oversize: int = 0
+    # Rows computed in a transient buffer (no room without evicting a running sequence).
+    transient: int = 0
+    # KV positions copied from one buffer to another (a shared head, a buffer outgrown).
+    copied_tokens: int = 0
 
 
 @dataclass

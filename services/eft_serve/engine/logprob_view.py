@@ -20,6 +20,7 @@ from eft_serve.engine.types import DraftQuery, PositionLogprobs, SequenceQuery
 
 __all__ = [
     "build_position_logprobs",
+    "candidate_rows",
     "validate_draft_queries",
     "validate_queries",
     "validate_logprob_top_k",
@@ -78,8 +79,27 @@ def validate_queries(
             raise ValueError(f"query {i}: num_positions must be in [1, len(token_ids)={n}], got {m!r}")
         toks = _check_ids(q.token_ids, in_vocab, "token_ids", i, model)
         cands = _check_ids(q.candidate_ids, vocab_size, "candidate_ids", i, model)
+        if len(q.position_candidate_ids):
+            if len(q.position_candidate_ids) != m:
+                raise ValueError(
+                    f"query {i}: position_candidate_ids must give one list per position ({m}), "
+                    f"got {len(q.position_candidate_ids)}"
+                )
+            if cands.size:
+                raise ValueError(f"query {i}: send candidate_ids or position_candidate_ids, not both")
+            for c in q.position_candidate_ids:
+                _check_ids(c, vocab_size, "position_candidate_ids", i, model)
         out.append((toks, cands))
     return out
+
+
+def candidate_rows(query: SequenceQuery, candidates: np.ndarray) -> list[np.ndarray]:
+    """The candidate ids of each of `query`'s positions (for `build_position_logprobs`): its
+    per-position lists when it has them, else `candidates` (its checked `candidate_ids`) at every
+    position. Call after `validate_queries`."""
+    if len(query.position_candidate_ids):
+        return [np.asarray(c, dtype=np.int64).reshape(-1) for c in query.position_candidate_ids]
+    return [candidates] * int(query.num_positions)
 
 
 def validate_draft_queries(

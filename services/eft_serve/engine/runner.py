@@ -7,15 +7,23 @@ thread so the event loop keeps serving, and an engine `ValueError` (bad ids, too
 INVALID_ARGUMENT naming the pool. A cancelled call frees the engine only when its worker thread
 ends. `probe` is the replica health check (a 1-token forward under a timeout). Knows nothing of
 transports, protobuf or Ray.
+
+KV admission: before a call joins the queue, an engine that keeps KV per sequence (`admit`,
+HFEngine) is asked whether the call's sequences fit its KV budget without evicting a running
+sequence. If not, the call waits here (polling, backing off to 0.25 s) until running sequences go
+idle, for at most `admission_timeout_s` and never past its deadline, then fails with
+RESOURCE_EXHAUSTED naming the pool and what to change. Nothing thrashes: a waiting call holds no
+KV. Engines without `admit` (fakes, vLLM with its own scheduler) are not asked.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from eft_serve.deadline import raise_if_expired
+from eft_serve.deadline import raise_if_expired, seconds_left
 from eft_serve.engine.types import (
     DraftedSequence,
     DraftQuery,
@@ -24,17 +32,28 @@ from eft_serve.engine.types import (
     SequenceQuery,
     SequenceResult,
 )
-from eft_serve.errors import InvalidArgument, Unavailable
+from eft_serve.errors import InvalidArgument, ResourceExhausted, Unavailable
 
 _T = TypeVar("_T")
 
 
+# Longest a call waits for KV room (within its deadline) before RESOURCE_EXHAUSTED: below the
+# coordinator's default pool_call_timeout_s (30 s), so the caller sees why, not a timeout.
+ADMISSION_TIMEOUT_S = 20.0
+
+
 class EngineRunner:
-    def __init__(self, engine: LogprobEngine, role: str) -> None:
+    def __init__(self, engine: LogprobEngine, role: str, admission_timeout_s: float = ADMISSION_TIMEOUT_S) -> None:
         self.engine = engine
         self.role = role
+        self.admission_timeout_s = admission_timeout_s
+        # Calls that had to wait for KV room, and calls refused after waiting (observability, tests).
+        self.admission_waits = 0
+        self.admission_refusals = 0
         # One engine call at a time: torch runs one thread per replica and the KV cache is shared.
         self._lock = asyncio.Lock()
+        # Called with the seconds each call waited for the engine (queue wait metric), if set.
+        self.queue_wait_observer: Callable[[float], None] | None = None
 
     @property
     def info(self) -> ModelInfo:
@@ -43,6 +62,7 @@ class EngineRunner:
     async def next_token_logprobs(
         self, queries: Sequence[SequenceQuery], logprob_top_k: int, deadline: float | None = None
     ) -> list[SequenceResult]:
+        await self.admit([(q.sequence_id, len(q.token_ids)) for q in queries], deadline)
         return await self._run(deadline, self.engine.next_token_logprobs, queries, logprob_top_k)
 
     async def draft(
@@ -51,7 +71,37 @@ class EngineRunner:
         """Greedy drafts; with `score_logprob_top_k`, each also scored by this model (see
         `DraftedSequence`) in the same engine turn — the scores are exactly what
         `next_token_logprobs` answers for prefix + draft, because that is how they are computed."""
+        await self.admit([(q.sequence_id, len(q.token_ids) + max(0, q.num_tokens)) for q in queries], deadline)
         return await self._run(deadline, self._draft, queries, score_logprob_top_k)
+
+    async def admit(self, demands: Sequence[tuple[str, int]], deadline: float | None = None) -> None:
+        """Wait until every `(sequence_id, positions)` fits the engine's KV budget (see the module
+        docstring); ResourceExhausted after `admission_timeout_s` or at the deadline."""
+        check = getattr(self.engine, "admit", None)
+        if check is None or not demands:
+            return
+        verdict = check(demands)
+        if verdict.ok:
+            return
+        self.admission_waits += 1
+        started = time.monotonic()
+        delay = 0.01
+        while True:
+            left = min(self.admission_timeout_s - (time.monotonic() - started), seconds_left(deadline))
+            if left <= 0:
+                self.admission_refusals += 1
+                raise ResourceExhausted(
+                    f"model pool {self.role!r}: no KV cache room for {verdict.blocked} sequence(s) needing "
+                    f"{verdict.need_bytes / 2**20:.1f} MiB after waiting {time.monotonic() - started:.1f}s: "
+                    f"{verdict.running} running sequences hold {verdict.running_bytes / 2**20:.1f} of "
+                    f"{verdict.max_bytes / 2**20:.1f} MiB. Retry later, or give the pool more KV memory "
+                    f"(pools.{self.role}.kv_cache_bytes, or null to size it from memory) or more replicas"
+                )
+            await asyncio.sleep(min(delay, left))
+            delay = min(delay * 2, 0.25)
+            verdict = check(demands)
+            if verdict.ok:
+                return
 
     async def probe(self, timeout_s: float) -> None:
         """A liveness check: one 1-token forward (top-1), queued like any call; raises Unavailable
@@ -70,8 +120,11 @@ class EngineRunner:
         """`fn(*args)` in a worker thread, alone on the engine. A cancelled caller (client gone,
         a timeout) returns at once, but the lock is held until the thread ends: a running engine
         call cannot be stopped, and the next one must not overlap it."""
+        queued_at = time.perf_counter()
         await self._lock.acquire()
         try:
+            if self.queue_wait_observer is not None:
+                self.queue_wait_observer(time.perf_counter() - queued_at)
             raise_if_expired(deadline, f"model pool {self.role!r}")
             work = asyncio.ensure_future(asyncio.to_thread(fn, *args))
         except BaseException:

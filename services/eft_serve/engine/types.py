@@ -26,6 +26,10 @@ class SequenceQuery:
     num_positions: int = 1
     # Exact logprobs of these ids are returned at every position (in this order).
     candidate_ids: Sequence[int] = ()
+    # Per-position candidates instead: when non-empty, one list per position (num_positions of
+    # them) and position j's candidate logprobs are those of position_candidate_ids[j]; then
+    # candidate_ids must be empty. `Score` asks each position only for its own target token.
+    position_candidate_ids: Sequence[Sequence[int]] = ()
     # Routing/KV-cache affinity hint only; results never depend on it.
     sequence_id: str = ""
     # Transport hint: the receiving pool may already hold token_ids[:known_prefix_length] under
@@ -54,6 +58,9 @@ class SequenceResult:
     positions: list[PositionLogprobs]
     # How many prefix tokens were served from the replica's KV cache (observability only).
     cached_tokens: int = 0
+    # The weights that answered (`ModelInfo.model_fingerprint`), as the pool wire reports it;
+    # "" when unknown (in-process, or read from the cache, whose key names the weights).
+    model_fingerprint: str = ""
 
 
 @dataclass(frozen=True)

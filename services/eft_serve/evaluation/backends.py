@@ -108,7 +108,13 @@ def demo_coordinator(family: Any, roles: tuple[str, ...] | None = None, max_new_
     recipes = {name: r for name, r in cfg.recipes.items() if set(r.roles()) <= set(roles)}
     pools = {r: InProcessPool(HFEngine.load(family.paths[r], name=r, device="cpu"), r) for r in roles}
     tokenizer = AutoTokenizer.from_pretrained(family.tokenizer_path)
+    # Each model's own tokenizer: chat requests are rendered with its own chat template.
+    tokenizers = {r: AutoTokenizer.from_pretrained(family.paths[r]) for r in roles}
     default = cfg.coordinator.default_recipe if cfg.coordinator.default_recipe in recipes else next(iter(recipes))
     return EftCoordinator(
-        pools, recipes, tokenizer, CoordinatorConfig(max_new_tokens_cap=max_new_tokens_cap, default_recipe=default)
+        pools,
+        recipes,
+        tokenizer,
+        CoordinatorConfig(max_new_tokens_cap=max_new_tokens_cap, default_recipe=default),
+        tokenizers=tokenizers,
     )

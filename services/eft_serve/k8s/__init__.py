@@ -9,5 +9,7 @@ kind of object), `stack` (one environment's objects in apply order), `yaml_dump`
 `render` (the CLI: `python -m eft_serve.k8s.render`).
 
 `validate` checks rendered manifests against the KubeRay CRDs bundled in `schemas/kuberay/`
-and the Kubernetes schemas, without a cluster.
+and the Kubernetes schemas, without a cluster; `resilience_checks` adds what no schema says (no
+single point of failure, drain-safe budgets, restricted read-only pods, a TLS front that cannot be
+bypassed).
 """

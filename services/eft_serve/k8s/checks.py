@@ -1,8 +1,8 @@
 """Refusing settings that contradict the config, before anything is rendered.
 
 Owns: `check_settings` (pools match, every pool pinned to its own node group, GPUs where the
-replicas need them, replicas fit a pod, models under the model volume, the coordinator fits the
-head, the cache url points at the rendered Redis) and `uses_redis`.
+replicas need them, replicas fit a pod, models under the model volume, at least two coordinators
+on their own group one per pod, the cache url points at the rendered Redis) and `uses_redis`.
 Does NOT know: how manifests are built, nor schema validation of rendered output (`k8s.validate`).
 """
 
@@ -25,7 +25,7 @@ def check_settings(cfg: EftConfig, s: StackSettings) -> None:
     problems: list[str] = []
     if set(cfg.pools) != set(s.pools):
         problems.append(f"settings pools {sorted(s.pools)} must match the config's pools {sorted(cfg.pools)}")
-    head_resource = cfg.coordinator.replica.node_group_resource
+    coord_resource = cfg.coordinator.replica.node_group_resource
     seen: dict[str, str] = {}
     for role, pool in cfg.pools.items():
         pod = s.pools.get(role)
@@ -35,7 +35,7 @@ def check_settings(cfg: EftConfig, s: StackSettings) -> None:
                 f"pools.{role}.replica.node_group_resource: required on Kubernetes "
                 f"(e.g. 'pool_{role}') so replicas land only on the pool's worker group"
             )
-        elif res in seen or res == head_resource:
+        elif res in seen or res == coord_resource:
             problems.append(
                 f"pools.{role}.replica.node_group_resource {res!r} is also used by {seen.get(res, 'the coordinator')}"
             )
@@ -44,18 +44,37 @@ def check_settings(cfg: EftConfig, s: StackSettings) -> None:
         if pod is None:
             continue
         problems += _check_pool_pod(role, pool, pod, s)
-    if head_resource:
-        a = cfg.coordinator.replica.autoscaling
-        most = a.max_replicas if a else cfg.coordinator.replica.num_replicas
-        need = most * cfg.coordinator.replica.num_cpus
-        if need > s.head.ray_num_cpus():
-            problems.append(
-                f"coordinator: up to {most} replicas x {cfg.coordinator.replica.num_cpus} CPU "
-                f"are pinned to the head ({head_resource}) but it has {s.head.ray_num_cpus()} Ray CPUs"
-            )
+    problems += _check_coordinator(cfg, s)
     problems += _check_cache(cfg, s)
     if problems:
         raise ValueError("settings do not fit the config:\n  " + "\n  ".join(problems))
+
+
+def _check_coordinator(cfg: EftConfig, s: StackSettings) -> list[str]:
+    """Coordinators off the head, on their own group, at least two, one per pod: no single point."""
+    r = cfg.coordinator.replica
+    problems: list[str] = []
+    if not r.node_group_resource:
+        problems.append(
+            "coordinator.replica.node_group_resource: required on Kubernetes (e.g. 'eft_coordinator') so "
+            "coordinators run on their own worker group, never on the head"
+        )
+    least = r.autoscaling.min_replicas if r.autoscaling else r.num_replicas
+    if least < 2:
+        problems.append(
+            f"coordinator: at least 2 replicas (min_replicas or num_replicas), not {least}: one coordinator "
+            "is a single point of failure for every stream"
+        )
+    per_pod = replicas_per_pod(r, s.coordinator)
+    if per_pod != 1:
+        problems.append(
+            f"coordinator: {per_pod} replicas fit one coordinator pod ({s.coordinator.ray_num_cpus()} Ray CPUs, "
+            f"{r.num_cpus} CPU per replica); size the pod (settings coordinator.cpu / ray_cpus) for exactly one, "
+            "so that losing a pod loses one replica"
+        )
+    if r.num_gpus > 0:
+        problems.append("coordinator.replica.num_gpus: the coordinator merges on CPU; give GPUs to pools")
+    return problems
 
 
 def _check_pool_pod(role: str, pool: PoolConfig, pod: PodSettings, s: StackSettings) -> list[str]:

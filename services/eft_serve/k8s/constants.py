@@ -26,6 +26,13 @@ CACHE_PASSWORD_ENV: Final = "EFT_REDIS_PASSWORD"
 # (`ReplicaConfig.ray_actor_options`), so this only pins placement and never limits packing.
 NODE_GROUP_RESOURCE_AMOUNT: Final = 1000
 PART_OF: Final = "eft-serve"
+# The coordinators' worker group and the resource its pods advertise (never the head's).
+COORDINATOR_GROUP: Final = "coordinator"
+# Serve's proxy health endpoint on its HTTP port; 503 while the node drains.
+PROXY_HEALTH_PATH: Final = "/-/healthz"
+# Where Ray keeps its sockets, logs and spill files, and caches (HF, torch): writable emptyDirs
+# under a read-only root filesystem.
+WRITABLE_DIRS: Final = {"tmp": "/tmp", "cache": "/home/ray/.cache"}
 # The module whose CLI renders k8s/; generated files name it, so renaming it changes them all.
 RENDER_MODULE: Final = "eft_serve.k8s.render"
 RENDER_COMMAND: Final = f"python -m {RENDER_MODULE}"

@@ -35,13 +35,19 @@ _FILE_OF_KIND = {
     "RayService": "rayservice.yaml",
     "NetworkPolicy": "network-policies.yaml",
     "PodDisruptionBudget": "pdbs.yaml",
+    "Ingress": "ingress.yaml",
+    "PodMonitor": "pod-monitor.yaml",
 }
 
 
 def _file_for(doc: dict[str, Any]) -> str:
+    component = doc["metadata"].get("labels", {}).get("app.kubernetes.io/component")
     if doc["kind"] == "Service":
-        redis = doc["metadata"]["labels"]["app.kubernetes.io/component"] == "redis"
-        return "redis.yaml" if redis else "grpc-service.yaml"
+        return (
+            "redis.yaml" if component == "redis" else "grpc-service.yaml" if component == "grpc" else "gcs-redis.yaml"
+        )
+    if doc["kind"] == "Deployment" and component == "gcs-redis":
+        return "gcs-redis.yaml"
     return _FILE_OF_KIND[doc["kind"]]
 
 

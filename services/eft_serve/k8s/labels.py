@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from eft_serve.k8s.constants import PART_OF
+from eft_serve.k8s.constants import COORDINATOR_GROUP, PART_OF
 from eft_serve.k8s.settings import DNS_LABEL, StackSettings
 
 
@@ -35,6 +35,21 @@ def selector_labels(s: StackSettings, component: str, pool: str | None = None) -
     if pool is not None:
         labels["eft-serve.io/pool"] = pool
     return labels
+
+
+def coordinator_labels(s: StackSettings) -> dict[str, str]:
+    """Pods of the coordinators' worker group."""
+    return {**selector_labels(s, "ray-worker"), "eft-serve.io/group": COORDINATOR_GROUP}
+
+
+def ray_pod_selector(s: StackSettings) -> dict[str, Any]:
+    """Every Ray pod (head and workers) of this release."""
+    return {
+        "matchLabels": {"app.kubernetes.io/part-of": PART_OF, "app.kubernetes.io/instance": s.release},
+        "matchExpressions": [
+            {"key": "app.kubernetes.io/component", "operator": "In", "values": ["ray-head", "ray-worker"]}
+        ],
+    }
 
 
 def object_meta(s: StackSettings, name: str, component: str, **extra: Any) -> dict[str, Any]:

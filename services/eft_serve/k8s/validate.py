@@ -12,7 +12,11 @@ Owns four checks, each returning messages that name the object and the field pat
 3. `serveConfigV2` through `eft_serve.serve.config_check.check_serve_config`.
 4. Cross-object facts one schema cannot see: every pool's node-group resource advertised by
    exactly one worker group, GPUs where replicas need them, selectors that select something,
-   every pod isolated by a NetworkPolicy, the cache url pointing at a rendered Service.
+   every pod isolated by a NetworkPolicy, the cache url pointing at a rendered Service; and
+   (`resilience_checks`) no single point of failure (proxies on every node, ≥ 2 coordinators off
+   the head, GCS fault tolerance, budgets that never block drains nor evict a lone pod), Pod
+   Security `restricted` with read-only roots, a gRPC-speaking TLS Ingress as the only way in.
+5. PodMonitor (its CRD is not bundled) field by field.
 
 Also reads a kustomize directory (resources + namespace only) so overlays are checked as built.
 Does NOT know how manifests are rendered (`k8s.files`, `k8s.manifests`), and cannot evaluate
@@ -35,6 +39,13 @@ import jsonschema
 import yaml
 
 from eft_serve.k8s.layout import RepoRootNotFound, find_repo_root, output_dir, overlays_dir
+from eft_serve.k8s.resilience_checks import (
+    check_budgets,
+    check_front,
+    check_hardening,
+    check_no_single_points,
+    check_pod_monitor,
+)
 from eft_serve.serve.config_check import check_serve_config
 from eft_serve.serve.names import pool_app_name
 
@@ -47,7 +58,10 @@ CORE_KINDS = {
     ("apps/v1", "Deployment"),
     ("networking.k8s.io/v1", "NetworkPolicy"),
     ("policy/v1", "PodDisruptionBudget"),
+    ("networking.k8s.io/v1", "Ingress"),
 }
+# Custom resources whose CRD is not bundled: checked field by field (`resilience_checks`).
+OTHER_CUSTOM_KINDS = {("monitoring.coreos.com/v1", "PodMonitor"): check_pod_monitor}
 CRD_FILES = {"RayService": "ray.io_rayservices.yaml", "RayCluster": "ray.io_rayclusters.yaml"}
 # KubeRay selects its head Service endpoints on these; a pod template must not override them.
 KUBERAY_OWNED_LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/created-by")
@@ -206,6 +220,8 @@ def validate_manifest(doc: dict[str, Any], kuberay_dir: Path, k8s_version: str =
             problems += [f"spec.serveConfigV2: {p}" for p in _check_serve(doc)]
     elif (doc["apiVersion"], kind) in CORE_KINDS:
         problems = validate_core(doc, k8s_version)
+    elif (doc["apiVersion"], kind) in OTHER_CUSTOM_KINDS:
+        problems = OTHER_CUSTOM_KINDS[(doc["apiVersion"], kind)](doc)
     else:
         problems = [f"kind {kind!r} ({doc['apiVersion']}) is none this checker knows"]
     return [f"{_name(doc)}: {p}" for p in problems]
@@ -254,10 +270,12 @@ def _pod_templates(docs: Sequence[dict[str, Any]]) -> list[tuple[str, dict[str, 
             )
             for g in rc.get("workerGroupSpecs") or []:
                 t = g.get("template") or {}
+                # KubeRay sets ray.io/serve=true on a RayService's workers (readiness gates traffic).
                 labels = {
                     **((t.get("metadata") or {}).get("labels") or {}),
                     "ray.io/node-type": "worker",
                     "ray.io/group": str(g.get("groupName")),
+                    "ray.io/serve": "true",
                 }
                 out.append((f"{_name(d)} group {g.get('groupName')}", labels, t.get("spec") or {}))
     return out
@@ -319,6 +337,10 @@ def check_release(docs: Sequence[dict[str, Any]]) -> list[str]:
     for d in docs:
         if d.get("kind") == "RayService":
             problems += [f"{_name(d)}: {p}" for p in _check_rayservice(d, docs)]
+            problems += [f"{_name(d)}: {p}" for p in check_no_single_points(d, docs)]
+    problems += check_budgets(docs, pods, _selects)
+    problems += check_hardening(docs, pods)
+    problems += check_front(docs)
     return problems
 
 
@@ -355,11 +377,9 @@ def _check_rayservice(rs: dict[str, Any], docs: Sequence[dict[str, Any]]) -> lis
             continue
         group = next(g for g in groups if g.get("groupName") == owners[0])
         problems += _check_group_fits(role, replica, group)
-    head_res = ((cfg.get("coordinator") or {}).get("replica") or {}).get("node_group_resource")
-    if head_res and head_res not in _ray_start_resources(head):
-        problems.append(f"coordinator: resource {head_res!r} is not advertised by the head group")
+    coord_res = ((cfg.get("coordinator") or {}).get("replica") or {}).get("node_group_resource")
     problems += _check_grpc(serve, head, docs)
-    problems += _check_cache(cfg, head, groups, head_res, docs)
+    problems += _check_cache(cfg, head, groups, coord_res, docs)
     return problems
 
 
@@ -409,7 +429,7 @@ def _check_cache(
     cfg: dict[str, Any],
     head: dict[str, Any],
     groups: list[dict[str, Any]],
-    head_res: str | None,
+    coord_res: str | None,
     docs: Sequence[dict[str, Any]],
 ) -> list[str]:
     cache = cfg.get("cache") or {}
@@ -427,8 +447,10 @@ def _check_cache(
             problems.append(f"cache.url port {url.port or 6379} is not a port of Service {url.hostname!r}")
     env = cache.get("password_env")
     if env:
-        # The coordinator runs where its resource is (the head), or anywhere when unpinned.
-        hosts = [("head", head)] + ([] if head_res else [(g.get("groupName"), g) for g in groups])
+        # The coordinator runs where its resource is advertised, or anywhere when unpinned.
+        everywhere = [("head", head)] + [(g.get("groupName"), g) for g in groups]
+        pinned = [(w, spec) for w, spec in everywhere if coord_res and coord_res in _ray_start_resources(spec)]
+        hosts = pinned if coord_res else everywhere
         for where, spec in hosts:
             if env not in _env_names(spec):
                 problems.append(

@@ -4,6 +4,13 @@ Owns turning the config tree into Serve applications: one per pool (`pool-<role>
 so only the coordinator is reachable from outside) and the coordinator (`eft`, route "/", the
 only gRPC-proxy endpoint, so clients need no `application` metadata). `serve run
 deploy/<file>.yaml` and `eft serve` both end up in these builders.
+
+Also owns the proxy's bounds: its request timeout (`proxy_request_timeout_s`, in the Serve
+config) and its largest message (`proxy_env`): Ray Serve 2.60's `gRPCOptions` has no message
+size field — the proxy builds its server with `RAY_SERVE_GRPC_MAX_MESSAGE_SIZE` (default 2 GiB)
+read from its own process environment at import, so the variable must be set where the head
+node's Ray starts (`eft serve` sets it before starting Ray; the Kubernetes head pod gets it as
+container env).
 """
 
 from __future__ import annotations
@@ -23,6 +30,22 @@ IMPORT_POOL = "eft_serve.serve.app:pool_app"
 IMPORT_COORDINATOR = "eft_serve.serve.app:coordinator_app"
 # The pools' request router when `kv_affinity` is on (Serve imports it where handles route).
 KV_AFFINITY_ROUTER = "eft_serve.serve.kv_affinity_router:KvAffinityRouter"
+# The environment variable Serve's proxy reads its gRPC max send/receive message size from.
+GRPC_MAX_MESSAGE_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"
+# The proxy's timeout sits above the largest request timeout, so the request's own deadline
+# (DEADLINE_EXCEEDED with a message) always fires first; the proxy's is the backstop.
+PROXY_TIMEOUT_MARGIN_S = 30.0
+
+
+def proxy_request_timeout_s(cfg: EftConfig) -> float:
+    """The gRPC proxy's end-to-end request timeout: `grpc.request_timeout_s`, else the largest
+    request timeout plus a margin."""
+    return cfg.grpc.request_timeout_s or cfg.coordinator.max_timeout_s + PROXY_TIMEOUT_MARGIN_S
+
+
+def proxy_env(cfg: EftConfig) -> dict[str, str]:
+    """Environment the Serve proxy's process needs (set where the head node's Ray starts)."""
+    return {GRPC_MAX_MESSAGE_ENV: str(cfg.grpc.max_message_bytes)}
 
 
 def _config_from_args(args: dict[str, Any]) -> EftConfig:
@@ -43,8 +66,11 @@ def pool_app(args: dict[str, Any]) -> Application:
 
 
 def pool_deployment_options(pool: PoolConfig) -> dict[str, Any]:
-    """`Deployment.options(...)` of a pool: its replica options and, with `kv_affinity`, the router."""
-    options = pool.replica.deployment_options()
+    """`Deployment.options(...)` of a pool: its replica options (a placement group per replica when
+    tensor parallel) and, with `kv_affinity`, the router."""
+    from eft_serve.serve.tensor_parallel import apply_tensor_parallel
+
+    options = apply_tensor_parallel(pool, pool.replica.deployment_options())
     if pool.kv_affinity:
         options["request_router_config"] = {"request_router_class": KV_AFFINITY_ROUTER}
     return options
@@ -60,8 +86,11 @@ def coordinator_app(args: dict[str, Any]) -> Application:
     )
 
 
-def serve_config(cfg: EftConfig, http_port: int = 8000) -> dict[str, Any]:
-    """The Serve config file (`serve deploy` / `serve run` / KubeRay `serveConfigV2`) for `cfg`."""
+def serve_config(cfg: EftConfig, http_port: int | None = None) -> dict[str, Any]:
+    """The Serve config file (`serve deploy` / `serve run` / KubeRay `serveConfigV2`) for `cfg`.
+
+    The HTTP proxy (the OpenAI-compatible API) listens on `cfg.http`; `http_port` overrides its port.
+    """
     config = cfg.model_dump(mode="json")
     apps: list[dict[str, Any]] = [
         {
@@ -75,13 +104,15 @@ def serve_config(cfg: EftConfig, http_port: int = 8000) -> dict[str, Any]:
     apps.append(
         {"name": COORDINATOR_APP, "route_prefix": "/", "import_path": IMPORT_COORDINATOR, "args": {"config": config}}
     )
-    grpc: dict[str, Any] = {"port": cfg.grpc.port, "grpc_servicer_functions": GRPC_SERVICER_FUNCTIONS}
-    if cfg.grpc.request_timeout_s:
-        grpc["request_timeout_s"] = cfg.grpc.request_timeout_s
+    grpc: dict[str, Any] = {
+        "port": cfg.grpc.port,
+        "grpc_servicer_functions": GRPC_SERVICER_FUNCTIONS,
+        "request_timeout_s": proxy_request_timeout_s(cfg),
+    }
     return {
         # One proxy: on one machine every node's proxy would bind the same port.
         "proxy_location": "HeadOnly",
-        "http_options": {"host": "127.0.0.1", "port": http_port},
+        "http_options": {"host": cfg.http.host, "port": cfg.http.port if http_port is None else http_port},
         "grpc_options": grpc,
         "applications": apps,
     }

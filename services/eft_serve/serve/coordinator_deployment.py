@@ -5,7 +5,10 @@ fails the deployment with a message naming the pools); status codes on the proxy
 the shared `transport.error_boundary` (set on Serve's gRPC context). Also answers
 `grpc.health.v1.Health/Check` (open: no API key needed) from the coordinator's cached pool probe:
 NOT_SERVING while a pool is unreachable. API keys and quotas are checked in
-`CoordinatorRpc` from the call's metadata, as on the plain grpc.aio server.
+`CoordinatorRpc` from the call's metadata, as on the plain grpc.aio server. The same replicas
+serve the OpenAI-compatible HTTP routes behind Serve's HTTP proxy (`@serve.ingress`; the app is
+`transport.openai_http`, built per replica over this replica's coordinator and gate): one decode
+loop for both doors.
 """
 
 from __future__ import annotations
@@ -23,19 +26,26 @@ from ray import serve
 from eft_serve.auth.gate import Gate
 from eft_serve.auth.keys import load_key_store
 from eft_serve.config import EftConfig
+from eft_serve.coordinator.access_log import AccessLog, install_handler
 from eft_serve.coordinator.service import EftCoordinator
+from eft_serve.coordinator.telemetry import FanOut, Telemetry
 from eft_serve.errors import FailedPrecondition, Unavailable
-from eft_serve.serve.metrics import CacheMetrics
+from eft_serve.serve.metrics import CacheMetrics, ServeMetrics
 from eft_serve.serve.names import COORDINATOR_DEPLOYMENT
 from eft_serve.serve.pool_handle import ServePoolClient
 from eft_serve.transport.coordinator_rpc import CoordinatorRpc
 from eft_serve.transport.error_boundary import error_boundary, set_on_serve_context
+from eft_serve.transport.openai_api import OpenAIApi
+from eft_serve.transport.openai_http import build_openai_app
 from eft_serve.transport.status import health_status
 
 log = logging.getLogger("eft_serve")
 
 
 @serve.deployment(name=COORDINATOR_DEPLOYMENT)
+# HTTP requests reach the ASGI app of `__serve_build_asgi_app__`; gRPC calls still reach the
+# methods below by name (Serve dispatches the two protocols separately).
+@serve.ingress()
 class CoordinatorDeployment:
     async def __init__(self, config: dict[str, Any]) -> None:
         from transformers import AutoTokenizer
@@ -48,11 +58,24 @@ class CoordinatorDeployment:
         # checked in `CoordinatorRpc`, the same as on the plain grpc.aio server.
         gate = Gate(load_key_store(cfg.auth.keys_file, cfg.auth.keys_env)) if cfg.auth.enabled else None
         base_role = cfg.recipes[cfg.coordinator.default_recipe].base
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.pools[base_role].model))
+        # Every pool's own tokenizer: one vocabulary (checked at start), but chat prompts are
+        # rendered with each model's own chat template. The default recipe's base detokenises.
+        tokenizers = {
+            role: AutoTokenizer.from_pretrained(resolve_model_path(pool.model)) for role, pool in cfg.pools.items()
+        }
+        tokenizer = tokenizers[base_role]
         pools = {role: ServePoolClient(role) for role in cfg.pools}
         cache = build_next_token_cache(cfg.cache)
         self._metrics = CacheMetrics(cache)
-        self._coordinator = EftCoordinator(pools, cfg.recipes, tokenizer, cfg.coordinator, cache=cache)
+        # Prometheus metrics always; the access log (JSON lines on stderr, i.e. this replica's Ray log) if on.
+        observers: list[Telemetry] = [ServeMetrics(cfg.recipes)]
+        if cfg.coordinator.access_log.enabled:
+            install_handler()
+            observers.append(AccessLog(include_prompt=cfg.coordinator.access_log.include_prompt))
+        telemetry = FanOut(observers)
+        self._coordinator = EftCoordinator(
+            pools, cfg.recipes, tokenizer, cfg.coordinator, cache=cache, telemetry=telemetry, tokenizers=tokenizers
+        )
         deadline = time.monotonic() + cfg.coordinator.startup_timeout_s
         while True:
             try:
@@ -65,7 +88,12 @@ class CoordinatorDeployment:
                     raise
                 log.warning("waiting for model pools: %s", e)
                 await asyncio.sleep(1.0)
-        self._rpc = CoordinatorRpc(self._coordinator, gate)
+        self._rpc = CoordinatorRpc(self._coordinator, gate, telemetry)
+        self._openai = OpenAIApi(self._coordinator, gate, telemetry) if cfg.http.openai else None
+
+    def __serve_build_asgi_app__(self) -> Any:
+        # Called by Serve after __init__: the OpenAI-compatible routes over this replica's coordinator.
+        return build_openai_app(self._openai)
 
     # Serve passes its gRPC context to methods with a `grpc_context` parameter; the boundary
     # sets the status there (Serve's proxy reads it when the method raises).

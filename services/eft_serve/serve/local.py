@@ -13,8 +13,12 @@ import time
 from collections.abc import Callable
 
 from eft_serve.config import EftConfig
-from eft_serve.serve.app import GRPC_SERVICER_FUNCTIONS, coordinator_app, pool_app
+from eft_serve.serve.app import GRPC_SERVICER_FUNCTIONS, coordinator_app, pool_app, proxy_env, proxy_request_timeout_s
+from eft_serve.serve.loopback_grpc import runtime_env as grpc_proxy_runtime_env
 from eft_serve.serve.names import COORDINATOR_APP, pool_app_name
+
+# Where a local stack's plaintext gRPC proxy listens (`loopback_grpc`); clients and the TLS front dial it.
+LOCAL_GRPC_HOST = "127.0.0.1"
 
 
 def ensure_ray_env() -> None:
@@ -28,9 +32,20 @@ def start_local_ray(cfg: EftConfig) -> bool:
     import ray
 
     ensure_ray_env()
+    # Read by the Serve proxy when it starts (inherited from the Ray processes started here); an
+    # operator's own value wins.
+    for name, value in proxy_env(cfg).items():
+        os.environ.setdefault(name, value)
     if ray.is_initialized():
         return False
-    kwargs: dict = {"namespace": cfg.ray.namespace, "include_dashboard": False, "log_to_driver": False}
+    # Worker output stays in Ray's log files (log_to_driver); the driver's "ray" logger keeps the
+    # handlers it has (`eft` commands route them to their log file, see `eft_serve.console`).
+    kwargs: dict = {
+        "namespace": cfg.ray.namespace,
+        "include_dashboard": False,
+        "log_to_driver": False,
+        "configure_logging": False,
+    }
     if cfg.ray.address:
         ray.init(address=cfg.ray.address, **kwargs)
         return False
@@ -41,6 +56,9 @@ def start_local_ray(cfg: EftConfig) -> bool:
         _node_ip_address=cfg.ray.node_ip_address,
         num_cpus=local_num_cpus(cfg),
         _temp_dir=cfg.ray.temp_dir,
+        # Serve's gRPC proxy would listen on [::] (no host option): keep the plaintext port on
+        # loopback; the TLS front (tls.*) is how it is reached from elsewhere.
+        runtime_env=grpc_proxy_runtime_env(LOCAL_GRPC_HOST),
         **kwargs,
     )
     return True
@@ -63,18 +81,21 @@ def local_num_cpus(cfg: EftConfig) -> int:
     return max(os.cpu_count() or 1, math.ceil(wanted))
 
 
-def deploy_stack(cfg: EftConfig, http_port: int = 8000, log: Callable[[str], None] = print) -> None:
-    """Start Serve with the gRPC proxy and deploy every pool and the coordinator."""
+def deploy_stack(cfg: EftConfig, http_port: int | None = None, log: Callable[[str], None] = print) -> None:
+    """Start Serve with the gRPC and HTTP proxies and deploy every pool and the coordinator.
+
+    The HTTP proxy (OpenAI-compatible API) listens on `cfg.http`; `http_port` overrides its port.
+    """
     from ray import serve
     from ray.serve.config import HTTPOptions, gRPCOptions
 
     serve.start(
         proxy_location="HeadOnly",
-        http_options=HTTPOptions(host="127.0.0.1", port=http_port),
+        http_options=HTTPOptions(host=cfg.http.host, port=cfg.http.port if http_port is None else http_port),
         grpc_options=gRPCOptions(
             port=cfg.grpc.port,
             grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS,
-            request_timeout_s=cfg.grpc.request_timeout_s,
+            request_timeout_s=proxy_request_timeout_s(cfg),
         ),
     )
     args = {"config": cfg.model_dump(mode="json")}

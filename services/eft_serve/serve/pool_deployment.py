@@ -18,6 +18,7 @@ from eft_serve.config import PoolConfig
 from eft_serve.deadline import raise_if_expired
 from eft_serve.errors import EftError, InvalidArgument, PrefixUnknown
 from eft_serve.proto_gen.eft.v1 import pool_pb2
+from eft_serve.serve.metrics import PoolMetrics
 from eft_serve.serve.names import POOL_DEPLOYMENT
 from eft_serve.transport.pool_rpc import PoolRpc
 
@@ -25,22 +26,26 @@ from eft_serve.transport.pool_rpc import PoolRpc
 @serve.deployment(name=POOL_DEPLOYMENT)
 class ModelPoolDeployment:
     def __init__(self, role: str, pool: dict[str, Any]) -> None:
-        from eft_serve.engine.hf_engine import HFEngine
+        from eft_serve.engine.factory import load_engine
         from eft_serve.model_paths import resolve_model_path
 
         cfg = PoolConfig.model_validate(pool)
         path = resolve_model_path(cfg.model)
-        engine = HFEngine.load(
+        engine = load_engine(
+            cfg.engine,
             path,
             name=f"{role}:{path.name}",
             dtype=cfg.dtype,
             device=cfg.device,
             kv_cache_bytes=cfg.kv_cache_bytes,
+            memory_bytes=cfg.replica.memory_bytes,
             torch_threads=cfg.torch_threads,
+            vllm=cfg.vllm,
         )
         self.role = role
         self._replica_id = serve.get_replica_context().replica_id.unique_id
         self._rpc = PoolRpc(engine, role)
+        self._rpc.runner.queue_wait_observer = PoolMetrics(role).queue_wait
         self._health_check_timeout_s = cfg.health_check_timeout_s
         self._batched.set_max_batch_size(cfg.max_batch_size)
         self._batched.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
@@ -48,6 +53,9 @@ class ModelPoolDeployment:
     async def NextTokenLogprobs(self, request: bytes) -> bytes:  # noqa: N802 (mirrors the RPC)
         msg = pool_pb2.NextTokenLogprobsRequest.FromString(request)
         raise_if_expired(msg.deadline_unix_s, f"model pool {self.role!r} (queued)")
+        # KV admission per request, before batching: a request that must wait for KV room (or is
+        # refused) never holds up the batch it would have joined.
+        await self._rpc.admit(msg)
         reply = await self._batched(msg)
         if isinstance(reply, EftError):
             raise reply

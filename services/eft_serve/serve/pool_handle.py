@@ -1,7 +1,12 @@
 """`PoolClient` over a Ray Serve deployment handle (coordinator -> pool).
 
 Owns Ray-specific failure mapping: a pool's own `EftError` keeps its status; Serve back-pressure
-becomes RESOURCE_EXHAUSTED; a dead or unreachable replica becomes UNAVAILABLE. Calls use Serve's
+becomes RESOURCE_EXHAUSTED; a dead or unreachable replica becomes UNAVAILABLE (`PoolUnreachable`,
+the one failure the coordinator retries). Owns cancellation too: awaiting a Serve response and
+being cancelled does not stop the call in Serve, so a cancelled caller (its timeout, a failed
+sibling call, a client that went away) cancels the `DeploymentResponse` — Serve then drops it
+from the replica's queue or raises CancelledError in the replica method, so the engine never
+starts it (`engine.runner`). Calls use Serve's
 inter-deployment gRPC transport where available (`_by_reference=False`). Each call names its
 sequence as the handle's `session_id`, the key of the pools' KV-affinity router
 (`serve/kv_affinity_router.py`).
@@ -9,14 +14,16 @@ sequence as the handle's `session_id`, the key of the pools' KV-affinity router
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
+from typing import Any
 
 from ray import serve
-from ray.exceptions import RayActorError, RayError
+from ray.exceptions import NodeDiedError, ObjectLostError, RayActorError, RayError, WorkerCrashedError
 from ray.serve.exceptions import BackPressureError
 
 from eft_serve.engine.types import DraftedSequence, DraftQuery, ModelInfo, SequenceQuery, SequenceResult
-from eft_serve.errors import EftError, ResourceExhausted, Unavailable
+from eft_serve.errors import EftError, PoolUnreachable, ResourceExhausted, Unavailable
 from eft_serve.proto_gen.eft.v1 import pool_pb2
 from eft_serve.serve.names import POOL_DEPLOYMENT, pool_app_name
 from eft_serve.wire.pool_messages import (
@@ -48,15 +55,25 @@ class ServePoolClient:
             return type(e)(e.message)
         if isinstance(e, BackPressureError):
             return ResourceExhausted(f"model pool {self.role!r} is at capacity (its queue is full); retry with backoff")
-        if isinstance(e, (RayActorError, RayError)):
+        # The replica's process or node died, or cannot be reached: another replica can answer.
+        if isinstance(e, (RayActorError, WorkerCrashedError, NodeDiedError, ObjectLostError)):
+            return PoolUnreachable(f"model pool {self.role!r} is unavailable: {type(e).__name__}")
+        if isinstance(e, RayError):
             return Unavailable(f"model pool {self.role!r} is unavailable: {type(e).__name__}")
         return Unavailable(f"model pool {self.role!r} failed: {type(e).__name__}")
 
-    async def info(self) -> ModelInfo:
+    async def _result(self, response: Any) -> Any:
+        """The call's result; a cancelled caller cancels the call in Serve as well."""
         try:
-            raw = await self._handle.Info.remote()
+            return await response
+        except asyncio.CancelledError:
+            response.cancel()  # best effort: unassigned calls are dropped, running ones cancelled
+            raise
         except Exception as e:  # noqa: BLE001 - every failure is mapped to a status by _map
             raise self._map(e) from None
+
+    async def info(self) -> ModelInfo:
+        raw = await self._result(self._handle.Info.remote())
         return info_from_proto(pool_pb2.ModelInfo.FromString(raw))
 
     async def next_token_logprobs(
@@ -70,10 +87,7 @@ class ServePoolClient:
         """The pool's whole answer, incl. which replica served it (`replica_id`)."""
         request = queries_to_proto(queries, logprob_top_k, deadline).SerializeToString()
         handle = self._handle.options(method_name="NextTokenLogprobs", session_id=routing_key(queries))
-        try:
-            raw = await handle.remote(request)
-        except Exception as e:  # noqa: BLE001 - every failure is mapped to a status by _map
-            raise self._map(e) from None
+        raw = await self._result(handle.remote(request))
         return pool_pb2.NextTokenLogprobsResponse.FromString(raw)
 
     async def draft(
@@ -81,8 +95,5 @@ class ServePoolClient:
     ) -> list[DraftedSequence]:
         request = drafts_to_proto(queries, deadline, score_logprob_top_k).SerializeToString()
         handle = self._handle.options(method_name="Draft", session_id=routing_key(queries))
-        try:
-            raw = await handle.remote(request)
-        except Exception as e:  # noqa: BLE001 - every failure is mapped to a status by _map
-            raise self._map(e) from None
+        raw = await self._result(handle.remote(request))
         return drafted_from_proto(pool_pb2.DraftResponse.FromString(raw))

@@ -23,6 +23,7 @@ import torch
 
 from eft_serve.engine.logprob_view import (
     build_position_logprobs,
+    candidate_rows,
     validate_draft_queries,
     validate_logprob_top_k,
     validate_queries,
@@ -161,7 +162,7 @@ class FakeEngine:
             n, m = len(toks), int(q.num_positions)
             for j in range(m):
                 prefixes.append(tuple(toks[: n - m + 1 + j].tolist()))
-                cand_rows.append(cands)
+            cand_rows.extend(candidate_rows(q, cands))
             counts.append(m)
         positions = build_position_logprobs(self._logprob_rows(prefixes), logprob_top_k, cand_rows)
         results, start = [], 0

@@ -10,6 +10,7 @@ import dataclasses
 import math
 
 from eft_serve.coordinator.request import (
+    ChatMessage,
     GenerationRequest,
     MergeOptions,
     ScoreResult,
@@ -57,6 +58,7 @@ def generation_request_from_proto(m: eft_pb2.GenerateRequest) -> GenerationReque
         timeout_s=m.timeout_s or None,
         request_id=m.request_id,
         speculative=speculative_from_proto(m.speculative),
+        messages=tuple(ChatMessage(role=c.role, content=c.content) for c in m.messages),
     )
 
 

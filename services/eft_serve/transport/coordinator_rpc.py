@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from eft_serve.auth.gate import Gate, Metadata
 from eft_serve.auth.quotas import NO_LIMIT, Lease
 from eft_serve.coordinator.service import EftCoordinator
+from eft_serve.coordinator.telemetry import NULL_TELEMETRY, RequestRecord, RequestTrace, Telemetry
 from eft_serve.proto_gen.eft.v1 import eft_pb2
 from eft_serve.transport.client_messages import (
     FINISH_TO_PROTO,
@@ -27,9 +28,16 @@ from eft_serve.wire.pool_messages import info_to_proto
 
 
 class CoordinatorRpc:
-    def __init__(self, coordinator: EftCoordinator, gate: Gate | None = None) -> None:
+    def __init__(
+        self, coordinator: EftCoordinator, gate: Gate | None = None, telemetry: Telemetry = NULL_TELEMETRY
+    ) -> None:
         self.coordinator = coordinator
         self.gate = gate  # None: no authentication (auth.enabled: false)
+        self.telemetry = telemetry  # metrics and the access log (`coordinator.telemetry`)
+
+    def _trace(self, method: str, request_id: str, merge: eft_pb2.MergeParams, prompt: str) -> RequestTrace:
+        recipe = merge.recipe or self.coordinator.default_recipe
+        return RequestTrace(self.telemetry, RequestRecord(method, request_id, recipe, prompt=prompt))
 
     def _admit(self, metadata: Metadata, merge: eft_pb2.MergeParams) -> Lease:
         if self.gate is None:
@@ -45,18 +53,28 @@ class CoordinatorRpc:
     async def generate(
         self, request: eft_pb2.GenerateRequest, metadata: Metadata = ()
     ) -> AsyncIterator[eft_pb2.GenerateResponse]:
-        lease = self._admit(metadata, request.merge)  # auth and quota errors raise here
+        trace = self._trace("Generate", request.request_id, request.merge, request.prompt)
+        try:
+            lease = self._admit(metadata, request.merge)  # auth and quota errors raise here
+        except BaseException as e:
+            trace.finish(e)
+            raise
+        trace.record.key_id = lease.key_id or "-"
         try:
             req = generation_request_from_proto(request)
             stream = await self.coordinator.generate(req)  # validation errors raise here
-        except BaseException:
+        except BaseException as e:
             lease.release()
+            trace.finish(e)
             raise
 
         async def messages() -> AsyncIterator[eft_pb2.GenerateResponse]:
             try:
                 async for chunk in stream:
                     lease.charge(len(chunk.tokens))
+                    trace.tokens(len(chunk.tokens))
+                    if chunk.usage:
+                        trace.usage(chunk.usage)
                     yield eft_pb2.GenerateResponse(
                         text=chunk.text,
                         tokens=[token_to_proto(t) for t in chunk.tokens],
@@ -64,8 +82,12 @@ class CoordinatorRpc:
                         usage=usage_to_proto(chunk.usage) if chunk.usage else None,
                         request_id=req.request_id,
                     )
+            except BaseException as e:
+                trace.finish(e)
+                raise
             finally:  # the stream ended, failed or was cancelled by the client
                 lease.release()
+                trace.finish()
 
         return messages()
 
@@ -87,13 +109,21 @@ class CoordinatorRpc:
         return out
 
     async def score(self, request: eft_pb2.ScoreRequest, metadata: Metadata = ()) -> eft_pb2.ScoreResponse:
-        lease = self._admit(metadata, request.merge)
+        trace = self._trace("Score", "", request.merge, request.prompt)
         try:
-            result = await self.coordinator.score(
-                request.prompt, request.continuation, merge_from_proto(request.merge), request.timeout_s or None
-            )
-        finally:
-            lease.release()
+            lease = self._admit(metadata, request.merge)
+            trace.record.key_id = lease.key_id or "-"
+            try:
+                result = await self.coordinator.score(
+                    request.prompt, request.continuation, merge_from_proto(request.merge), request.timeout_s or None
+                )
+            finally:
+                lease.release()
+        except BaseException as e:
+            trace.finish(e)
+            raise
+        trace.record.prompt_tokens = result.prompt_tokens
+        trace.finish()
         return score_to_proto(result)
 
     def list_models(self, metadata: Metadata = ()) -> eft_pb2.ListModelsResponse:

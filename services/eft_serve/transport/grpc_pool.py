@@ -12,7 +12,16 @@ from collections.abc import Sequence
 import grpc
 
 from eft_serve.engine.types import DraftedSequence, DraftQuery, ModelInfo, SequenceQuery, SequenceResult
-from eft_serve.errors import DeadlineExceeded, EftError, InvalidArgument, PrefixUnknown, Status, Unavailable
+from eft_serve.errors import (
+    DeadlineExceeded,
+    EftError,
+    InvalidArgument,
+    PoolUnreachable,
+    PrefixUnknown,
+    ResourceExhausted,
+    Status,
+    Unavailable,
+)
 from eft_serve.proto_gen.eft.v1 import pool_pb2, pool_pb2_grpc
 from eft_serve.transport.error_boundary import abort_grpc_aio, error_boundary
 from eft_serve.transport.pool_rpc import PoolRpc
@@ -48,6 +57,9 @@ _STATUS_ERRORS: dict[Status, type[EftError]] = {
     Status.DEADLINE_EXCEEDED: DeadlineExceeded,
     # The only precondition a pool checks: it holds the omitted head of an incremental prefix.
     Status.FAILED_PRECONDITION: PrefixUnknown,
+    Status.RESOURCE_EXHAUSTED: ResourceExhausted,
+    # grpc's UNAVAILABLE is the connection-level failure (refused, reset, server gone): retryable.
+    Status.UNAVAILABLE: PoolUnreachable,
 }
 
 

@@ -31,6 +31,11 @@ class PoolRpc:
         self.sequences = SequenceMemory()
         self.tokens_received = 0  # token ids that crossed the wire in NextTokenLogprobs requests
 
+    @property
+    def runner(self) -> EngineRunner:
+        """The engine queue (its `queue_wait_observer` feeds the pool's queue-wait metric)."""
+        return self._runner
+
     async def next_token_logprobs(
         self, request: pool_pb2.NextTokenLogprobsRequest
     ) -> pool_pb2.NextTokenLogprobsResponse:
@@ -42,6 +47,13 @@ class PoolRpc:
         for q, sent in zip(queries, request.sequences):
             self.sequences.remember(q.sequence_id, q.token_ids, sent.omitted_prefix_length)
         return results_to_proto(results, self.engine.info.model_fingerprint)
+
+    async def admit(self, request: pool_pb2.NextTokenLogprobsRequest) -> None:
+        """Wait for KV room for the request's sequences (ResourceExhausted past the wait bound):
+        a batching transport calls this per request *before* merging requests, so one request
+        that must wait never holds up its batch-mates."""
+        demands = [(s.sequence_id, s.omitted_prefix_length + len(s.token_ids)) for s in request.sequences]
+        await self._runner.admit(demands, request.deadline_unix_s)
 
     async def draft(self, request: pool_pb2.DraftRequest) -> pool_pb2.DraftResponse:
         score_k = request.score_logprob_top_k if request.HasField("score_logprob_top_k") else None

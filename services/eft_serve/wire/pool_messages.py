@@ -43,6 +43,7 @@ def queries_to_proto(
             num_positions=q.num_positions,
             candidate_ids=list(q.candidate_ids),
             omitted_prefix_length=omitted,
+            position_candidates=[pool_pb2.CandidateList(ids=list(c)) for c in q.position_candidate_ids],
         )
     return msg
 
@@ -68,6 +69,7 @@ def queries_from_proto(
                 num_positions=s.num_positions or 1,
                 candidate_ids=list(s.candidate_ids),
                 sequence_id=s.sequence_id,
+                position_candidate_ids=[list(c.ids) for c in s.position_candidates],
             )
         )
     return out
@@ -109,7 +111,11 @@ def results_to_proto(results: Sequence[SequenceResult], fingerprint: str) -> poo
 
 
 def results_from_proto(msg: pool_pb2.NextTokenLogprobsResponse) -> list[SequenceResult]:
-    return [result_from_proto(s) for s in msg.sequences]
+    """The answers, each naming the weights that produced them (`model_fingerprint`)."""
+    out = [result_from_proto(s) for s in msg.sequences]
+    for r in out:
+        r.model_fingerprint = msg.model_fingerprint
+    return out
 
 
 def drafts_to_proto(

@@ -1,7 +1,9 @@
-"""The rendered Redis (cache): its Deployment, ClusterIP Service and dev-only password Secret.
+"""The rendered Redis instances: the cache and GCS fault tolerance's store (Deployments, ClusterIP
+Services) and the dev-only password Secret they share.
 
-Owns: `redis_deployment`, `redis_service`, `secret_manifest` and `secret_env` (an env var read
-from the Redis password Secret, also used by the Ray pods for the cache password).
+Owns: `redis_deployment` / `redis_service` (cache: LRU, no persistence), `gcs_redis_deployment` /
+`gcs_redis_service` (GCS: noeviction, append-only file), `secret_manifest` and `secret_env` (an
+env var read from the Redis password Secret, also used by the Ray pods for the cache password).
 Does NOT know: whether the config uses Redis at all (`checks.uses_redis`), nor the Ray pods.
 """
 
@@ -34,32 +36,45 @@ def secret_env(name: str, s: StackSettings) -> dict[str, Any]:
 
 
 def redis_deployment(s: StackSettings) -> dict[str, Any]:
+    """The cache: no persistence, LRU eviction when full (every key is re-computable)."""
     r = s.redis
     maxmemory = parse_redis_bytes(r.maxmemory)
     memory = r.memory or to_mi(maxmemory * 1.25 + 32 * 2**20)
     if parse_bytes(memory) < maxmemory * 1.1:
         raise ValueError(f"redis.memory {memory} leaves no headroom above maxmemory {r.maxmemory}")
-    labels = selector_labels(s, "redis")
+    args = ["--maxmemory", r.maxmemory, "--maxmemory-policy", r.maxmemory_policy, "--save", "", "--appendonly", "no"]
+    return _redis(s, s.redis_service(), "redis", r.image, args, r.cpu, memory, r.node_selector, r.tolerations)
+
+
+def gcs_redis_deployment(s: StackSettings) -> dict[str, Any]:
+    """GCS fault tolerance's store: never evicts (a lost key is lost cluster state) and keeps an
+    append-only file, so a restarted Redis container (same pod) comes back with the state."""
+    g = s.gcs_redis
+    args = ["--maxmemory-policy", "noeviction", "--appendonly", "yes", "--save", ""]
+    return _redis(s, s.gcs_redis_service(), "gcs-redis", g.image, args, g.cpu, g.memory, {}, [])
+
+
+def _redis(
+    s: StackSettings,
+    name: str,
+    component: str,
+    image: str,
+    args: list[str],
+    cpu: str,
+    memory: str,
+    node_selector: dict[str, str],
+    tolerations: list[dict[str, Any]],
+) -> dict[str, Any]:
+    labels = selector_labels(s, component)
     container = {
         "name": "redis",
-        "image": r.image,
+        "image": image,
         "imagePullPolicy": s.image_pull_policy,
-        # A cache: no persistence, evict by LRU when full. $(VAR) is expanded by the kubelet.
-        "args": [
-            "--requirepass",
-            f"$({REDIS_PASSWORD_ENV})",
-            "--maxmemory",
-            r.maxmemory,
-            "--maxmemory-policy",
-            r.maxmemory_policy,
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
+        # $(VAR) is expanded by the kubelet.
+        "args": ["--requirepass", f"$({REDIS_PASSWORD_ENV})", *args],
         "env": [secret_env(REDIS_PASSWORD_ENV, s)],
         "ports": [{"name": "redis", "containerPort": REDIS_PORT, "protocol": "TCP"}],
-        "resources": {"requests": {"cpu": r.cpu, "memory": memory}, "limits": {"cpu": r.cpu, "memory": memory}},
+        "resources": {"requests": {"cpu": cpu, "memory": memory}, "limits": {"cpu": cpu, "memory": memory}},
         "readinessProbe": {
             "exec": {
                 "command": ["sh", "-c", f'redis-cli --no-auth-warning -a "${REDIS_PASSWORD_ENV}" ping | grep -q PONG']
@@ -88,18 +103,18 @@ def redis_deployment(s: StackSettings) -> dict[str, Any]:
         "containers": [container],
         "volumes": [{"name": "data", "emptyDir": {}}],
     }
-    if r.node_selector:
-        pod_spec["nodeSelector"] = dict(r.node_selector)
-    if r.tolerations:
-        pod_spec["tolerations"] = list(r.tolerations)
+    if node_selector:
+        pod_spec["nodeSelector"] = dict(node_selector)
+    if tolerations:
+        pod_spec["tolerations"] = list(tolerations)
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": object_meta(s, s.redis_service(), "redis"),
+        "metadata": object_meta(s, name, component),
         "spec": {
             "replicas": 1,
             "selector": {"matchLabels": labels},
-            # One cache instance at a time; the coordinator treats Redis down as a cache miss.
+            # One instance at a time (two would each think they own the data).
             "strategy": {"type": "Recreate"},
             "template": {"metadata": {"labels": labels}, "spec": pod_spec},
         },
@@ -107,13 +122,21 @@ def redis_deployment(s: StackSettings) -> dict[str, Any]:
 
 
 def redis_service(s: StackSettings) -> dict[str, Any]:
+    return _service(s, s.redis_service(), "redis")
+
+
+def gcs_redis_service(s: StackSettings) -> dict[str, Any]:
+    return _service(s, s.gcs_redis_service(), "gcs-redis")
+
+
+def _service(s: StackSettings, name: str, component: str) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": object_meta(s, s.redis_service(), "redis"),
+        "metadata": object_meta(s, name, component),
         "spec": {
             "type": "ClusterIP",
-            "selector": selector_labels(s, "redis"),
+            "selector": selector_labels(s, component),
             "ports": [{"name": "redis", "port": REDIS_PORT, "targetPort": "redis", "protocol": "TCP"}],
         },
     }

@@ -7,18 +7,26 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SequenceQuery(_message.Message):
-    __slots__ = ("sequence_id", "token_ids", "num_positions", "candidate_ids", "omitted_prefix_length")
+    __slots__ = ("sequence_id", "token_ids", "num_positions", "candidate_ids", "omitted_prefix_length", "position_candidates")
     SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     NUM_POSITIONS_FIELD_NUMBER: _ClassVar[int]
     CANDIDATE_IDS_FIELD_NUMBER: _ClassVar[int]
     OMITTED_PREFIX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    POSITION_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     sequence_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     num_positions: int
     candidate_ids: _containers.RepeatedScalarFieldContainer[int]
     omitted_prefix_length: int
-    def __init__(self, sequence_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., num_positions: _Optional[int] = ..., candidate_ids: _Optional[_Iterable[int]] = ..., omitted_prefix_length: _Optional[int] = ...) -> None: ...
+    position_candidates: _containers.RepeatedCompositeFieldContainer[CandidateList]
+    def __init__(self, sequence_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., num_positions: _Optional[int] = ..., candidate_ids: _Optional[_Iterable[int]] = ..., omitted_prefix_length: _Optional[int] = ..., position_candidates: _Optional[_Iterable[_Union[CandidateList, _Mapping]]] = ...) -> None: ...
+
+class CandidateList(_message.Message):
+    __slots__ = ("ids",)
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class NextTokenLogprobsRequest(_message.Message):
     __slots__ = ("sequences", "logprob_top_k", "deadline_unix_s")

@@ -73,7 +73,7 @@ class SpeculativeParams(_message.Message):
     def __init__(self, enabled: _Optional[bool] = ..., max_draft_tokens: _Optional[int] = ..., adaptive: _Optional[bool] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "merge", "sampling", "return_logprobs", "return_model_logprobs", "timeout_s", "request_id", "speculative")
+    __slots__ = ("prompt", "merge", "sampling", "return_logprobs", "return_model_logprobs", "timeout_s", "request_id", "speculative", "messages")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MERGE_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +82,7 @@ class GenerateRequest(_message.Message):
     TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SPECULATIVE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     merge: MergeParams
     sampling: SamplingParams
@@ -90,7 +91,16 @@ class GenerateRequest(_message.Message):
     timeout_s: float
     request_id: str
     speculative: SpeculativeParams
-    def __init__(self, prompt: _Optional[str] = ..., merge: _Optional[_Union[MergeParams, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., return_logprobs: _Optional[bool] = ..., return_model_logprobs: _Optional[bool] = ..., timeout_s: _Optional[float] = ..., request_id: _Optional[str] = ..., speculative: _Optional[_Union[SpeculativeParams, _Mapping]] = ...) -> None: ...
+    messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
+    def __init__(self, prompt: _Optional[str] = ..., merge: _Optional[_Union[MergeParams, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., return_logprobs: _Optional[bool] = ..., return_model_logprobs: _Optional[bool] = ..., timeout_s: _Optional[float] = ..., request_id: _Optional[str] = ..., speculative: _Optional[_Union[SpeculativeParams, _Mapping]] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...
+
+class ChatMessage(_message.Message):
+    __slots__ = ("role", "content")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    content: str
+    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class TokenInfo(_message.Message):
     __slots__ = ("token_id", "text", "logprob", "model_logprobs")

