@@ -67,11 +67,32 @@ QUIET_COMMANDS = ("serve", "demo", "eval", "build-demo")
 
 
 INSECURE_WARNING = (
-    "warning: auth is disabled (auth.enabled: false) and Ray Serve's gRPC proxy listens on ALL "
-    "interfaces ([::]:{port}), so anyone who can reach this machine can use the service.\n"
+    "warning: auth is disabled (auth.enabled: false) and this stack would be reachable beyond loopback: "
+    "{reasons}; so anyone who can reach this machine could use the service.\n"
     "Either enable API keys (auth: {{enabled: true, keys_file: keys.yaml}} in --config; `eft keys add` "
     "makes keys) or, on a trusted machine or network, pass --insecure to serve without keys."
 )
+
+
+def _is_loopback(host: str) -> bool:
+    return host == "localhost" or host.startswith("127.") or host == "::1"
+
+
+def exposure_beyond_loopback(cfg: EftConfig) -> list[str]:
+    """Why the stack `cfg` describes would be reachable from other machines (empty: loopback only).
+
+    A local `eft serve` binds Serve's gRPC proxy to loopback (`serve/loopback_grpc.py`); a cluster
+    it joins does not (the proxy listens on [::] there), and the HTTP and TLS hosts are config."""
+    reasons = []
+    if cfg.ray.address is not None:
+        reasons.append(
+            f"it joins the Ray cluster {cfg.ray.address!r}, whose Serve gRPC proxy listens on [::]:{cfg.grpc.port}"
+        )
+    if not _is_loopback(cfg.http.host):
+        reasons.append(f"http.host is {cfg.http.host} (the OpenAI-compatible HTTP routes)")
+    if cfg.tls.enabled and not _is_loopback(cfg.tls.host):
+        reasons.append(f"tls.host is {cfg.tls.host} (the TLS front)")
+    return reasons
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -90,9 +111,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         print(f"[eft] API keys required ({len(store.keys)} keys)", flush=True)
-    elif not args.insecure:
-        print(INSECURE_WARNING.format(port=cfg.grpc.port), file=sys.stderr)
+    elif (reasons := exposure_beyond_loopback(cfg)) and not args.insecure:
+        print(INSECURE_WARNING.format(reasons="; ".join(reasons)), file=sys.stderr)
         return 2
+    elif not reasons:
+        print("[eft] auth off: listening on loopback only; enable API keys before exposing it", flush=True)
     stop = threading.Event()
     serving = threading.Event()
 
@@ -305,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--insecure",
         action="store_true",
-        help="serve without API keys although the gRPC proxy listens on all interfaces (trusted networks only)",
+        help="serve without API keys although the stack is reachable beyond loopback (trusted networks only)",
     )
     p.set_defaults(func=cmd_serve)
 

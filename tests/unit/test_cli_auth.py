@@ -11,11 +11,25 @@ from eft_serve.cli import build_parser, main
 from eft_serve.config import demo_config
 
 
-def test_serve_without_keys_refuses_unless_insecure(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["serve", "--grpc-port", "9123"]) == 2  # exits before starting anything
+def test_serve_without_keys_refuses_beyond_loopback_unless_insecure(tmp_path, capsys) -> None:
+    data = demo_config().model_dump(mode="json")
+    data["ray"]["address"] = "ray://10.0.0.5:10001"  # joining a cluster: its proxy listens on [::]
+    data["http"]["host"] = "0.0.0.0"
+    config = tmp_path / "eft.yaml"
+    config.write_text(yaml.safe_dump(data))
+    assert main(["serve", "--config", str(config), "--grpc-port", "9123"]) == 2  # exits before starting anything
     err = capsys.readouterr().err
-    assert "ALL interfaces" in err and "[::]:9123" in err and "--insecure" in err and "keys_file" in err
+    assert "[::]:9123" in err and "http.host is 0.0.0.0" in err and "--insecure" in err and "keys_file" in err
     assert build_parser().parse_args(["serve", "--insecure"]).insecure
+
+
+def test_loopback_only_stack_needs_no_keys() -> None:
+    from eft_serve.cli import exposure_beyond_loopback
+
+    cfg = demo_config()
+    assert exposure_beyond_loopback(cfg) == []
+    tls = cfg.model_copy(update={"tls": cfg.tls.model_copy(update={"enabled": True, "host": "192.168.1.4"})})
+    assert exposure_beyond_loopback(tls) == ["tls.host is 192.168.1.4 (the TLS front)"]
 
 
 def test_serve_with_auth_but_no_keys_file_fails_before_starting(tmp_path, capsys) -> None:

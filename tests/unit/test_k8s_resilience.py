@@ -251,3 +251,30 @@ def test_settings_with_a_lone_or_shared_coordinator_are_refused() -> None:
     data["network"]["grpc_clients"] = [{"namespaceSelector": {}}]
     with pytest.raises(ValueError, match="only the ingress controller reaches the gRPC port"):
         StackSettings.model_validate(data)
+
+
+def test_config_secrets_reach_only_the_coordinators_from_the_app_secret() -> None:
+    from eft_serve.config import EftConfig
+    from eft_serve.k8s.stack import render_stack
+
+    data = load_config(ROOT / "deploy" / "k8s-dev.yaml").model_dump(mode="json")
+    data["auth"] = {"enabled": True, "keys_env": "EFT_API_KEYS"}
+    data["cache"]["hmac_key_env"] = "EFT_CACHE_HMAC_KEY"
+    cfg = EftConfig.model_validate(data)
+    settings = load_settings(ROOT, "base")
+    assert isinstance(settings, StackSettings)
+    docs = render_stack(cfg, settings, "test")
+    groups = {g["groupName"]: g for g in _rc(docs)["workerGroupSpecs"]}
+    secret = settings.app_secret()
+
+    def secret_env(group: dict[str, Any]) -> dict[str, Any]:
+        env = group["template"]["spec"]["containers"][0].get("env", [])
+        return {e["name"]: e["valueFrom"]["secretKeyRef"] for e in env if "secretKeyRef" in e.get("valueFrom", {})}
+
+    coordinator = next(g for name, g in groups.items() if "coordinator" in name)
+    refs = secret_env(coordinator)
+    assert refs["EFT_API_KEYS"] == {"name": secret, "key": "EFT_API_KEYS"}
+    assert refs["EFT_CACHE_HMAC_KEY"] == {"name": secret, "key": "EFT_CACHE_HMAC_KEY"}
+    for name, group in groups.items():
+        if group is not coordinator:
+            assert not {"EFT_API_KEYS", "EFT_CACHE_HMAC_KEY"} & set(secret_env(group)), name

@@ -14,6 +14,10 @@ sequence. If not, the call waits here (polling, backing off to 0.25 s) until run
 idle, for at most `admission_timeout_s` and never past its deadline, then fails with
 RESOURCE_EXHAUSTED naming the pool and what to change. Nothing thrashes: a waiting call holds no
 KV. Engines without `admit` (fakes, vLLM with its own scheduler) are not asked.
+
+An engine that batches concurrent calls itself (`schedules_concurrent_calls = True`: vLLM's
+continuous batching) is not serialised here: its calls run side by side in worker threads so its
+scheduler sees them all at once; the deadline check and the error mapping are the same.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from eft_serve.deadline import raise_if_expired, seconds_left
@@ -40,6 +45,9 @@ _T = TypeVar("_T")
 # Longest a call waits for KV room (within its deadline) before RESOURCE_EXHAUSTED: below the
 # coordinator's default pool_call_timeout_s (30 s), so the caller sees why, not a timeout.
 ADMISSION_TIMEOUT_S = 20.0
+# Threads waiting on an engine that schedules concurrent calls itself (they only block on its
+# futures; the default executor's min(32, cores + 4) would cap concurrency at 6 on 2 cores).
+_CONCURRENT_CALL_THREADS = 64
 
 
 class EngineRunner:
@@ -54,6 +62,8 @@ class EngineRunner:
         self._lock = asyncio.Lock()
         # Called with the seconds each call waited for the engine (queue wait metric), if set.
         self.queue_wait_observer: Callable[[float], None] | None = None
+        self._concurrent = bool(getattr(engine, "schedules_concurrent_calls", False))
+        self._executor: ThreadPoolExecutor | None = None
 
     @property
     def info(self) -> ModelInfo:
@@ -120,6 +130,8 @@ class EngineRunner:
         """`fn(*args)` in a worker thread, alone on the engine. A cancelled caller (client gone,
         a timeout) returns at once, but the lock is held until the thread ends: a running engine
         call cannot be stopped, and the next one must not overlap it."""
+        if self._concurrent:
+            return await self._run_concurrently(deadline, fn, *args)
         queued_at = time.perf_counter()
         await self._lock.acquire()
         try:
@@ -133,6 +145,18 @@ class EngineRunner:
         work.add_done_callback(self._release)
         try:
             return await asyncio.shield(work)
+        except ValueError as e:
+            raise InvalidArgument(f"model pool {self.role!r}: {e}") from None
+
+    async def _run_concurrently(self, deadline: float | None, fn: Callable[..., _T], *args: Any) -> _T:
+        """`fn(*args)` in a worker thread beside other calls (the engine queues them itself)."""
+        if self.queue_wait_observer is not None:
+            self.queue_wait_observer(0.0)  # the wait happens in the engine's own scheduler
+        raise_if_expired(deadline, f"model pool {self.role!r}")
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(_CONCURRENT_CALL_THREADS, thread_name_prefix=f"engine-{self.role}")
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, lambda: fn(*args))
         except ValueError as e:
             raise InvalidArgument(f"model pool {self.role!r}: {e}") from None
 

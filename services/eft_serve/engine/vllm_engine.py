@@ -95,6 +95,9 @@ def _flat_row(flat: Any, index: int, vocab: int, what: str) -> np.ndarray:
 class VLLMEngine:
     """A ``LogprobEngine`` over a vLLM ``AsyncLLM``. Thread-safe; ``close()`` stops vLLM."""
 
+    # Concurrent calls go straight to vLLM's scheduler (continuous batching), not one at a time.
+    schedules_concurrent_calls = True
+
     def __init__(self, llm: Any, loop: asyncio.AbstractEventLoop, thread: threading.Thread, info: ModelInfo) -> None:
         self._llm = llm
         self._loop = loop

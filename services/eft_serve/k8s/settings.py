@@ -152,6 +152,10 @@ class StackSettings(StrictModel):
     # KubeRay autoscaler: how long a worker pod stays idle before it is removed.
     autoscaler_idle_timeout_s: int = Field(60, ge=0)
     extra_env: dict[str, str] = Field(default_factory=dict)
+    # Secret (created out of band) with one key per env var the config names for secrets
+    # (auth.keys_env: the API keys YAML; cache.hmac_key_env: the cache values' HMAC key); the
+    # coordinator pods get each as an env var from it. Default: <release>-app-secrets.
+    app_secret_name: str | None = None
 
     @model_validator(mode="after")
     def _names(self) -> StackSettings:
@@ -166,6 +170,9 @@ class StackSettings(StrictModel):
         if self.head.gpus:
             raise ValueError("head.gpus: the head hosts the GCS, Serve controller and a proxy; give GPUs to pools")
         return self
+
+    def app_secret(self) -> str:
+        return self.app_secret_name or f"{self.release}-app-secrets"
 
     def redis_secret(self) -> str:
         return self.redis.secret_name or f"{self.release}-redis"

@@ -144,6 +144,19 @@ def _common_env(s: StackSettings) -> list[dict[str, Any]]:
     return env
 
 
+def config_secret_env(cfg: EftConfig, s: StackSettings) -> list[dict[str, Any]]:
+    """The secret env vars the config names (API keys, cache HMAC key), each from the app Secret:
+    secrets reach the coordinator pods as env, never through serveConfigV2 (plain text)."""
+    names = {
+        cfg.auth.keys_env if cfg.auth.enabled else None,
+        cfg.cache.hmac_key_env if cfg.cache.enabled else None,
+    } - {None}
+    return [
+        {"name": name, "valueFrom": {"secretKeyRef": {"name": s.app_secret(), "key": name}}}
+        for name in sorted(n for n in names if n is not None)
+    ]
+
+
 def _grace_s(s: StackSettings, *replicas: ReplicaConfig) -> int:
     # The drain, then the replicas' own graceful shutdown, then a margin for the raylet to exit.
     return int(s.drain_s + max(r.graceful_shutdown_timeout_s for r in replicas) + 30)
@@ -209,7 +222,7 @@ def rayservice(cfg: EftConfig, s: StackSettings, source: str) -> dict[str, Any]:
         cfg.coordinator.replica,
         s.coordinator,
         s,
-        _common_env(s) + password_env,
+        _common_env(s) + password_env + config_secret_env(cfg, s),
         ray_ports,
         coordinator_labels(s),
     )
