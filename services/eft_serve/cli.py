@@ -154,6 +154,16 @@ def _generate_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _token_json(t: Any) -> dict[str, Any]:
+    """One `TokenInfo` of `eft generate --json`: id, logprob, and `models` / `top` when asked for."""
+    out: dict[str, Any] = {"id": t.token_id, "logprob": t.logprob}
+    if t.model_logprobs:
+        out["models"] = dict(t.model_logprobs)
+    if t.top_logprobs:  # --top-logprobs N: the merged distribution's N most likely tokens
+        out["top"] = [{"id": a.token_id, "text": a.text, "logprob": a.logprob} for a in t.top_logprobs]
+    return out
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from eft_serve.client import EftClient
 
@@ -169,14 +179,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                         json.dumps(
                             {
                                 "text": msg.text,
-                                "tokens": [
-                                    {
-                                        "id": t.token_id,
-                                        "logprob": t.logprob,
-                                        **({"models": dict(t.model_logprobs)} if t.model_logprobs else {}),
-                                    }
-                                    for t in msg.tokens
-                                ],
+                                "tokens": [_token_json(t) for t in msg.tokens],
                             }
                         ),
                         flush=True,

@@ -227,6 +227,8 @@ class CoordinatorConfig(StrictModel):
     # Per-model top-k used for merging when a request does not say; 0 = exact full vocabulary.
     default_logprob_top_k: int = Field(20, ge=0)
     max_logprob_top_k: int = Field(1024, ge=1)
+    # Most alternatives a request may ask for per generated token (`top_logprobs`).
+    max_top_logprobs: int = Field(20, ge=0)
     default_max_new_tokens: int = Field(64, ge=1)
     max_new_tokens_cap: int = Field(512, ge=1)
     max_stop_strings: int = Field(16, ge=0)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from eft_serve import cli
 from eft_serve.client import AsyncEftClient
 from eft_serve.config import CoordinatorConfig
 from eft_serve.coordinator.service import EftCoordinator
@@ -103,10 +107,48 @@ async def test_stream_and_complete_agree(stack) -> None:
         assert "upscale" in {r.name for r in recipes.recipes}
 
 
+async def test_top_logprobs_over_grpc(stack) -> None:
+    async with AsyncEftClient(stack["address"], timeout=20) as client:
+        kw = dict(temperature=0, max_new_tokens=10, ignore_eos=True, logprob_top_k=0, top_logprobs=4)
+        msgs = [m async for m in client.generate("hello", **kw)]
+        tokens = [t for m in msgs for t in m.tokens]
+        assert len(tokens) == 10
+        for t in tokens:
+            alts = list(t.top_logprobs)
+            assert len(alts) == 4 and len({a.token_id for a in alts}) == 4
+            # Greedy: the chosen token leads, with its merged logprob (implied return_logprobs).
+            assert alts[0].token_id == t.token_id and alts[0].logprob == pytest.approx(t.logprob) and t.logprob < 0
+            assert [a.logprob for a in alts] == sorted((a.logprob for a in alts), reverse=True)
+            assert all(a.text == CharTokenizer().decode([a.token_id]) for a in alts)
+        # Complete keeps the tokens (and their alternatives) when only top_logprobs asked for them.
+        done = await client.complete("hello", **kw)
+        assert [[(a.token_id, a.text) for a in t.top_logprobs] for t in done.tokens] == [
+            [(a.token_id, a.text) for a in t.top_logprobs] for t in tokens
+        ]
+        # Not asked: no alternatives on the wire.
+        plain = [t async for m in client.generate("hello", temperature=0, max_new_tokens=3) for t in m.tokens]
+        assert all(len(t.top_logprobs) == 0 for t in plain)
+
+
+async def test_eft_generate_json_prints_top_logprobs(stack, capsys) -> None:
+    argv = ["generate", "hello", "--address", stack["address"], "--temperature", "0", "--max-new-tokens", "5"]
+    argv += ["--ignore-eos", "--logprob-top-k", "0", "--top-logprobs", "3", "--json"]
+    # The sync client blocks: run it off the loop that serves the stack.
+    assert await asyncio.to_thread(cli.main, argv) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
+    tokens = [t for line in lines if "tokens" in line for t in line["tokens"]]
+    assert len(tokens) == 5 and lines[-1]["token_ids"] == [t["id"] for t in tokens]
+    for t in tokens:
+        assert [set(a) for a in t["top"]] == [{"id", "text", "logprob"}] * 3
+        assert t["top"][0]["id"] == t["id"] and t["top"][0]["logprob"] == pytest.approx(t["logprob"])
+
+
 @pytest.mark.parametrize(
     "kwargs, code",
     [
         (dict(prompt=""), grpc.StatusCode.INVALID_ARGUMENT),
+        (dict(prompt="a", top_logprobs=21), grpc.StatusCode.INVALID_ARGUMENT),
+        (dict(prompt="a", top_logprobs=-1), grpc.StatusCode.INVALID_ARGUMENT),
         (dict(prompt="a", temperature=-1.0), grpc.StatusCode.INVALID_ARGUMENT),
         (dict(prompt="a", top_p=2.0), grpc.StatusCode.INVALID_ARGUMENT),
         (dict(prompt="a", max_new_tokens=0), grpc.StatusCode.INVALID_ARGUMENT),

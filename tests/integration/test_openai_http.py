@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import http.client
 import json
+import math
 
 import openai
 import pytest
@@ -192,7 +193,9 @@ async def test_stop_seed_n_and_logprobs(server) -> None:
     logprobs = lp.choices[0].logprobs
     assert "".join(logprobs.tokens) == lp.choices[0].text == expected[:6]
     assert len(logprobs.token_logprobs) == 6 and all(x <= 0 for x in logprobs.token_logprobs)
-    assert [list(d) for d in logprobs.top_logprobs] == [[t] for t in logprobs.tokens]
+    # logprobs = 2: the 2 most likely tokens, the sampled (greedy) one first.
+    assert [list(d)[0] for d in logprobs.top_logprobs] == logprobs.tokens
+    assert all(len(d) == 2 for d in logprobs.top_logprobs)
     assert logprobs.text_offset == [3 + i for i in range(6)]
     chat = await client.chat.completions.create(
         model="upscale",
@@ -204,7 +207,7 @@ async def test_stop_seed_n_and_logprobs(server) -> None:
     )
     content = chat.choices[0].logprobs.content
     assert "".join(c.token for c in content) == chat.choices[0].message.content
-    assert all(c.logprob <= 0 and [t.token for t in c.top_logprobs] == [c.token] for c in content)
+    assert all(c.logprob <= 0 and len(c.top_logprobs) == 3 and c.top_logprobs[0].token == c.token for c in content)
     # EFT knobs as extra body fields reach the coordinator: beta = 0 is the large base alone.
     eft = await client.completions.create(
         model="upscale", prompt="abc", max_tokens=8, temperature=0, extra_body={"beta": 0.0, "logprob_top_k": 0}
@@ -213,6 +216,59 @@ async def test_stop_seed_n_and_logprobs(server) -> None:
         model="large_base", prompt="abc", max_tokens=8, temperature=0, extra_body={"logprob_top_k": 0}
     )
     assert eft.choices[0].text == base.choices[0].text
+
+
+async def test_top_logprobs_are_the_merged_alternatives(server) -> None:
+    client = _client(server["base_url"])
+    coord = server["coordinator"]
+    # The coordinator's own alternatives for the same greedy request: what the door must show.
+    stream = await coord.generate(
+        GenerationRequest(
+            prompt="abc", merge=MergeOptions(recipe="upscale"), temperature=0.0, max_new_tokens=8, top_logprobs=3
+        )
+    )
+    direct = [t async for c in stream for t in c.tokens]
+    expected = [[(a.text, a.logprob) for a in t.top_logprobs] for t in direct]
+    assert all(len(e) == 3 for e in expected)
+
+    done = await client.completions.create(model="upscale", prompt="abc", max_tokens=8, temperature=0, logprobs=3)
+    lp = done.choices[0].logprobs
+    assert len(lp.top_logprobs) == 8
+    for token, token_lp, top, exp in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, expected):
+        assert list(top) == [text for text, _ in exp]  # 3 alternatives, most likely first
+        assert list(top.values()) == pytest.approx([x for _, x in exp], abs=1e-6)
+        assert list(top)[0] == token and top[token] == pytest.approx(token_lp)  # greedy: sampled first
+        assert sum(math.exp(x) for x in top.values()) <= 1 + 1e-6
+
+    chat = await client.chat.completions.create(
+        model="upscale",
+        messages=[{"role": "user", "content": "abc"}],
+        max_tokens=8,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+    )
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 8
+    for c in content:
+        assert len(c.top_logprobs) == 3
+        assert c.top_logprobs[0].token == c.token and c.top_logprobs[0].logprob == pytest.approx(c.logprob)
+        lps = [t.logprob for t in c.top_logprobs]
+        assert lps == sorted(lps, reverse=True) and len({t.token for t in c.top_logprobs}) == 3
+        assert all(t.bytes == list(t.token.encode("utf-8")) for t in c.top_logprobs)
+    # logprobs without top_logprobs: the sampled token's logprob and no alternatives (as OpenAI).
+    bare = await client.chat.completions.create(
+        model="upscale", messages=[{"role": "user", "content": "abc"}], max_tokens=3, temperature=0, logprobs=True
+    )
+    assert all(c.top_logprobs == [] for c in bare.choices[0].logprobs.content)
+
+    # Streaming carries the same alternatives chunk by chunk (raw SSE).
+    body = {"model": "upscale", "prompt": "abc", "max_tokens": 8, "temperature": 0, "logprobs": 3, "stream": True}
+    resp, raw = await _raw(server["port"], "POST", "/v1/completions", json.dumps(body).encode())
+    assert resp.status == 200
+    events = [json.loads(line[6:]) for line in raw.decode().split("\n") if line.startswith("data: {")]
+    streamed = [d for e in events for ch in e["choices"] if ch["logprobs"] for d in ch["logprobs"]["top_logprobs"]]
+    assert [list(d.items()) for d in streamed] == [list(d.items()) for d in lp.top_logprobs]
 
 
 async def test_bad_arguments_are_400_with_the_field(server) -> None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from eft_serve.config import RecipeConfig
-from eft_serve.core.merge import logsumexp, merge_position, top_p_mask
+from eft_serve.core.merge import MergedDistribution, logsumexp, merge_position, top_p_mask
 from eft_serve.core.recipe import resolve_recipe
 from eft_serve.engine.types import PositionLogprobs
 from eft_serve.errors import InvalidArgument, NotFound
@@ -147,3 +147,55 @@ def test_coefficients() -> None:
     r = resolve_recipe(RECIPES, "interp", beta=2.0, expert_weights={"a": 0.5, "b": 0.5})
     assert r.coefficients() == {"large_base": 1.0, "a": 1.0, "b": 1.0, "small_base": -2.0}
     assert r.roles == ("large_base", "a", "b", "small_base")
+
+
+def _dist(support: list[int], probs: list[float]) -> MergedDistribution:
+    return MergedDistribution(
+        support=np.asarray(support, dtype=np.int64), logprobs=np.log(np.asarray(probs)), model_logprobs={}
+    )
+
+
+def test_top_orders_descending_and_breaks_ties_by_lower_id() -> None:
+    dist = _dist([2, 5, 9, 11, 40], [0.1, 0.3, 0.1, 0.4, 0.1])
+    top = dist.top(4)
+    assert [t for t, _ in top] == [11, 5, 2, 9]  # 2, 9, 40 tie at 0.1: lower ids first
+    assert [lp for _, lp in top] == pytest.approx(np.log([0.4, 0.3, 0.1, 0.1]).tolist())
+    assert all(isinstance(t, int) and isinstance(lp, float) for t, lp in top)
+    assert dist.top(1) == [(11, pytest.approx(math.log(0.4)))]
+    assert dist.top(0) == []
+
+
+def test_top_with_n_over_the_support_returns_the_whole_support() -> None:
+    dist = _dist([3, 4, 8], [0.2, 0.5, 0.3])
+    assert [t for t, _ in dist.top(50)] == [4, 8, 3]
+    # An impossible support token (-inf) still sorts last rather than vanishing or raising.
+    impossible = MergedDistribution(
+        support=np.array([0, 1, 2], dtype=np.int64), logprobs=np.array([-np.inf, 0.0, -np.inf]), model_logprobs={}
+    )
+    assert [t for t, _ in impossible.top(3)] == [1, 0, 2]
+
+
+def test_top_of_a_topk_merge_is_the_merged_support_ranked() -> None:
+    rng = np.random.default_rng(7)
+    fulls = {r: full((3 * rng.normal(size=100)).tolist()) for r in ("large_base", "small_ft", "small_base")}
+    dist = merge_position(
+        resolve_recipe(RECIPES, "upscale"), {r: topk(v.full_logprobs, 5) for r, v in fulls.items()}, vocab_size=100
+    )
+    top = dist.top(1000)
+    assert len(top) == len(dist.support) <= 15  # only the union of the models' top-5 sets
+    assert sorted(t for t, _ in top) == dist.support.tolist()
+    lps = [lp for _, lp in top]
+    assert lps == sorted(lps, reverse=True)
+    assert all(dist.logprob_of(t) == lp for t, lp in top)
+    assert top[0][0] == int(dist.support[np.argmax(dist.logprobs)])
+
+
+@pytest.mark.parametrize("n", [1, 7, 50, 4000])
+def test_top_on_a_large_tied_support_equals_a_full_sort(n: int) -> None:
+    # Coarse logprobs: many ties around the n-th value, where selecting before sorting could slip.
+    rng = np.random.default_rng(n)
+    raw = np.round(rng.normal(size=3000), 1)
+    support = np.sort(rng.choice(50_000, size=3000, replace=False)).astype(np.int64)
+    dist = MergedDistribution(support=support, logprobs=raw - logsumexp(raw), model_logprobs={})
+    reference = sorted(zip(support.tolist(), dist.logprobs.tolist()), key=lambda p: (-p[1], p[0]))[:n]
+    assert dist.top(n) == reference

@@ -38,6 +38,7 @@ def request_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         max_new_tokens=args.max_new_tokens,
         stop=args.stop or [],
         ignore_eos=args.ignore_eos,
+        top_logprobs=args.top_logprobs,
         timeout_s=args.timeout,
         speculative=args.speculative,
         max_draft_tokens=args.max_draft_tokens,
@@ -150,6 +151,13 @@ def add_request_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
+    p.add_argument(
+        "--top-logprobs",
+        type=int,
+        default=0,
+        metavar="N",
+        help="top_logprobs: the N most likely tokens of the merged distribution at each step (0 = none)",
+    )
     p.add_argument("--timeout", type=float, default=0.0, help="request deadline in seconds")
     p.add_argument(
         "--speculative",

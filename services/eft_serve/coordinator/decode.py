@@ -6,8 +6,9 @@ plainly, or a verified speculative block (the drafter proposes k tokens, every p
 scores all k + 1 positions in one call, `core.speculative` keeps what the merged model agrees
 with plus its own next token). Every token then goes through the same finish rules (EOS, stop
 strings, length, context) in order, so a block ends a stream exactly where plain decoding would
-and nothing past a stop is streamed. Knows nothing of validation (the plan is already checked),
-transports or how pools are reached. A chat request's pools each see their own prompt
+and nothing past a stop is streamed. With `top_logprobs`, every emitted token (plain or from a
+block) carries the n most likely tokens of the merged distribution it was chosen from. Knows
+nothing of validation (the plan is already checked), transports or how pools are reached. A chat request's pools each see their own prompt
 (`RolePrefixes`); the generated tokens, and so the merge, are shared.
 """
 
@@ -19,7 +20,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from eft_serve.coordinator.fetch import StepFetcher
-from eft_serve.coordinator.request import FetchStats, GenerationChunk, SpeculationStats, TokenOutput, Usage
+from eft_serve.coordinator.request import (
+    FetchStats,
+    GenerationChunk,
+    SpeculationStats,
+    TokenOutput,
+    TopLogprob,
+    Usage,
+)
 from eft_serve.coordinator.validate import GenerationPlan, MergePlan, SpeculationPlan
 from eft_serve.core.detokenizer import IncrementalDetokenizer
 from eft_serve.core.merge import MergedDistribution, merge_position
@@ -267,6 +275,14 @@ async def decode(ctx: DecodeContext, plan: GenerationPlan, use_cache: bool) -> A
             out = TokenOutput(token_id=token, text="")
             if plan.return_logprobs:
                 out.logprob = dist.logprob_of(token)
+            if plan.top_logprobs:
+                # From the merged support (in top-k mode: the union of the models' top-k, which
+                # is what was sampled from). A speculative block's distributions are the same
+                # per-position merges plain decoding computes, so the alternatives match too.
+                out.top_logprobs = [
+                    TopLogprob(token_id=t, text=ctx.tokenizer.decode([t]), logprob=lp)
+                    for t, lp in dist.top(plan.top_logprobs)
+                ]
             if plan.return_model_logprobs:
                 out.model_logprobs = {role: dist.model_logprob_of(role, token) for role in roles}
             if token == ctx.eos_token_id and not plan.sampling.ignore_eos:

@@ -52,6 +52,9 @@ class GenerationRequest:
     ignore_eos: bool = False
     return_logprobs: bool = False
     return_model_logprobs: bool = False
+    # The n most likely tokens of the merged distribution at each step (0 = none; > 0 implies
+    # return_logprobs). At most `coordinator.max_top_logprobs`.
+    top_logprobs: int = 0
     timeout_s: float | None = None
     request_id: str = ""
     speculative: SpeculativeOptions = field(default_factory=SpeculativeOptions)
@@ -60,12 +63,23 @@ class GenerationRequest:
     messages: tuple[ChatMessage, ...] = ()
 
 
+@dataclass(frozen=True)
+class TopLogprob:
+    """One alternative at a step: a token of the merged support, its text alone, its merged logprob."""
+
+    token_id: int
+    text: str
+    logprob: float
+
+
 @dataclass
 class TokenOutput:
     token_id: int
     text: str
     logprob: float | None = None
     model_logprobs: dict[str, float] = field(default_factory=dict)
+    # The most likely tokens of the merged distribution this token was chosen from, descending.
+    top_logprobs: list[TopLogprob] = field(default_factory=list)
 
 
 @dataclass

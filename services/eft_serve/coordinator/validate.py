@@ -8,8 +8,9 @@ pools, caches or transports. An unknown recipe is NOT_FOUND (the named thing doe
 on every path; exact mode on a server that does not allow it is PERMISSION_DENIED.
 
 Bounds, all checked before any costly work: the prompt's size in bytes before it is tokenized,
-the number and length of stop strings, `timeout_s` (finite, > 0, at most `max_timeout_s`), the
-Score continuation's length. The client's `request_id` is only echoed (a short id from a safe
+the number and length of stop strings, `top_logprobs` (alternatives per token, at most
+`max_top_logprobs`), `timeout_s` (finite, > 0, at most `max_timeout_s`), the Score
+continuation's length. The client's `request_id` is only echoed (a short id from a safe
 set); the sequence id that keys pool KV caches and routing is always chosen here. Messages quote
 user input only through `errors.clip`.
 
@@ -74,6 +75,8 @@ class GenerationPlan:
     return_logprobs: bool
     return_model_logprobs: bool
     speculation: SpeculationPlan | None = None  # None = token by token
+    # Alternatives reported per token from the merged distribution (0 = none; > 0 implies return_logprobs).
+    top_logprobs: int = 0
     # Chat prompts: each role's own prompt ids where they differ from `prompt_ids` (the base's);
     # a role not named here (every role, for a plain prompt) uses `prompt_ids`.
     role_prompt_ids: Mapping[str, list[int]] = field(default_factory=dict)
@@ -193,6 +196,13 @@ class RequestValidator:
         params.validate(self._cfg.max_new_tokens_cap, self._cfg.max_stop_strings)
         return params
 
+    def top_logprobs(self, n: int) -> int:
+        """INVALID_ARGUMENT unless 0 <= n <= `max_top_logprobs` (alternatives per generated token)."""
+        cap = self._cfg.max_top_logprobs
+        if not 0 <= n <= cap:
+            raise InvalidArgument(f"top_logprobs must be in [0, {cap}] (alternatives per generated token), got {n}")
+        return n
+
     def speculation(self, options: SpeculativeOptions, merge: MergePlan) -> SpeculationPlan | None:
         cfg = self._cfg.speculative
         max_k = cfg.max_draft_tokens if options.max_draft_tokens is None else options.max_draft_tokens
@@ -260,6 +270,7 @@ class RequestValidator:
         check_request_id(req.request_id)
         merge = self.merge_plan(req.merge)
         sampling = self.sampling(req)
+        top_logprobs = self.top_logprobs(req.top_logprobs)
         deadline = self.deadline(req.timeout_s)
         speculation = self.speculation(req.speculative, merge)
         prompt_ids, role_prompt_ids = self.prompts(req, merge, speculation)
@@ -279,8 +290,9 @@ class RequestValidator:
             # Server-chosen: the key of every pool's KV cache and routing for this stream. The
             # client's request_id is only echoed (it could collide or be chosen to).
             sequence_id=secrets.token_hex(12),
-            return_logprobs=req.return_logprobs,
+            return_logprobs=req.return_logprobs or top_logprobs > 0,
             return_model_logprobs=req.return_model_logprobs,
+            top_logprobs=top_logprobs,
             speculation=speculation,
             role_prompt_ids=role_prompt_ids,
         )

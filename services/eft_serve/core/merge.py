@@ -38,6 +38,24 @@ class MergedDistribution:
             return float(self.logprobs[i])
         return float(_NEG_INF)
 
+    def top(self, n: int) -> list[tuple[int, float]]:
+        """The `n` most likely support tokens as (token id, logprob), descending; ties go to the lower id.
+
+        Only support tokens can appear: in top-k mode that is the union of the models' top-k (the
+        distribution that is sampled from), so fewer than `n` come back when the support is smaller.
+        """
+        if n <= 0 or not len(self.support):
+            return []
+        idx = np.arange(len(self.support))
+        if n < len(idx):
+            # Exact mode's support is the whole vocabulary (10^5 tokens): select before sorting,
+            # keeping every token tied with the n-th value so the tie-break below stays exact.
+            kth = np.partition(self.logprobs, len(idx) - n)[len(idx) - n]
+            idx = np.flatnonzero(self.logprobs >= kth)
+        # lexsort sorts by the last key first: logprob descending, then token id ascending.
+        order = idx[np.lexsort((self.support[idx], -self.logprobs[idx]))][:n]
+        return [(int(self.support[i]), float(self.logprobs[i])) for i in order]
+
     def model_logprob_of(self, role: str, token_id: int) -> float:
         i = int(np.searchsorted(self.support, token_id))
         if i < len(self.support) and self.support[i] == token_id:

@@ -55,6 +55,7 @@ def generation_request_from_proto(m: eft_pb2.GenerateRequest) -> GenerationReque
         ignore_eos=s.ignore_eos,
         return_logprobs=m.return_logprobs,
         return_model_logprobs=m.return_model_logprobs,
+        top_logprobs=m.top_logprobs,  # int32 on the wire: a negative count reaches validation, which refuses it
         timeout_s=m.timeout_s or None,
         request_id=m.request_id,
         speculative=speculative_from_proto(m.speculative),
@@ -81,6 +82,9 @@ def token_to_proto(t: TokenOutput) -> eft_pb2.TokenInfo:
         text=t.text,
         logprob=_finite(t.logprob) if t.logprob is not None else 0.0,
         model_logprobs={k: _finite(v) for k, v in t.model_logprobs.items()},
+        top_logprobs=[
+            eft_pb2.TopLogprob(token_id=a.token_id, text=a.text, logprob=_finite(a.logprob)) for a in t.top_logprobs
+        ],
     )
 
 

@@ -104,7 +104,7 @@ class CoordinatorRpc:
                 out.usage.CopyFrom(msg.usage)
                 out.finish_reason = msg.finish_reason
         out.text = "".join(text)
-        if not (request.return_logprobs or request.return_model_logprobs):
+        if not (request.return_logprobs or request.return_model_logprobs or request.top_logprobs > 0):
             del out.tokens[:]
         return out
 

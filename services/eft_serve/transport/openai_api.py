@@ -9,8 +9,11 @@ one quota lease per choice, tokens charged as they stream); each choice is one c
 telemetry (metrics, access log; methods `OpenAI.Completions` / `OpenAI.ChatCompletions`). One
 decode loop: the coordinator's.
 
-Logprobs: the coordinator reports the merged (EFT) logprob of each sampled token only, so
-`top_logprobs` lists just the sampled token whatever number is asked for.
+Logprobs are the merged (EFT) distribution's: completions `logprobs: N` and chat `top_logprobs: N`
+become the coordinator's `top_logprobs = N` (the N most likely tokens at each step, from the merged
+support: in top-k mode the union of the models' top-k, the distribution sampled from). Completions
+get OpenAI's `{text: logprob}` dicts (the sampled token added when it is not among the N, so up
+to N + 1 entries); chat gets `content[].top_logprobs` lists of `{token, logprob, bytes}`.
 
 Raises `EftError`s (`BadParam` for a bad body); the HTTP layer maps them with `openai_errors`.
 Knows nothing of HTTP frameworks or Ray.
@@ -62,6 +65,22 @@ DONE = sse("[DONE]")
 
 def _lp(x: float | None) -> float:
     return LOGPROB_FLOOR if x is None or not math.isfinite(x) else max(float(x), LOGPROB_FLOOR)
+
+
+def _completion_top(t: TokenOutput) -> dict[str, float]:
+    """OpenAI completions' `top_logprobs` entry of one token: the asked-for most likely tokens, plus
+    the sampled one when it is not among them (OpenAI: up to logprobs + 1), keyed by text."""
+    out: dict[str, float] = {}
+    for a in t.top_logprobs:
+        out.setdefault(a.text, _lp(a.logprob))  # two tokens with one text: the likelier one keeps it
+    if all(a.token_id != t.token_id for a in t.top_logprobs):
+        out.setdefault(t.text, _lp(t.logprob))
+    return out
+
+
+def _chat_entry(text: str, logprob: float | None) -> dict[str, Any]:
+    # `bytes` are the UTF-8 of the decoded text (part of a multi-byte character decodes to U+FFFD).
+    return {"token": text, "logprob": _lp(logprob), "bytes": list(text.encode("utf-8"))}
 
 
 @dataclass
@@ -311,6 +330,7 @@ class OpenAIApi:
                     prompt=prompt,
                     max_new_tokens=body.max_tokens,
                     return_logprobs=body.logprobs is not None,
+                    top_logprobs=body.logprobs or 0,
                 ),
             )
             for p, prompt in enumerate(body.prompts())
@@ -343,6 +363,7 @@ class OpenAIApi:
                     messages=messages,
                     max_new_tokens=body.max_new_tokens(),
                     return_logprobs=body.logprobs,
+                    top_logprobs=(body.top_logprobs or 0) if body.logprobs else 0,
                 ),
             )
             for j in range(body.n)
@@ -483,8 +504,7 @@ class _CompletionView(_View):
         return {
             "tokens": [t.text for t in tokens],
             "token_logprobs": [_lp(t.logprob) for t in tokens],
-            # Only the sampled token: the coordinator does not report alternatives.
-            "top_logprobs": [{t.text: _lp(t.logprob)} for t in tokens],
+            "top_logprobs": [_completion_top(t) for t in tokens],
             "text_offset": offsets,
         }
 
@@ -532,12 +552,10 @@ class _ChatView(_View):
         body = self.body
         if not isinstance(body, ChatCompletionBody) or not body.logprobs:
             return None
-        top = body.top_logprobs or 0
-        content = []
-        for t in tokens:
-            entry = {"token": t.text, "logprob": _lp(t.logprob), "bytes": list(t.text.encode("utf-8"))}
-            # Only the sampled token: the coordinator does not report alternatives.
-            content.append({**entry, "top_logprobs": [entry] if top > 0 else []})
+        content = [
+            {**_chat_entry(t.text, t.logprob), "top_logprobs": [_chat_entry(a.text, a.logprob) for a in t.top_logprobs]}
+            for t in tokens
+        ]
         return {"content": content, "refusal": None}
 
     def whole(self, results: list[_Collected]) -> dict[str, Any]:
