@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any
 
-from eft_serve.coordinator.telemetry import RequestRecord
+from eft_serve.coordinator.telemetry import NullTelemetry, RequestRecord
 
 ACCESS_LOGGER = "eft_serve.access"
 # Caller-chosen strings (a recipe name asked for, a request id) are cut to this in the log.
@@ -55,31 +55,16 @@ def access_entry(record: RequestRecord, include_prompt: bool = False) -> dict[st
     return entry
 
 
-class AccessLog:
-    """Writes one line per finished request; every other observation is ignored."""
+class AccessLog(NullTelemetry):
+    """Writes one line per finished request; every other observation is ignored (inherited no-ops)."""
 
     def __init__(self, include_prompt: bool = False, logger: logging.Logger | None = None) -> None:
         self._include_prompt = include_prompt
         self._log = logger or logging.getLogger(ACCESS_LOGGER)
 
-    def request_started(self, record: RequestRecord) -> None:
-        pass
-
-    def first_token(self, record: RequestRecord, seconds: float) -> None:
-        pass
-
-    def inter_token(self, record: RequestRecord, seconds: float) -> None:
-        pass
-
     def request_finished(self, record: RequestRecord) -> None:
         if self._log.isEnabledFor(logging.INFO):
             self._log.info(json.dumps(access_entry(record, self._include_prompt), ensure_ascii=False))
-
-    def pool_call(self, role: str, call: str, seconds: float, status: str) -> None:
-        pass
-
-    def pool_retry(self, role: str, status: str) -> None:
-        pass
 
 
 def install_handler(stream: Any = None) -> logging.Logger:

