@@ -24,6 +24,7 @@ from eft_serve.transport.client_messages import (
     token_to_proto,
     usage_to_proto,
 )
+from eft_serve.transport.metered_stream import open_metered
 from eft_serve.wire.pool_messages import info_to_proto
 
 
@@ -54,40 +55,25 @@ class CoordinatorRpc:
         self, request: eft_pb2.GenerateRequest, metadata: Metadata = ()
     ) -> AsyncIterator[eft_pb2.GenerateResponse]:
         trace = self._trace("Generate", request.request_id, request.merge, request.prompt)
-        try:
-            lease = self._admit(metadata, request.merge)  # auth and quota errors raise here
-        except BaseException as e:
-            trace.finish(e)
-            raise
-        trace.record.key_id = lease.key_id or "-"
-        try:
-            req = generation_request_from_proto(request)
-            stream = await self.coordinator.generate(req)  # validation errors raise here
-        except BaseException as e:
-            lease.release()
-            trace.finish(e)
-            raise
+        stream = await open_metered(
+            self.coordinator,
+            lambda: generation_request_from_proto(request),
+            lambda: self._admit(metadata, request.merge),
+            trace,
+        )
 
         async def messages() -> AsyncIterator[eft_pb2.GenerateResponse]:
             try:
                 async for chunk in stream:
-                    lease.charge(len(chunk.tokens))
-                    trace.tokens(len(chunk.tokens))
-                    if chunk.usage:
-                        trace.usage(chunk.usage)
                     yield eft_pb2.GenerateResponse(
                         text=chunk.text,
                         tokens=[token_to_proto(t) for t in chunk.tokens],
                         finish_reason=FINISH_TO_PROTO[chunk.finish_reason],
                         usage=usage_to_proto(chunk.usage) if chunk.usage else None,
-                        request_id=req.request_id,
+                        request_id=request.request_id,
                     )
-            except BaseException as e:
-                trace.finish(e)
-                raise
-            finally:  # the stream ended, failed or was cancelled by the client
-                lease.release()
-                trace.finish()
+            finally:  # ended, failed, or cancelled by the client at a yield: release and end the trace
+                await stream.aclose()
 
         return messages()
 

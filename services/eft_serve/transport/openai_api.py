@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import math
 import secrets
@@ -44,6 +45,7 @@ from eft_serve.coordinator.request import (
 )
 from eft_serve.coordinator.service import EftCoordinator
 from eft_serve.coordinator.telemetry import NULL_TELEMETRY, RequestRecord, RequestTrace, Telemetry
+from eft_serve.transport.metered_stream import MeteredStream, open_metered
 from eft_serve.transport.openai_errors import ModelNotFound, to_http_error
 from eft_serve.transport.openai_schema import BadParam, ChatCompletionBody, CommonBody, CompletionBody, parse_body
 
@@ -109,51 +111,7 @@ class _Collected:
             self.usage = chunk.usage
 
 
-class _Metered:
-    """A coordinator stream holding a quota lease and a trace: charges tokens, reports them, and
-    releases the lease / ends the trace when it ends.
-
-    A class rather than an async generator so that a stream closed before its first item (or
-    never iterated: the HTTP client went away) still releases its lease; `__del__` is the backstop.
-    """
-
-    def __init__(self, stream: AsyncIterator[GenerationChunk], lease: Lease, trace: RequestTrace) -> None:
-        self._stream = stream
-        self._lease = lease
-        self._trace = trace
-
-    def __aiter__(self) -> _Metered:
-        return self
-
-    async def __anext__(self) -> GenerationChunk:
-        try:
-            chunk = await anext(self._stream)
-        except StopAsyncIteration:
-            self._trace.finish()
-            await self.aclose()
-            raise
-        except BaseException as e:
-            self._trace.finish(e)
-            await self.aclose()
-            raise
-        self._lease.charge(len(chunk.tokens))
-        self._trace.tokens(len(chunk.tokens))
-        if chunk.usage is not None:
-            self._trace.usage(chunk.usage)
-        return chunk
-
-    async def aclose(self) -> None:
-        self._lease.release()
-        self._trace.finish(asyncio.CancelledError())  # no-op if it already ended; else the client left
-        close = getattr(self._stream, "aclose", None)
-        if close is not None:
-            await close()
-
-    def __del__(self) -> None:
-        self._lease.release()  # idempotent
-
-
-async def _merge(streams: list[_Metered]) -> AsyncGenerator[tuple[int, GenerationChunk], None]:
+async def _merge(streams: list[MeteredStream]) -> AsyncGenerator[tuple[int, GenerationChunk], None]:
     """(choice index, chunk) from every stream as they come; the first failure ends it (all closed)."""
     if len(streams) == 1:
         try:
@@ -164,7 +122,7 @@ async def _merge(streams: list[_Metered]) -> AsyncGenerator[tuple[int, Generatio
         return
     queue: asyncio.Queue[tuple[int, GenerationChunk | None, BaseException | None]] = asyncio.Queue()
 
-    async def pump(i: int, stream: _Metered) -> None:
+    async def pump(i: int, stream: MeteredStream) -> None:
         try:
             async for chunk in stream:
                 await queue.put((i, chunk, None))
@@ -275,7 +233,9 @@ class OpenAIApi:
             **what,
         )
 
-    async def _open(self, headers: Metadata, body: CommonBody, choices: list[_Choice], method: str) -> list[_Metered]:
+    async def _open(
+        self, headers: Metadata, body: CommonBody, choices: list[_Choice], method: str
+    ) -> list[MeteredStream]:
         """One admitted coordinator stream per choice; on any failure every one opened so far is closed."""
         if self.gate is not None:
             key = self.gate.authenticate(headers)
@@ -286,25 +246,15 @@ class OpenAIApi:
                     f"{key.id!r} may open {limit}; lower n or send fewer prompts",
                     "n",
                 )
-        streams: list[_Metered] = []
+        streams: list[MeteredStream] = []
         try:
             for c in choices:
                 req = c.request
                 prompt = req.prompt or "\n".join(f"{m.role}: {m.content}" for m in req.messages)
                 trace = RequestTrace(self.telemetry, RequestRecord(method, req.request_id, body.model, prompt=prompt))
-                try:
-                    lease = self._admit(headers, body)  # auth, permission and quota errors raise here
-                except BaseException as e:
-                    trace.finish(e)
-                    raise
-                trace.record.key_id = lease.key_id or "-"
-                try:
-                    stream = await self.coordinator.generate(req)  # validation errors raise here
-                except BaseException as e:
-                    lease.release()
-                    trace.finish(e)
-                    raise
-                streams.append(_Metered(stream, lease, trace))
+                admit = functools.partial(self._admit, headers, body)
+                build = lambda: req  # noqa: B023, E731 - called inside this await, within this iteration
+                streams.append(await open_metered(self.coordinator, build, admit, trace))
         except BaseException:
             for s in streams:
                 await s.aclose()
@@ -399,7 +349,7 @@ class OpenAIApi:
 async def _events(
     view: _View,
     merged: AsyncGenerator[tuple[int, GenerationChunk], None],
-    streams: list[_Metered],
+    streams: list[MeteredStream],
     first: tuple[int, GenerationChunk] | None,
     include_usage: bool,
 ) -> AsyncIterator[str]:
