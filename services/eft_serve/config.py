@@ -119,8 +119,11 @@ class PoolConfig(StrictModel):
     # Sequences that do not fit wait for room (then RESOURCE_EXHAUSTED); running ones are never evicted.
     kv_cache_bytes: int | None = Field(None, ge=0)
     torch_threads: int = Field(1, ge=1)
-    # Concurrent pool calls are coalesced into one engine call of up to this many requests.
-    max_batch_size: int = Field(8, ge=1)
+    # Pool calls waiting when the engine frees are coalesced into its next call, up to this many
+    # (continuous batching, engine/turn_queue.py); engines that schedule calls themselves (vLLM)
+    # get them all at once instead.
+    max_batch_size: int = Field(32, ge=1)
+    # How long a call that finds the engine idle waits for companions before its turn.
     batch_wait_timeout_s: float = Field(0.001, ge=0)
     # Send every call of one sequence to the same replica (its KV cache), least loaded when it is
     # full; off = Serve's default router (power of two choices).
@@ -128,7 +131,8 @@ class PoolConfig(StrictModel):
     # Serve's periodic replica health check runs a 1-token forward (queued fairly with requests);
     # slower than this, or failing, and Serve restarts the replica.
     health_check_timeout_s: float = Field(10.0, gt=0)
-    replica: ReplicaConfig = Field(default_factory=ReplicaConfig)
+    # Calls in flight per replica: at least max_batch_size, or the router holds back batch-mates.
+    replica: ReplicaConfig = Field(default_factory=lambda: ReplicaConfig(max_ongoing_requests=64))
     # "hf": the transformers reference engine (exact, portable); "vllm": vLLM (paged KV, continuous
     # batching, prefix caching, tensor parallelism), options under `vllm`.
     engine: Literal["hf", "vllm"] = "hf"

@@ -15,11 +15,13 @@ Configurations (one stack each, in one run):
   of thrashing);
 * ``HEAD, 64 MiB`` (``--before``, default on) — the last commit's engine and its old default,
   run from ``git archive HEAD`` in a child process: the measured 8-stream collapse;
+* ``hf at REF`` (``--baseline-ref REF``) — a git ref's tree at its default settings, in a child
+  process (e.g. the commit before a change, measured side by side with it);
 * ``vllm`` — when ``--engines`` names it *and* ``PoolConfig`` has an ``engine`` field *and*
   ``vllm`` imports; otherwise skipped with a note.
 
     .venv/bin/python tests/bench/bench_engine.py [--quick] [--engines hf,vllm] [--streams 1,8,32]
-                                                [--tokens 48] [--no-before]
+                                                [--tokens 48] [--no-before] [--baseline-ref REF]
 
 ``--quick``: 12 tokens a stream. Figures are noisy on a shared machine: compare the ratios
 measured side by side in one run. Writes bench-out/engine.json.
@@ -205,21 +207,26 @@ def run_config(
     return {"label": label, "kv_cache_bytes": kv, "engine": engine, "runs": runs, "peak_rss": peak}
 
 
-def run_before_in_child(args: argparse.Namespace) -> dict | None:
-    """The last commit's engine (old default 64 MiB, LRU eviction) in a child process."""
-    head = OUT / "eft_head"
+def run_before_in_child(args: argparse.Namespace, ref: str = "HEAD", label: str = "HEAD, 64 MiB") -> dict | None:
+    """A git ref's tree in a child process: by default the last commit's engine at the old 64 MiB
+    budget (`--before`); with `--baseline-ref` that ref at its default settings (auto KV)."""
+    head = OUT / ("eft_head" if ref == "HEAD" else f"eft_{ref}")
     if not (head / "services" / "eft_serve").is_dir():
         head.mkdir(parents=True, exist_ok=True)
-        archive = subprocess.run(["git", "archive", "HEAD", "services", "clients"], cwd=ROOT, capture_output=True)
+        archive = subprocess.run(["git", "archive", ref, "services", "clients"], cwd=ROOT, capture_output=True)
         if archive.returncode != 0:
-            print(f"[bench] no git HEAD to compare with: {archive.stderr.decode()[:200]}")
+            print(f"[bench] no git {ref} to compare with: {archive.stderr.decode()[:200]}")
             return None
         subprocess.run(["tar", "-x", "-C", str(head)], input=archive.stdout, check=True)
     env = dict(os.environ)
     env["PYTHONPATH"] = f"{head / 'services'}{os.pathsep}{head / 'clients' / 'python'}"
-    out = OUT / "engine_before.json"
+    out = OUT / f"engine_before_{ref}.json"
     cmd = [sys.executable, __file__, "--child-before", str(out), "--tokens", str(args.tokens)]
-    cmd += ["--streams", ",".join(map(str, args.streams)), "--prompt-tokens", str(args.prompt_tokens)]
+    cmd += ["--prompt-tokens", str(args.prompt_tokens), "--child-label", label]
+    if ref == "HEAD":
+        cmd += ["--streams", ",".join(str(s) for s in args.streams if s <= 8)]
+    else:
+        cmd += ["--streams", ",".join(map(str, args.streams)), "--child-auto-kv"]
     if subprocess.run(cmd, env=env, cwd=ROOT).returncode != 0:
         print("[bench] the HEAD run failed (see its output above)")
         return None
@@ -307,7 +314,12 @@ def main() -> None:
     ap.add_argument("--no-before", action="store_true", help="skip the HEAD (old engine) run")
     ap.add_argument("--no-64mib", action="store_true", help="skip this tree at the old 64 MiB budget")
     ap.add_argument("--step-cost", action="store_true", help="only the in-process rows-vs-gather step cost")
+    ap.add_argument(
+        "--baseline-ref", default=None, help="also run this git ref's tree at its default settings, side by side"
+    )
     ap.add_argument("--child-before", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child-label", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child-auto-kv", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -332,7 +344,8 @@ def main() -> None:
             )
         return
     if args.child_before:
-        res = run_config("HEAD, 64 MiB", paths, OLD_DEFAULT, "hf", args, small)
+        label = args.child_label or "HEAD, 64 MiB"
+        res = run_config(label, paths, None if args.child_auto_kv else OLD_DEFAULT, "hf", args, args.streams)
         Path(args.child_before).write_text(json.dumps(res))
         return
 
@@ -349,6 +362,10 @@ def main() -> None:
         before = run_before_in_child(args)
         if before:
             configs.append(before)
+    if args.baseline_ref:
+        baseline = run_before_in_child(args, args.baseline_ref, f"hf at {args.baseline_ref}")
+        if baseline:
+            configs.append(baseline)
 
     print(
         f"\nEngine bench: random GPT-2 family (large 12×768, small 4×256, vocab {VOCAB}, ctx {CONTEXT}), "

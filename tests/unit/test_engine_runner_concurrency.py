@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import pytest
 
 from eft_serve.engine.runner import EngineRunner
-from eft_serve.engine.types import SequenceQuery, SequenceResult
+from eft_serve.engine.types import DraftQuery, SequenceQuery, SequenceResult
 from eft_serve.errors import DeadlineExceeded, InvalidArgument
 from eft_serve.testing.fake_engine import FakeEngine
 
@@ -57,3 +57,72 @@ async def test_concurrent_path_keeps_deadline_and_error_mapping() -> None:
         await runner.next_token_logprobs([SequenceQuery(token_ids=[1])], 4, deadline=time.time() - 1)
     with pytest.raises(InvalidArgument, match="probe"):
         await runner.next_token_logprobs([SequenceQuery(token_ids=[10_000])], 4)
+
+
+# --- continuous batching: calls waiting when the engine frees share its next turn ---------------
+
+
+def _answers(engine: FakeEngine, queries: list[SequenceQuery], k: int) -> list[list[int]]:
+    return [engine.next_token_logprobs([q], k)[0].positions[0].top_ids.tolist() for q in queries]
+
+
+async def _behind_a_running_call(runner: EngineRunner, calls: list) -> list:
+    """Start one call, let it reach the engine, then queue `calls` (coroutines) behind it."""
+    first = asyncio.ensure_future(runner.next_token_logprobs([SequenceQuery(token_ids=[7, 7])], 4))
+    await asyncio.sleep(0.05)
+    queued = [asyncio.ensure_future(c) for c in calls]
+    await first
+    return await asyncio.gather(*queued, return_exceptions=True)
+
+
+async def test_calls_waiting_for_the_engine_share_its_next_turn() -> None:
+    engine = FakeEngine(32, seed=3, delay_s=0.2)
+    runner = EngineRunner(engine, "probe")
+    queries = [SequenceQuery(token_ids=[1, 2, i]) for i in range(7)]
+    results = await _behind_a_running_call(runner, [runner.next_token_logprobs([q], 4) for q in queries])
+    # One turn for the running call, ONE for the seven that waited (not seven).
+    assert engine.num_calls == 2 and (runner.turns.turns, runner.turns.calls) == (2, 8)
+    engine.delay_s = 0.0
+    assert [r[0].positions[0].top_ids.tolist() for r in results] == _answers(engine, queries, 4)
+
+
+async def test_a_turn_holds_at_most_max_batch_calls_and_only_one_top_k() -> None:
+    engine = FakeEngine(32, seed=3, delay_s=0.1)
+    runner = EngineRunner(engine, "probe", max_batch_calls=3)
+    calls = [runner.next_token_logprobs([SequenceQuery(token_ids=[1, i])], 4) for i in range(7)]
+    calls.append(runner.next_token_logprobs([SequenceQuery(token_ids=[1, 9])], 5))
+    results = await _behind_a_running_call(runner, calls)
+    assert not [r for r in results if isinstance(r, BaseException)]
+    # 1 running + top_k 4: 3 + 3 + 1 + top_k 5: 1.
+    assert runner.turns.turns == 5
+
+
+async def test_a_bad_call_in_a_shared_turn_fails_alone() -> None:
+    engine = FakeEngine(32, seed=3, delay_s=0.1)
+    runner = EngineRunner(engine, "probe")
+    good = [SequenceQuery(token_ids=[1, i]) for i in range(3)]
+    calls = [runner.next_token_logprobs([q], 4) for q in good[:2]]
+    calls.append(runner.next_token_logprobs([SequenceQuery(token_ids=[10_000])], 4))  # not in the vocabulary
+    calls.append(runner.next_token_logprobs([good[2]], 4))
+    calls.append(runner.next_token_logprobs([good[0]], 4, deadline=time.time() + 0.01))  # expires while queued
+    results = await _behind_a_running_call(runner, calls)
+    assert isinstance(results[2], InvalidArgument) and "probe" in str(results[2])
+    assert isinstance(results[4], DeadlineExceeded)
+    engine.delay_s = 0.0
+    ok = [results[0], results[1], results[3]]
+    assert [r[0].positions[0].top_ids.tolist() for r in ok] == _answers(engine, good, 4)
+
+
+async def test_drafts_keep_their_place_in_line_and_run_alone() -> None:
+    engine = FakeEngine(32, seed=3, delay_s=0.1)
+    runner = EngineRunner(engine, "probe")
+    calls = [
+        runner.next_token_logprobs([SequenceQuery(token_ids=[1, 2])], 4),
+        runner.draft([DraftQuery(token_ids=[1, 2], num_tokens=3)]),
+        runner.next_token_logprobs([SequenceQuery(token_ids=[1, 3])], 4),
+    ]
+    results = await _behind_a_running_call(runner, calls)
+    assert len(results[1][0].token_ids) == 3
+    # running call, then the two logprobs calls together (a later call may join an earlier
+    # turn), then the draft alone.
+    assert runner.turns.turns == 3

@@ -1,12 +1,13 @@
-"""Running a synchronous engine from async code: one call at a time, off the event loop.
+"""Running a synchronous engine from async code: one engine turn at a time, off the event loop.
 
 Owns the rules every pool path shares (the in-process pool and the pool RPC behind gRPC or
-Ray Serve): calls queue for the engine in arrival order, the request's deadline is checked
-once the call reaches the engine (time spent queued counts), the engine runs in a worker
-thread so the event loop keeps serving, and an engine `ValueError` (bad ids, too long) becomes
-INVALID_ARGUMENT naming the pool. A cancelled call frees the engine only when its worker thread
-ends. `probe` is the replica health check (a 1-token forward under a timeout). Knows nothing of
-transports, protobuf or Ray.
+Ray Serve): calls queue for the engine in arrival order (`TurnQueue`), and every logprobs call
+waiting when the engine frees joins its next turn (continuous batching: up to `max_batch_calls`
+calls, one engine call); the request's deadline is checked once the call reaches the engine (time
+spent queued counts), the engine runs in a worker thread so the event loop keeps serving, and an
+engine `ValueError` (bad ids, too long) becomes INVALID_ARGUMENT naming the pool. A cancelled
+call frees the engine only when its worker thread ends. `probe` is the replica health check (a
+1-token forward under a timeout). Knows nothing of transports, protobuf or Ray.
 
 KV admission: before a call joins the queue, an engine that keeps KV per sequence (`admit`,
 HFEngine) is asked whether the call's sequences fit its KV budget without evicting a running
@@ -29,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from eft_serve.deadline import raise_if_expired, seconds_left
+from eft_serve.engine.turn_queue import TurnQueue
 from eft_serve.engine.types import (
     DraftedSequence,
     DraftQuery,
@@ -51,17 +53,28 @@ _CONCURRENT_CALL_THREADS = 64
 
 
 class EngineRunner:
-    def __init__(self, engine: LogprobEngine, role: str, admission_timeout_s: float = ADMISSION_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        engine: LogprobEngine,
+        role: str,
+        admission_timeout_s: float = ADMISSION_TIMEOUT_S,
+        *,
+        max_batch_calls: int = 8,
+        batch_wait_s: float = 0.0,
+    ) -> None:
         self.engine = engine
         self.role = role
         self.admission_timeout_s = admission_timeout_s
         # Calls that had to wait for KV room, and calls refused after waiting (observability, tests).
         self.admission_waits = 0
         self.admission_refusals = 0
-        # One engine call at a time: torch runs one thread per replica and the KV cache is shared.
-        self._lock = asyncio.Lock()
         # Called with the seconds each call waited for the engine (queue wait metric), if set.
         self.queue_wait_observer: Callable[[float], None] | None = None
+        # One engine turn at a time (torch runs one thread per replica, the KV store is shared),
+        # waiting logprobs calls coalesced into each turn.
+        self.turns = TurnQueue(
+            engine, role, max_calls=max_batch_calls, wait_s=batch_wait_s, observe_wait=self._observe_wait
+        )
         self._concurrent = bool(getattr(engine, "schedules_concurrent_calls", False))
         self._executor: ThreadPoolExecutor | None = None
 
@@ -73,7 +86,9 @@ class EngineRunner:
         self, queries: Sequence[SequenceQuery], logprob_top_k: int, deadline: float | None = None
     ) -> list[SequenceResult]:
         await self.admit([(q.sequence_id, len(q.token_ids)) for q in queries], deadline)
-        return await self._run(deadline, self.engine.next_token_logprobs, queries, logprob_top_k)
+        if self._concurrent:
+            return await self._run_concurrently(deadline, self.engine.next_token_logprobs, queries, logprob_top_k)
+        return await self.turns.logprobs(queries, logprob_top_k, deadline)
 
     async def draft(
         self, queries: Sequence[DraftQuery], deadline: float | None = None, score_logprob_top_k: int | None = None
@@ -82,7 +97,9 @@ class EngineRunner:
         `DraftedSequence`) in the same engine turn — the scores are exactly what
         `next_token_logprobs` answers for prefix + draft, because that is how they are computed."""
         await self.admit([(q.sequence_id, len(q.token_ids) + max(0, q.num_tokens)) for q in queries], deadline)
-        return await self._run(deadline, self._draft, queries, score_logprob_top_k)
+        if self._concurrent:
+            return await self._run_concurrently(deadline, self._draft, queries, score_logprob_top_k)
+        return await self.turns.alone(lambda: self._draft(queries, score_logprob_top_k), deadline)
 
     async def admit(self, demands: Sequence[tuple[str, int]], deadline: float | None = None) -> None:
         """Wait until every `(sequence_id, positions)` fits the engine's KV budget (see the module
@@ -126,32 +143,13 @@ class EngineRunner:
         except Exception as e:
             raise Unavailable(f"model pool {self.role!r}: health check failed: {type(e).__name__}: {e}") from e
 
-    async def _run(self, deadline: float | None, fn: Callable[..., _T], *args: Any) -> _T:
-        """`fn(*args)` in a worker thread, alone on the engine. A cancelled caller (client gone,
-        a timeout) returns at once, but the lock is held until the thread ends: a running engine
-        call cannot be stopped, and the next one must not overlap it."""
-        if self._concurrent:
-            return await self._run_concurrently(deadline, fn, *args)
-        queued_at = time.perf_counter()
-        await self._lock.acquire()
-        try:
-            if self.queue_wait_observer is not None:
-                self.queue_wait_observer(time.perf_counter() - queued_at)
-            raise_if_expired(deadline, f"model pool {self.role!r}")
-            work = asyncio.ensure_future(asyncio.to_thread(fn, *args))
-        except BaseException:
-            self._lock.release()
-            raise
-        work.add_done_callback(self._release)
-        try:
-            return await asyncio.shield(work)
-        except ValueError as e:
-            raise InvalidArgument(f"model pool {self.role!r}: {e}") from None
+    def _observe_wait(self, seconds: float) -> None:
+        if self.queue_wait_observer is not None:
+            self.queue_wait_observer(seconds)
 
     async def _run_concurrently(self, deadline: float | None, fn: Callable[..., _T], *args: Any) -> _T:
         """`fn(*args)` in a worker thread beside other calls (the engine queues them itself)."""
-        if self.queue_wait_observer is not None:
-            self.queue_wait_observer(0.0)  # the wait happens in the engine's own scheduler
+        self._observe_wait(0.0)  # the wait happens in the engine's own scheduler
         raise_if_expired(deadline, f"model pool {self.role!r}")
         if self._executor is None:
             self._executor = ThreadPoolExecutor(_CONCURRENT_CALL_THREADS, thread_name_prefix=f"engine-{self.role}")
@@ -159,11 +157,6 @@ class EngineRunner:
             return await asyncio.get_running_loop().run_in_executor(self._executor, lambda: fn(*args))
         except ValueError as e:
             raise InvalidArgument(f"model pool {self.role!r}: {e}") from None
-
-    def _release(self, work: asyncio.Future[Any]) -> None:
-        self._lock.release()
-        if not work.cancelled():
-            work.exception()  # retrieved: a caller that was cancelled no longer awaits it
 
     def _draft(self, queries: Sequence[DraftQuery], score_logprob_top_k: int | None) -> list[DraftedSequence]:
         drafts = self.engine.draft(queries)

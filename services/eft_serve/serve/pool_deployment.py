@@ -1,8 +1,11 @@
 """The model-pool Serve deployment: one engine per replica, concurrent calls batched.
 
-Owns replica start-up (engine load; the engine sets torch's thread count) and Serve batching: concurrent
-`NextTokenLogprobs` calls to one replica are coalesced into one engine call so sequences from
-different requests share forward passes. Messages travel as serialized `eft.v1` protobuf bytes.
+Owns replica start-up (engine load; the engine sets torch's thread count) and the Serve surface.
+Concurrent `NextTokenLogprobs` calls to one replica share engine turns: the shared `EngineRunner`
+coalesces every call waiting when the engine frees into its next call (up to `max_batch_size`),
+so sequences from different requests share forward passes. Serve's `@serve.batch` is not used:
+it closes batches on a timer, not when the engine frees (see `engine.turn_queue`). Messages
+travel as serialized `eft.v1` protobuf bytes.
 Each `NextTokenLogprobs` answer names the replica that served it (`replica_id`), so KV-affinity
 routing can be observed. `check_health` (Serve's periodic replica check) runs a 1-token forward
 under `health_check_timeout_s`, so a hung engine gets its replica restarted. Errors leave as `EftError`s; the caller maps them.
@@ -16,7 +19,6 @@ from ray import serve
 
 from eft_serve.config import PoolConfig
 from eft_serve.deadline import raise_if_expired
-from eft_serve.errors import EftError, InvalidArgument, PrefixUnknown
 from eft_serve.proto_gen.eft.v1 import pool_pb2
 from eft_serve.serve.metrics import PoolMetrics
 from eft_serve.serve.names import POOL_DEPLOYMENT
@@ -44,58 +46,16 @@ class ModelPoolDeployment:
         )
         self.role = role
         self._replica_id = serve.get_replica_context().replica_id.unique_id
-        self._rpc = PoolRpc(engine, role)
+        self._rpc = PoolRpc(engine, role, max_batch_calls=cfg.max_batch_size, batch_wait_s=cfg.batch_wait_timeout_s)
         self._rpc.runner.queue_wait_observer = PoolMetrics(role).queue_wait
         self._health_check_timeout_s = cfg.health_check_timeout_s
-        self._batched.set_max_batch_size(cfg.max_batch_size)
-        self._batched.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
 
     async def NextTokenLogprobs(self, request: bytes) -> bytes:  # noqa: N802 (mirrors the RPC)
         msg = pool_pb2.NextTokenLogprobsRequest.FromString(request)
         raise_if_expired(msg.deadline_unix_s, f"model pool {self.role!r} (queued)")
-        # KV admission per request, before batching: a request that must wait for KV room (or is
-        # refused) never holds up the batch it would have joined.
-        await self._rpc.admit(msg)
-        reply = await self._batched(msg)
-        if isinstance(reply, EftError):
-            raise reply
+        reply = await self._rpc.next_token_logprobs(msg)
         reply.replica_id = self._replica_id
         return reply.SerializeToString()
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.001)
-    async def _batched(self, requests: list[pool_pb2.NextTokenLogprobsRequest]) -> list[Any]:
-        if len(requests) == 1:
-            return [await self._one(requests[0])]
-        out: list[Any] = [None] * len(requests)
-        by_k: dict[int, list[int]] = {}
-        for i, r in enumerate(requests):
-            by_k.setdefault(r.logprob_top_k, []).append(i)
-        for logprob_top_k, idx in by_k.items():
-            merged = pool_pb2.NextTokenLogprobsRequest(logprob_top_k=logprob_top_k)
-            for i in idx:
-                merged.sequences.extend(requests[i].sequences)
-            try:
-                reply = await self._rpc.next_token_logprobs(merged)
-            except (InvalidArgument, PrefixUnknown):
-                # One bad request (or one whose prefix this replica does not hold) must not fail
-                # its batch-mates: answer them one by one.
-                for i in idx:
-                    out[i] = await self._one(requests[i])
-                continue
-            start = 0
-            for i in idx:
-                n = len(requests[i].sequences)
-                out[i] = pool_pb2.NextTokenLogprobsResponse(
-                    sequences=reply.sequences[start : start + n], model_fingerprint=reply.model_fingerprint
-                )
-                start += n
-        return out
-
-    async def _one(self, request: pool_pb2.NextTokenLogprobsRequest) -> Any:
-        try:
-            return await self._rpc.next_token_logprobs(request)
-        except EftError as e:
-            return e
 
     async def Draft(self, request: bytes) -> bytes:  # noqa: N802
         return (await self._rpc.draft(pool_pb2.DraftRequest.FromString(request))).SerializeToString()

@@ -2,7 +2,8 @@
 
 Owns request checks that need no model (batch shape), proto conversion and the replica's
 sequence memory (so a caller may send only new tokens, see `engine.sequence_memory`); the shared
-`EngineRunner` queues calls, checks the deadline and runs the engine off the event loop.
+`EngineRunner` queues calls (coalescing concurrent ones into one engine turn), checks the deadline
+and runs the engine off the event loop.
 Raises `EftError`s only; the transport's error boundary turns them into statuses.
 """
 
@@ -23,10 +24,12 @@ from eft_serve.wire.pool_messages import (
 
 
 class PoolRpc:
-    def __init__(self, engine: LogprobEngine, role: str) -> None:
+    def __init__(
+        self, engine: LogprobEngine, role: str, *, max_batch_calls: int = 8, batch_wait_s: float = 0.0
+    ) -> None:
         self.engine = engine
         self.role = role
-        self._runner = EngineRunner(engine, role)
+        self._runner = EngineRunner(engine, role, max_batch_calls=max_batch_calls, batch_wait_s=batch_wait_s)
         # What this replica last saw of each sequence: callers may then send only new tokens.
         self.sequences = SequenceMemory()
         self.tokens_received = 0  # token ids that crossed the wire in NextTokenLogprobs requests
@@ -47,13 +50,6 @@ class PoolRpc:
         for q, sent in zip(queries, request.sequences):
             self.sequences.remember(q.sequence_id, q.token_ids, sent.omitted_prefix_length)
         return results_to_proto(results, self.engine.info.model_fingerprint)
-
-    async def admit(self, request: pool_pb2.NextTokenLogprobsRequest) -> None:
-        """Wait for KV room for the request's sequences (ResourceExhausted past the wait bound):
-        a batching transport calls this per request *before* merging requests, so one request
-        that must wait never holds up its batch-mates."""
-        demands = [(s.sequence_id, s.omitted_prefix_length + len(s.token_ids)) for s in request.sequences]
-        await self._runner.admit(demands, request.deadline_unix_s)
 
     async def draft(self, request: pool_pb2.DraftRequest) -> pool_pb2.DraftResponse:
         score_k = request.score_logprob_top_k if request.HasField("score_logprob_top_k") else None
