@@ -141,13 +141,17 @@ class PoolConfig(StrictModel):
     @model_validator(mode="after")
     def _tensor_parallel_gpus(self) -> PoolConfig:
         # A tensor-parallel replica holds one GPU per shard: num_gpus is what Ray reserves for
-        # it (as a placement group, see serve/tensor_parallel.py) and what k8s sizing counts.
+        # it (as a placement group, see serve/tensor_parallel.py) and what k8s sizes pods by.
+        # Left at 0 it is derived from the TP size; any other value must agree with it.
         tp = self.vllm.tensor_parallel_size
-        if self.engine == "vllm" and tp > 1 and self.replica.num_gpus != tp:
-            raise ValueError(
-                f"vllm.tensor_parallel_size is {tp}: set replica.num_gpus to {tp} (one GPU per shard), "
-                f"got {self.replica.num_gpus:g}"
-            )
+        if self.engine == "vllm" and tp > 1:
+            if self.replica.num_gpus == 0:
+                self.replica.num_gpus = float(tp)
+            elif self.replica.num_gpus != tp:
+                raise ValueError(
+                    f"vllm.tensor_parallel_size is {tp}: replica.num_gpus must be {tp} (one GPU per shard; "
+                    f"leave it out to derive it), got {self.replica.num_gpus:g}"
+                )
         return self
 
 

@@ -383,7 +383,7 @@ def test_gpu_models_need_gpu_pods_and_the_rendered_redis() -> None:
     s = load_settings(ROOT, "prod")
     assert isinstance(s, StackSettings)
     check_settings(cfg, s)
-    no_gpu = s.model_copy(update={"pools": {**s.pools, "small_ft": PodSettings(cpu="8", memory="48Gi")}})
+    no_gpu = s.model_copy(update={"pools": {**s.pools, "small_ft": PodSettings(cpu="8", memory="48Gi", gpus=0)}})
     with pytest.raises(ValueError, match=r"pools\.small_ft: replicas need 1\.0 GPU but the pod has none"):
         check_settings(cfg, no_gpu)
     elsewhere = cfg.model_copy(update={"cache": cfg.cache.model_copy(update={"url": "redis://other:6379/0"})})

@@ -12,9 +12,10 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from eft_serve.config import PoolConfig, load_config
-from eft_serve.k8s.settings import PodSettings, parse_settings
-from eft_serve.k8s.sizing import pod_counts, replicas_per_pod
+from eft_serve.config import EftConfig, PoolConfig, load_config
+from eft_serve.k8s.settings import PodSettings, StackSettings, parse_settings
+from eft_serve.k8s.sizing import pod_counts, replicas_per_pod, with_derived_gpus
+from eft_serve.k8s.stack import render_stack
 from eft_serve.serve.app import pool_deployment_options
 from eft_serve.serve.tensor_parallel import STRATEGY, apply_tensor_parallel
 
@@ -64,10 +65,12 @@ def test_serve_accepts_the_placement_options() -> None:
 
 
 def test_tensor_parallel_needs_one_gpu_per_shard() -> None:
-    with pytest.raises(ValidationError, match="set replica.num_gpus to 4"):
+    with pytest.raises(ValidationError, match="replica.num_gpus must be 4"):
         PoolConfig.model_validate(
             {"model": "/m", "engine": "vllm", "vllm": {"tensor_parallel_size": 4}, "replica": {"num_gpus": 1}}
         )
+    derived = PoolConfig.model_validate({"model": "/m", "engine": "vllm", "vllm": {"tensor_parallel_size": 4}})
+    assert derived.replica.num_gpus == 4
     # The hf engine ignores the vllm block.
     hf = PoolConfig.model_validate(
         {"model": "/m", "engine": "hf", "vllm": {"tensor_parallel_size": 4}, "replica": {"num_gpus": 1}}
@@ -86,10 +89,33 @@ def test_prod_serves_the_70b_base_four_way_and_k8s_sizes_its_pods_from_it() -> N
     opts = pool_deployment_options(large)
     assert len(opts["placement_group_bundles"]) == 5
     settings = parse_settings(yaml.safe_load((ROOT / "k8s/settings/prod.yaml").read_text()), "prod")
-    pod = settings.pools["large_base"]  # type: ignore[union-attr]
+    assert isinstance(settings, StackSettings)
+    # Neither file names the GPU count: TP size 4 -> replica.num_gpus 4 -> a pod of 4 GPUs.
+    assert settings.pools["large_base"].gpus is None and large.replica.num_gpus == 4
+    pod = with_derived_gpus(cfg, settings).pools["large_base"]
     assert pod.gpus == 4 and replicas_per_pod(large.replica, pod) == 1
     a = large.replica.autoscaling
     assert a is not None and pod_counts(large.replica, pod) == (a.min_replicas, a.min_replicas, a.max_replicas)
     # A pod with fewer GPUs than one replica's shards holds no replica (the renderer's check refuses it).
     small = PodSettings(cpu="8", memory="200Gi", gpus=2)
     assert replicas_per_pod(large.replica, small) == 0
+
+
+@pytest.mark.parametrize("tp", [2, 8])
+def test_the_rendered_gpu_pod_follows_the_tensor_parallel_size(tp: int) -> None:
+    data = yaml.safe_load((ROOT / "deploy/prod.yaml").read_text())
+    data["pools"]["large_base"]["vllm"]["tensor_parallel_size"] = tp
+    cfg = EftConfig.model_validate(data)
+    assert cfg.pools["large_base"].replica.num_gpus == tp
+    settings = parse_settings(yaml.safe_load((ROOT / "k8s/settings/prod.yaml").read_text()), "prod")
+    assert isinstance(settings, StackSettings)
+    docs = render_stack(cfg, settings, "prod")
+    (rs,) = [d for d in docs if d["kind"] == "RayService"]
+    (group,) = [g for g in rs["spec"]["rayClusterConfig"]["workerGroupSpecs"] if "large" in g["groupName"]]
+    container = group["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == tp
+    assert group["rayStartParams"]["num-gpus"] == str(tp)
+    # An explicit count that disagrees with the TP size is refused at config load.
+    data["pools"]["large_base"]["replica"]["num_gpus"] = tp // 2
+    with pytest.raises(ValidationError, match=f"num_gpus must be {tp}"):
+        EftConfig.model_validate(data)

@@ -13,7 +13,7 @@ from urllib.parse import urlparse
 from eft_serve.config import DEMO_SCHEME, EftConfig, PoolConfig
 from eft_serve.k8s.constants import CACHE_PASSWORD_ENV, REDIS_PORT
 from eft_serve.k8s.settings import PodSettings, StackSettings
-from eft_serve.k8s.sizing import replicas_per_pod
+from eft_serve.k8s.sizing import replicas_per_pod, with_derived_gpus
 
 
 def uses_redis(cfg: EftConfig) -> bool:
@@ -21,7 +21,9 @@ def uses_redis(cfg: EftConfig) -> bool:
 
 
 def check_settings(cfg: EftConfig, s: StackSettings) -> None:
-    """Refuse settings that contradict the config; every message names the pool or key."""
+    """Refuse settings that contradict the config; every message names the pool or key.
+    Unset GPU counts are derived first (`with_derived_gpus`); an explicit count must suffice."""
+    s = with_derived_gpus(cfg, s)
     problems: list[str] = []
     if set(cfg.pools) != set(s.pools):
         problems.append(f"settings pools {sorted(s.pools)} must match the config's pools {sorted(cfg.pools)}")

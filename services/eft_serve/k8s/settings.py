@@ -25,7 +25,9 @@ class PodSettings(StrictModel):
 
     cpu: str = Field(description="Kubernetes CPU quantity, e.g. '4' or '1500m'")
     memory: str = Field(description="Kubernetes memory quantity, e.g. '16Gi'")
-    gpus: int = Field(0, ge=0)
+    # None: derived (`sizing.with_derived_gpus`): a pool pod gets what one replica reserves
+    # (replica.num_gpus rounded up: the tensor-parallel size of a vLLM TP pool), others none.
+    gpus: int | None = Field(None, ge=0)
     gpu_resource: str = "nvidia.com/gpu"
     # Ray's `num-cpus` for the node; default: the pod's whole CPUs.
     ray_cpus: int | None = Field(None, ge=0)

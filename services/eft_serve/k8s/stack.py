@@ -1,6 +1,6 @@
 """One environment's complete list of manifests, in apply order.
 
-Owns: `render_stack` — check the settings against the config, then call each builder in
+Owns: `render_stack` — derive unset pod GPU counts, check the settings against the config, then call each builder in
 `manifests` (Namespace, dev Secret, cache Redis, GCS Redis, RayService, gRPC Service, TLS Ingress,
 NetworkPolicies, PDBs, PodMonitor).
 Does NOT know: settings files, output directories or YAML text (`files`, `yaml_dump`).
@@ -27,10 +27,12 @@ from eft_serve.k8s.manifests.redis import (
 )
 from eft_serve.k8s.manifests.services import grpc_service
 from eft_serve.k8s.settings import StackSettings
+from eft_serve.k8s.sizing import with_derived_gpus
 
 
 def render_stack(cfg: EftConfig, s: StackSettings, source: str) -> list[dict[str, Any]]:
     """All manifests of one environment, in apply order. `source` names the config in headers."""
+    s = with_derived_gpus(cfg, s)
     check_settings(cfg, s)
     out: list[dict[str, Any]] = []
     if s.namespace:
