@@ -21,6 +21,7 @@ Configurations (one stack each, in one run):
   ``vllm`` imports; otherwise skipped with a note.
 
     .venv/bin/python tests/bench/bench_engine.py [--quick] [--engines hf,vllm] [--streams 1,8,32]
+                                                [--step-cost | --contention]
                                                 [--tokens 48] [--no-before] [--baseline-ref REF]
 
 ``--quick``: 12 tokens a stream. Figures are noisy on a shared machine: compare the ratios
@@ -258,6 +259,55 @@ def step_cost(paths: dict[str, str], batch: int, steps: int, prompt_tokens: int)
     return out
 
 
+def _step_loop(path: str, steps: int, prompt_tokens: int, ready: Any, go: Any, out: Any) -> None:
+    """Child process: one HF engine decoding one sequence for `steps` steps; puts ms per step."""
+    import numpy as np
+
+    from eft_serve.engine.hf_engine import HFEngine
+    from eft_serve.engine.types import SequenceQuery
+
+    eng = HFEngine.load(path, name=Path(path).name, device="cpu")
+    rng = np.random.default_rng(0)
+    seq = rng.integers(0, VOCAB - 1, size=prompt_tokens).tolist()
+    eng.next_token_logprobs([SequenceQuery(seq, sequence_id="s")], 20)
+    ready.put(1)
+    go.wait()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        seq.append(int(rng.integers(0, VOCAB - 1)))
+        eng.next_token_logprobs([SequenceQuery(seq, sequence_id="s")], 20)
+    out.put((Path(path).name, 1000 * (time.perf_counter() - t0) / steps))
+
+
+def contention(paths: dict[str, str], steps: int, prompt_tokens: int) -> list[dict[str, float]]:
+    """The large base's decode step (one thread, batch 1) alone, then while the small engines
+    decode in other processes at the same time: what sharing this machine costs the large pool."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    rows = []
+    for others in ([], ["small_base"], ["small_base", "small_ft"]):
+        ready, out, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+        roles = ["large_base", *others]
+        # The small engines run 4x the steps, so they keep running while the large one is timed.
+        procs = [
+            ctx.Process(
+                target=_step_loop,
+                args=(paths[r], steps * (1 if r == "large_base" else 4), prompt_tokens, ready, go, out),
+            )
+            for r in roles
+        ]
+        for proc in procs:
+            proc.start()
+        for _ in procs:
+            ready.get(timeout=300)
+        go.set()
+        for proc in procs:
+            proc.join()
+        rows.append(dict(out.get() for _ in procs))
+    return rows
+
+
 def vllm_note(engines: list[str]) -> str | None:
     if "vllm" not in engines:
         return None
@@ -315,6 +365,9 @@ def main() -> None:
     ap.add_argument("--no-64mib", action="store_true", help="skip this tree at the old 64 MiB budget")
     ap.add_argument("--step-cost", action="store_true", help="only the in-process rows-vs-gather step cost")
     ap.add_argument(
+        "--contention", action="store_true", help="only: the large base's step alone vs beside the small engines"
+    )
+    ap.add_argument(
         "--baseline-ref", default=None, help="also run this git ref's tree at its default settings, side by side"
     )
     ap.add_argument("--child-before", default=None, help=argparse.SUPPRESS)
@@ -342,6 +395,11 @@ def main() -> None:
                 f"gather {cost['gather_gathered_tokens_per_step']:.0f})",
                 flush=True,
             )
+        return
+    if args.contention:
+        for row in contention(paths, 10 if args.quick else 40, args.prompt_tokens):
+            beside = ", ".join(f"{r} {ms:.1f} ms" for r, ms in row.items() if r != "large_base") or "alone"
+            print(f"large_base decode step {row['large_base']:.1f} ms ({beside})", flush=True)
         return
     if args.child_before:
         label = args.child_label or "HEAD, 64 MiB"
