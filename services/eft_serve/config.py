@@ -123,8 +123,9 @@ class PoolConfig(StrictModel):
     # (continuous batching, engine/turn_queue.py); engines that schedule calls themselves (vLLM)
     # get them all at once instead.
     max_batch_size: int = Field(32, ge=1)
-    # How long a call that finds the engine idle waits for companions before its turn.
-    batch_wait_timeout_s: float = Field(0.001, ge=0)
+    # Longest a turn waits for the sequences the pool expects back (those that called every
+    # step lately), so streams decoding together share turns; a lone stream never waits.
+    batch_wait_timeout_s: float = Field(0.05, ge=0)
     # Send every call of one sequence to the same replica (its KV cache), least loaded when it is
     # full; off = Serve's default router (power of two choices).
     kv_affinity: bool = True

@@ -126,3 +126,36 @@ async def test_drafts_keep_their_place_in_line_and_run_alone() -> None:
     # running call, then the two logprobs calls together (a later call may join an earlier
     # turn), then the draft alone.
     assert runner.turns.turns == 3
+
+
+async def _lockstep_streams(runner: EngineRunner, streams: int, steps: int) -> None:
+    """`streams` sequences decoding together; stream i comes back i x 8 ms after each answer
+    (its merge and round trip), as streams do behind a coordinator."""
+
+    async def stream(i: int) -> None:
+        tokens = [1, i]
+        for _ in range(steps):
+            await runner.next_token_logprobs([SequenceQuery(token_ids=tokens, sequence_id=f"s{i}")], 4)
+            tokens.append(2)
+            await asyncio.sleep(0.008 * i)
+
+    await asyncio.gather(*(stream(i) for i in range(streams)))
+
+
+async def test_sequences_decoding_together_are_waited_for_and_share_turns() -> None:
+    alone = EngineRunner(FakeEngine(32, seed=3, delay_s=0.03), "probe", batch_wait_s=0.0)
+    await _lockstep_streams(alone, streams=4, steps=8)
+    waiting = EngineRunner(FakeEngine(32, seed=3, delay_s=0.03), "probe", batch_wait_s=0.05)
+    await _lockstep_streams(waiting, streams=4, steps=8)
+    # Without waiting, stragglers miss each turn and run in the next (more, smaller turns); with
+    # it, once every stream has been seen twice a step is one turn of all four.
+    assert waiting.turns.turns <= 8 + 3
+    assert alone.turns.turns >= waiting.turns.turns + 3
+    assert waiting.turns.calls == alone.turns.calls == 32
+
+
+async def test_a_single_stream_never_waits_for_companions() -> None:
+    runner = EngineRunner(FakeEngine(32, seed=3), "probe", batch_wait_s=5.0)
+    started = time.perf_counter()
+    await _lockstep_streams(runner, streams=1, steps=6)
+    assert time.perf_counter() - started < 2.0  # a wait would cost 5 s a step
