@@ -7,7 +7,8 @@ local stack (Ray, Serve, the three pools and the coordinator — what ``eft serv
 result cache off), streams ~200-token prompts (different per stream) greedily with
 ``ignore_eos`` at 1, 8 and 32 concurrent streams, for the up-scaling recipe and for the large base
 alone, and prints, side by side: aggregate tok/s, inter-token latency p50/p99, peak RSS of each
-pool's replica, and EFT ÷ large-base-alone cost per token at 1 and 8 streams.
+pool's replica, and EFT ÷ large-base-alone cost per token at 1 and 8 streams (by ITL p50, by
+tok/s and by decode tok/s).
 
 Configurations (one stack each, in one run):
 * ``hf`` — this tree, default config (``kv_cache_bytes: null``: sized from memory, admission);
@@ -336,20 +337,27 @@ def table(configs: list[dict], streams: list[int]) -> str:
             )
     lines += [
         "",
-        "| config | peak RSS large_base | small_base | small_ft | EFT ÷ large base, decode cost per token |",
-        "|---|---:|---:|---:|---|",
+        "| config | peak RSS large_base | small_base | small_ft | EFT ÷ large base per token: ITL p50 | "
+        "by tok/s | by decode tok/s |",
+        "|---|---:|---:|---:|---|---|---|",
     ]
     for c in configs:
         by = {(r["recipe"], r["streams"]): r for r in c["runs"]}
-        ratios = []
-        for s in streams:
-            if s in (1, 8) and ("upscale", s) in by and ("large_base", s) in by:
-                base, eft = by[("large_base", s)], by[("upscale", s)]
-                ratios.append(f"{s}: {base['decode_tok_s'] / max(1e-9, eft['decode_tok_s']):.2f}")
+        ratios: dict[str, list[str]] = {"itl": [], "tok": [], "decode": []}
+        for n in streams:
+            if n in (1, 8) and ("upscale", n) in by and ("large_base", n) in by:
+                base, eft = by[("large_base", n)], by[("upscale", n)]
+                # At equal concurrency throughput is streams / ITL, so the ITL ratio is the cost
+                # ratio per token in steady decoding; tok/s includes prefill, decode tok/s
+                # counts from the first stream's first token (prefill stalls land in it).
+                ratios["itl"].append(f"{n}: {eft['itl_p50_ms'] / max(1e-9, base['itl_p50_ms']):.2f}")
+                ratios["tok"].append(f"{n}: {base['tok_s'] / max(1e-9, eft['tok_s']):.2f}")
+                ratios["decode"].append(f"{n}: {base['decode_tok_s'] / max(1e-9, eft['decode_tok_s']):.2f}")
         rss = c["peak_rss"]
         lines.append(
             f"| {c['label']} | {rss.get('large_base', 0) / 2**30:.2f} GiB | {rss.get('small_base', 0) / 2**30:.2f} GiB | "
-            f"{rss.get('small_ft', 0) / 2**30:.2f} GiB | {', '.join(ratios)} |"
+            f"{rss.get('small_ft', 0) / 2**30:.2f} GiB | {', '.join(ratios['itl'])} | {', '.join(ratios['tok'])} | "
+            f"{', '.join(ratios['decode'])} |"
         )
     return "\n".join(lines)
 
@@ -370,6 +378,7 @@ def main() -> None:
     ap.add_argument(
         "--baseline-ref", default=None, help="also run this git ref's tree at its default settings, side by side"
     )
+    ap.add_argument("--table", default=None, help="only: print the tables of a saved bench-out JSON")
     ap.add_argument("--child-before", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-label", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-auto-kv", action="store_true", help=argparse.SUPPRESS)
@@ -380,6 +389,10 @@ def main() -> None:
     if args.quick:
         args.tokens = 12
     args.streams = [int(s) for s in str(args.streams).split(",") if s]
+    if args.table:
+        saved = json.loads(Path(args.table).read_text())
+        print(table(saved["configs"], args.streams))
+        return
     OUT.mkdir(exist_ok=True)
     paths = build_family()
 
