@@ -22,7 +22,7 @@ Configurations (one stack each, in one run):
   ``vllm`` imports; otherwise skipped with a note.
 
     .venv/bin/python tests/bench/bench_engine.py [--quick] [--engines hf,vllm] [--streams 1,8,32]
-                                                [--step-cost | --contention]
+                                                [--step-cost | --contention | --arrivals]
                                                 [--tokens 48] [--no-before] [--baseline-ref REF]
 
 ``--quick``: 12 tokens a stream. Figures are noisy on a shared machine: compare the ratios
@@ -209,6 +209,68 @@ def run_config(
     return {"label": label, "kv_cache_bytes": kv, "engine": engine, "runs": runs, "peak_rss": peak}
 
 
+def arrivals(paths: dict[str, str], chunk: int | None, args: argparse.Namespace) -> dict[str, Any]:
+    """8 streams decoding while 4 long prompts (`--arrival-tokens`) arrive 2 s apart: the
+    decoders' inter-token latency meanwhile, and the newcomers' TTFT (chunked prefill on or off)."""
+    from eft_serve.client import EftClient
+    from eft_serve.config import EftConfig, demo_config
+    from eft_serve.infra.ports import free_port
+    from eft_serve.stack import local_stack
+
+    data = demo_config().model_dump()
+    for role, path in paths.items():
+        data["pools"][role]["model"] = path
+        data["pools"][role]["max_prefill_tokens_per_turn"] = chunk
+    data["cache"]["enabled"] = False
+    data["grpc"]["port"] = free_port()
+    data["ray"]["num_cpus"] = 8
+    data["coordinator"]["default_timeout_s"] = 600.0
+    data["coordinator"]["pool_call_timeout_s"] = 120.0
+    cfg = EftConfig.model_validate(data)
+    label = f"chunks of {chunk}" if chunk else "whole prefills"
+    with local_stack(cfg, http_port=free_port(), log=lambda m: print(f"[{label}] {m}", flush=True)) as eff:
+        address = f"127.0.0.1:{eff.grpc.port}"
+        times: dict[str, list[float]] = {}
+        started: dict[str, float] = {}
+
+        def stream(name: str, prompt_text: str, tokens: int, delay: float) -> None:
+            time.sleep(delay)
+            times[name] = []
+            started[name] = time.perf_counter()
+            with EftClient(address, timeout=900) as client:
+                for msg in client.generate(prompt_text, temperature=0, max_new_tokens=tokens, ignore_eos=True):
+                    times[name].extend([time.perf_counter()] * len(msg.tokens))
+
+        threads = [
+            threading.Thread(target=stream, args=(f"d{i}", prompt(i, 64, f"arr{chunk}"), 150, 0.0)) for i in range(8)
+        ]
+        threads += [
+            threading.Thread(
+                target=stream, args=(f"n{i}", prompt(100 + i, args.arrival_tokens, f"arr{chunk}"), 4, 8.0 + 2 * i)
+            )
+            for i in range(4)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    window = (min(started[f"n{i}"] for i in range(4)), max(times[f"n{i}"][0] for i in range(4)))
+    gaps = sorted(
+        b - a for i in range(8) for a, b in zip(times[f"d{i}"], times[f"d{i}"][1:]) if window[0] <= b <= window[1]
+    )
+    ttft = sorted(times[f"n{i}"][0] - started[f"n{i}"] for i in range(4))
+    ends = sorted(times[f"d{i}"][-1] for i in range(8))
+    return {
+        "label": label,
+        "decoders_end_after_window_s": round(ends[0] - window[1], 1),
+        "itl_p50_ms": 1000 * gaps[len(gaps) // 2] if gaps else float("nan"),
+        "itl_p99_ms": 1000 * gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))] if gaps else float("nan"),
+        "itl_max_ms": 1000 * gaps[-1] if gaps else float("nan"),
+        "decoder_tokens_in_window": len(gaps),
+        "newcomer_ttft_s": [round(t, 2) for t in ttft],
+    }
+
+
 def run_before_in_child(args: argparse.Namespace, ref: str = "HEAD", label: str = "HEAD, 64 MiB") -> dict | None:
     """A git ref's tree in a child process: by default the last commit's engine at the old 64 MiB
     budget (`--before`); with `--baseline-ref` that ref at its default settings (auto KV)."""
@@ -378,6 +440,10 @@ def main() -> None:
     ap.add_argument(
         "--baseline-ref", default=None, help="also run this git ref's tree at its default settings, side by side"
     )
+    ap.add_argument(
+        "--arrivals", action="store_true", help="only: decoders' ITL while long prompts arrive, chunked prefill on/off"
+    )
+    ap.add_argument("--arrival-tokens", type=int, default=800, help="prompt length of the arriving streams")
     ap.add_argument("--table", default=None, help="only: print the tables of a saved bench-out JSON")
     ap.add_argument("--child-before", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-label", default=None, help=argparse.SUPPRESS)
@@ -408,6 +474,17 @@ def main() -> None:
                 f"gather {cost['gather_gathered_tokens_per_step']:.0f})",
                 flush=True,
             )
+        return
+    if args.arrivals:
+        rows = [arrivals(paths, chunk, args) for chunk in (None, 256)]
+        print("\n| prefill | decoders' ITL p50 ms | p99 ms | max ms | decoder tokens meanwhile | newcomers' TTFT s |")
+        print("|---|---:|---:|---:|---:|---|")
+        for r in rows:
+            print(
+                f"| {r['label']} | {r['itl_p50_ms']:.0f} | {r['itl_p99_ms']:.0f} | {r['itl_max_ms']:.0f} | "
+                f"{r['decoder_tokens_in_window']} | {' / '.join(map(str, r['newcomer_ttft_s']))} |"
+            )
+        (OUT / "arrivals.json").write_text(json.dumps(rows, indent=1))
         return
     if args.contention:
         for row in contention(paths, 10 if args.quick else 40, args.prompt_tokens):

@@ -155,3 +155,51 @@ def test_kv_budget_is_auto_by_default_and_explicit_is_honoured(model_dir) -> Non
     assert sized.kv_cache.max_bytes == ((8 << 20) - weights) // 2
     fixed = HFEngine.load(model_dir, name="fixed", device=DEVICE, torch_threads=None, kv_cache_bytes=12345)
     assert fixed.kv_cache.max_bytes == 12345
+
+
+# --- chunked prefill: a long prompt is fed over several turns, exactly --------------------------
+
+
+async def _decode(runner: EngineRunner, tokens: list[int], steps: int, sid: str) -> list[np.ndarray]:
+    out = []
+    for _ in range(steps):
+        res = await runner.next_token_logprobs([SequenceQuery(list(tokens), sequence_id=sid)], 0)
+        out.append(res[0].positions[0].full_logprobs)
+        tokens.append(int(np.argmax(out[-1])))
+    return out
+
+
+async def test_chunked_prefill_feeds_a_long_prompt_over_turns_and_stays_exact(model_dir, ref) -> None:
+    eng = HFEngine.load(model_dir, name="chunks", device=DEVICE, torch_threads=None)
+    runner = EngineRunner(eng, "chunks", max_prefill_tokens=16)
+    short, long = prompts(5, 2, n=60)
+    decoding = short[:10]
+    await runner.next_token_logprobs([SequenceQuery(list(decoding), sequence_id="d")], 0)
+    seen = list(decoding)
+    steps = asyncio.ensure_future(_decode(runner, seen, 6, "d"))
+    answer = await runner.next_token_logprobs([SequenceQuery(long, sequence_id="p")], 0)
+    decoded = await steps
+    # 60 positions in chunks of at most 16: three chunks, then the call itself feeds the rest.
+    assert runner.turns.prefill_chunks == 3
+    np.testing.assert_allclose(answer[0].positions[0].full_logprobs, full(ref, long), atol=TOL)
+    for j, lp in enumerate(decoded):
+        np.testing.assert_allclose(lp, full(ref, seen[: len(decoding) + j]), atol=TOL)
+
+
+async def test_no_chunks_without_kept_kv_and_a_chunk_that_is_not_kept_runs_whole(model_dir, ref) -> None:
+    long = prompts(6, 1, n=60)[0]
+    off = EngineRunner(
+        HFEngine.load(model_dir, name="off", device=DEVICE, kv_cache_bytes=0), "off", max_prefill_tokens=16
+    )
+    (res,) = await off.next_token_logprobs([SequenceQuery(long, sequence_id="p")], 0)
+    assert off.turns.prefill_chunks == 0
+    np.testing.assert_allclose(res.positions[0].full_logprobs, full(ref, long), atol=TOL)
+    # A budget of 20 positions: the first 16-token chunk is kept, the second (32 positions) goes
+    # to a transient buffer and makes no progress, so the call then runs whole instead of
+    # chunking forever (a normal run would take 3 chunks).
+    eng = HFEngine.load(model_dir, name="tiny-kv", device=DEVICE, torch_threads=None)
+    eng.kv_cache = SequenceKVStore(20 * 512, eng.kv_cache.geometry)
+    runner = EngineRunner(eng, "tiny-kv", max_prefill_tokens=16)
+    (res,) = await runner.next_token_logprobs([SequenceQuery(long, sequence_id="p")], 0)
+    assert runner.turns.prefill_chunks == 2
+    np.testing.assert_allclose(res.positions[0].full_logprobs, full(ref, long), atol=TOL)

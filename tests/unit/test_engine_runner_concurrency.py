@@ -159,3 +159,11 @@ async def test_a_single_stream_never_waits_for_companions() -> None:
     started = time.perf_counter()
     await _lockstep_streams(runner, streams=1, steps=6)
     assert time.perf_counter() - started < 2.0  # a wait would cost 5 s a step
+
+
+def test_pool_rpc_hands_its_batching_settings_to_the_engine_queue() -> None:
+    from eft_serve.transport.pool_rpc import PoolRpc
+
+    rpc = PoolRpc(FakeEngine(32), "probe", max_batch_calls=5, batch_wait_s=0.03, max_prefill_tokens=64)
+    turns = rpc.runner.turns
+    assert (turns.max_calls, turns.wait_s, turns.max_prefill_tokens) == (5, 0.03, 64)

@@ -363,6 +363,14 @@ class HFEngine:
         sequence; the fitting ones are pinned (see ``sequence_kv``). Never waits."""
         return self.kv_cache.admit(demands)
 
+    def uncached_tokens(self, query: SequenceQuery) -> int | None:
+        """Positions a call for ``query`` would feed now (its prefix not yet in the sequence's KV);
+        None when this engine keeps no KV for it (chunking a prefill would then gain nothing)."""
+        if self.kv_layout == "off" or not query.sequence_id:
+            return None
+        tokens = np.asarray(query.token_ids, dtype=np.int64)
+        return int(tokens.shape[0]) - self.kv_cache.cached_length(query.sequence_id, tokens)
+
     @torch.inference_mode()
     def next_token_logprobs(self, queries: Sequence[SequenceQuery], logprob_top_k: int) -> list[SequenceResult]:
         validate_logprob_top_k(logprob_top_k)

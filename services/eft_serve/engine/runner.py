@@ -61,6 +61,7 @@ class EngineRunner:
         *,
         max_batch_calls: int = 8,
         batch_wait_s: float = 0.0,
+        max_prefill_tokens: int | None = None,
     ) -> None:
         self.engine = engine
         self.role = role
@@ -73,7 +74,12 @@ class EngineRunner:
         # One engine turn at a time (torch runs one thread per replica, the KV store is shared),
         # waiting logprobs calls coalesced into each turn.
         self.turns = TurnQueue(
-            engine, role, max_calls=max_batch_calls, wait_s=batch_wait_s, observe_wait=self._observe_wait
+            engine,
+            role,
+            max_calls=max_batch_calls,
+            wait_s=batch_wait_s,
+            max_prefill_tokens=max_prefill_tokens,
+            observe_wait=self._observe_wait,
         )
         self._concurrent = bool(getattr(engine, "schedules_concurrent_calls", False))
         self._executor: ThreadPoolExecutor | None = None

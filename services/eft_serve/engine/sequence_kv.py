@@ -273,6 +273,15 @@ class SequenceKVStore:
             self._evict_extra_entries(now)
             return Lease(buf, start, target)
 
+    def cached_length(self, sequence_id: str, tokens: np.ndarray) -> int:
+        """How many leading positions of ``tokens`` the sequence's own entry already holds (shared
+        heads of other entries are not counted: an estimate for prefill chunking, never a lease)."""
+        with self._lock:
+            own = self._by_sequence.get(sequence_id) if sequence_id else None
+            if own is None or not own.length:
+                return 0
+            return _lcp(own.tokens[: own.length], tokens)
+
     def commit(self, lease: Lease, tokens: np.ndarray) -> None:
         """The forward wrote positions ``[start, len(tokens))``: they now hold ``tokens``' KV."""
         e = lease.entry

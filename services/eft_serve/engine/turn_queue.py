@@ -15,6 +15,13 @@ turn, the queue therefore waits up to `wait_s` for the sequences it expects back
 within 1.5× their own interval between calls. A sequence that stopped calling is expected for at
 most one more interval; a single stream never waits.
 
+Chunked prefill (`max_prefill_tokens`, engines that report `uncached_tokens`, i.e. HFEngine): a
+turn feeds at most that many prompt positions beyond its decode rows. A call whose prefix is
+longer runs a chunk (its first uncached positions, written to the sequence's KV, the answer
+dropped) and keeps its place at the head of the queue for the next turn, so one new 2,000-token
+prompt delays running streams by a chunk per step, not by the whole prefill. A call whose chunk
+made no progress (its KV was not kept) runs whole next time.
+
 Why not Serve's `@serve.batch`: it closes a batch when its wait window ends, not when the engine
 frees, so under steady decoding every request that arrived alone became a batch of one and queued
 behind the others: measured at 8 concurrent streams, 122 of 130 large-base engine calls ran one
@@ -54,6 +61,14 @@ class _Work:
     logprob_top_k: int = 0
     alone: Callable[[], Any] | None = None
     queued_at: float = field(default_factory=time.perf_counter)
+    # Uncached positions when this call last ran a prefill chunk (None: never chunked).
+    chunked_from: int | None = None
+
+
+# A call feeding at most this many positions beyond its answers is decoding, never chunked.
+_DECODE_SLACK = 16
+# Smallest prefill chunk worth a forward of its own.
+_MIN_CHUNK = 16
 
 
 class TurnQueue:
@@ -64,16 +79,20 @@ class TurnQueue:
         *,
         max_calls: int = 8,
         wait_s: float = 0.0,
+        max_prefill_tokens: int | None = None,
         observe_wait: Callable[[float], None] | None = None,
     ) -> None:
-        if max_calls < 1 or wait_s < 0:
-            raise ValueError("max_calls must be >= 1 and wait_s >= 0")
+        if max_calls < 1 or wait_s < 0 or (max_prefill_tokens is not None and max_prefill_tokens < _MIN_CHUNK):
+            raise ValueError(f"max_calls must be >= 1, wait_s >= 0 and max_prefill_tokens >= {_MIN_CHUNK} or None")
         self.engine = engine
         self.role = role
         self.max_calls = max_calls
         # Longest a turn waits for the sequences it expects back (see the module docstring).
         self.wait_s = wait_s
         self.observe_wait = observe_wait
+        # Prompt positions a turn may feed beyond decode rows (None: whole prefills, no chunks).
+        self.max_prefill_tokens = max_prefill_tokens
+        self.prefill_chunks = 0  # chunks run (tests and observability)
         self.turns = 0  # engine calls made (tests and observability see coalescing happen)
         self.calls = 0  # caller calls those turns served
         self._waiting: deque[_Work] = deque()
@@ -121,8 +140,13 @@ class TurnQueue:
         while self._waiting:
             await self._await_companions()
             turn = self._take_turn()
-            if turn:
+            if not turn:
+                continue
+            try:
                 await self._run_turn(turn)
+            except Exception as e:  # noqa: BLE001  # a bug here must fail its callers, never strand them
+                for w in turn:
+                    _settle(w, error=e)
 
     def _missing_companions(self) -> int:
         """How many expected sequences have no call waiting (0 when the turn should go now)."""
@@ -180,7 +204,7 @@ class TurnQueue:
         now = time.perf_counter()
         live: list[_Work] = []
         for w in turn:
-            if self.observe_wait is not None and not retry:
+            if self.observe_wait is not None and not retry and w.chunked_from is None:
                 self.observe_wait(now - w.queued_at)
             try:
                 raise_if_expired(w.deadline, self.where)
@@ -193,9 +217,13 @@ class TurnQueue:
         if live[0].alone is not None:
             await self._engine_turn(live, live[0].alone)
             return
-        queries = [q for w in live for q in (w.queries or ())]
         top_k = live[0].logprob_top_k
+        live, chunks, deferred = self._plan_prefill(live, retry)
+        queries = [q for w in live for q in (w.queries or ())] + chunks
         results = await self._engine_turn(live, lambda: self.engine.next_token_logprobs(queries, top_k))
+        if chunks and (results is _RETRY_ONE_BY_ONE or results is None):
+            for w in deferred:
+                w.chunked_from = 0  # the turn failed: run whole next time (its own error, if any)
         if results is _RETRY_ONE_BY_ONE:
             for w in live:
                 await self._run_turn([w], retry=True)
@@ -208,6 +236,44 @@ class TurnQueue:
             _settle(w, result=results[start : start + n])
             start += n
 
+    def _plan_prefill(self, live: list[_Work], retry: bool) -> tuple[list[_Work], list[SequenceQuery], list[_Work]]:
+        """Split a logprobs turn under the prefill budget: the calls that run whole, plus chunk
+        queries for calls that go back to the head of the queue (see the module docstring)."""
+        uncached_of = getattr(self.engine, "uncached_tokens", None)
+        if self.max_prefill_tokens is None or uncached_of is None or retry:
+            return live, [], []
+        budget = self.max_prefill_tokens
+        whole: list[_Work] = []
+        prefills: list[tuple[_Work, SequenceQuery, int]] = []
+        for w in live:
+            qs = list(w.queries or ())
+            u = uncached_of(qs[0]) if len(qs) == 1 else None
+            if u is None or u <= qs[0].num_positions + _DECODE_SLACK:
+                whole.append(w)  # decoding (or not chunkable): always in the turn
+            else:
+                prefills.append((w, qs[0], u))
+        chunks: list[SequenceQuery] = []
+        deferred: list[_Work] = []
+        for w, q, u in prefills:
+            stalled = w.chunked_from is not None and u >= w.chunked_from  # its last chunk was not kept
+            if stalled or u <= budget:
+                whole.append(w)
+                budget -= min(u, budget)
+                continue
+            if budget >= _MIN_CHUNK:
+                chunks.append(self._chunk(w, q, u, budget))
+                budget = 0
+            deferred.append(w)
+        for w in reversed(deferred):
+            self._waiting.appendleft(w)  # keeps its place: first in line for the next turn
+        return whole, chunks, deferred
+
+    def _chunk(self, w: _Work, q: SequenceQuery, uncached: int, size: int) -> SequenceQuery:
+        w.chunked_from = uncached
+        self.prefill_chunks += 1
+        cut = len(q.token_ids) - uncached + size
+        return SequenceQuery(token_ids=list(q.token_ids[:cut]), num_positions=1, sequence_id=q.sequence_id)
+
     async def _engine_turn(self, live: list[_Work], fn: Callable[[], Any]) -> Any:
         """Run `fn` in a worker thread; settle `live` with its error (or, for a lone call, result).
         Returns the result for a coalesced turn, None once settled, or `_RETRY_ONE_BY_ONE`."""
@@ -216,7 +282,7 @@ class TurnQueue:
         try:
             result = await asyncio.to_thread(fn)
         except ValueError as e:
-            if len(live) > 1:
+            if len(live) != 1:
                 return _RETRY_ONE_BY_ONE  # find the bad call; its turn-mates still get answers
             _settle(live[0], error=InvalidArgument(f"{self.where}: {e}"))
             return None
@@ -224,7 +290,7 @@ class TurnQueue:
             for w in live:
                 _settle(w, error=e)
             return None
-        if live[0].alone is not None:
+        if live and live[0].alone is not None:
             _settle(live[0], result=result)
             return None
         return result

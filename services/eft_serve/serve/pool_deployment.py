@@ -46,7 +46,13 @@ class ModelPoolDeployment:
         )
         self.role = role
         self._replica_id = serve.get_replica_context().replica_id.unique_id
-        self._rpc = PoolRpc(engine, role, max_batch_calls=cfg.max_batch_size, batch_wait_s=cfg.batch_wait_timeout_s)
+        self._rpc = PoolRpc(
+            engine,
+            role,
+            max_batch_calls=cfg.max_batch_size,
+            batch_wait_s=cfg.batch_wait_timeout_s,
+            max_prefill_tokens=cfg.max_prefill_tokens_per_turn,
+        )
         self._rpc.runner.queue_wait_observer = PoolMetrics(role).queue_wait
         self._health_check_timeout_s = cfg.health_check_timeout_s
 

@@ -25,11 +25,23 @@ from eft_serve.wire.pool_messages import (
 
 class PoolRpc:
     def __init__(
-        self, engine: LogprobEngine, role: str, *, max_batch_calls: int = 8, batch_wait_s: float = 0.0
+        self,
+        engine: LogprobEngine,
+        role: str,
+        *,
+        max_batch_calls: int = 8,
+        batch_wait_s: float = 0.0,
+        max_prefill_tokens: int | None = None,
     ) -> None:
         self.engine = engine
         self.role = role
-        self._runner = EngineRunner(engine, role, max_batch_calls=max_batch_calls, batch_wait_s=batch_wait_s)
+        self._runner = EngineRunner(
+            engine,
+            role,
+            max_batch_calls=max_batch_calls,
+            batch_wait_s=batch_wait_s,
+            max_prefill_tokens=max_prefill_tokens,
+        )
         # What this replica last saw of each sequence: callers may then send only new tokens.
         self.sequences = SequenceMemory()
         self.tokens_received = 0  # token ids that crossed the wire in NextTokenLogprobs requests
