@@ -126,10 +126,10 @@ class PoolConfig(StrictModel):
     # Longest a turn waits for the sequences the pool expects back (those that called every
     # step lately), so streams decoding together share turns; a lone stream never waits.
     batch_wait_timeout_s: float = Field(0.05, ge=0)
-    # Chunked prefill: prompt positions one engine turn feeds beyond its decode rows; a longer
-    # prefill is split over turns so running streams keep stepping (null: whole prefills).
-    # Engines that schedule calls themselves (vLLM) chunk with their own scheduler instead.
-    max_prefill_tokens_per_turn: int | None = Field(256, ge=16)
+    # Chunked prefill: prompt positions an engine turn with decoding streams in it feeds beyond
+    # their rows; a longer prefill is split over turns so running streams keep stepping
+    # (null: whole prefills). vLLM chunks with its own scheduler instead.
+    max_prefill_tokens_per_turn: int | None = Field(512, ge=16)
     # Send every call of one sequence to the same replica (its KV cache), least loaded when it is
     # full; off = Serve's default router (power of two choices).
     kv_affinity: bool = True

@@ -168,26 +168,32 @@ def drive(address: str, recipe: str, streams: int, tokens: int, prompt_tokens: i
     }
 
 
-def run_config(
-    label: str, paths: dict[str, str], kv: int | None, engine: str, args: argparse.Namespace, streams: list[int]
-) -> dict:
-    from eft_serve.client import EftClient
+def bench_config(paths: dict[str, str], pool_settings: dict[str, Any]) -> Any:
+    """The demo config serving `paths`, each pool with `pool_settings`, result cache off, on a
+    free port, with deadlines long enough for 32 streams on 2 cores. Sets only the keys given,
+    so an older tree (`--baseline-ref`) accepts it."""
     from eft_serve.config import EftConfig, demo_config
     from eft_serve.infra.ports import free_port
-    from eft_serve.stack import local_stack
 
     data = demo_config().model_dump()
     for role, path in paths.items():
-        data["pools"][role]["model"] = path
-        data["pools"][role]["kv_cache_bytes"] = kv
-        if engine != "hf":
-            data["pools"][role]["engine"] = engine
+        data["pools"][role].update({"model": path, **pool_settings})
     data["cache"]["enabled"] = False
     data["grpc"]["port"] = free_port()
     data["ray"]["num_cpus"] = 8
     data["coordinator"]["default_timeout_s"] = 600.0
     data["coordinator"]["pool_call_timeout_s"] = 120.0
-    cfg = EftConfig.model_validate(data)
+    return EftConfig.model_validate(data)
+
+
+def run_config(
+    label: str, paths: dict[str, str], kv: int | None, engine: str, args: argparse.Namespace, streams: list[int]
+) -> dict:
+    from eft_serve.client import EftClient
+    from eft_serve.infra.ports import free_port
+    from eft_serve.stack import local_stack
+
+    cfg = bench_config(paths, {"kv_cache_bytes": kv} | ({"engine": engine} if engine != "hf" else {}))
     runs = []
     with local_stack(cfg, http_port=free_port(), log=lambda m: print(f"[{label}] {m}", flush=True)) as eff:
         address = f"127.0.0.1:{eff.grpc.port}"
@@ -213,20 +219,10 @@ def arrivals(paths: dict[str, str], chunk: int | None, args: argparse.Namespace)
     """8 streams decoding while 4 long prompts (`--arrival-tokens`) arrive 2 s apart: the
     decoders' inter-token latency meanwhile, and the newcomers' TTFT (chunked prefill on or off)."""
     from eft_serve.client import EftClient
-    from eft_serve.config import EftConfig, demo_config
     from eft_serve.infra.ports import free_port
     from eft_serve.stack import local_stack
 
-    data = demo_config().model_dump()
-    for role, path in paths.items():
-        data["pools"][role]["model"] = path
-        data["pools"][role]["max_prefill_tokens_per_turn"] = chunk
-    data["cache"]["enabled"] = False
-    data["grpc"]["port"] = free_port()
-    data["ray"]["num_cpus"] = 8
-    data["coordinator"]["default_timeout_s"] = 600.0
-    data["coordinator"]["pool_call_timeout_s"] = 120.0
-    cfg = EftConfig.model_validate(data)
+    cfg = bench_config(paths, {"max_prefill_tokens_per_turn": chunk})
     label = f"chunks of {chunk}" if chunk else "whole prefills"
     with local_stack(cfg, http_port=free_port(), log=lambda m: print(f"[{label}] {m}", flush=True)) as eff:
         address = f"127.0.0.1:{eff.grpc.port}"
@@ -476,7 +472,7 @@ def main() -> None:
             )
         return
     if args.arrivals:
-        rows = [arrivals(paths, chunk, args) for chunk in (None, 256)]
+        rows = [arrivals(paths, chunk, args) for chunk in (None, 512)]
         print("\n| prefill | decoders' ITL p50 ms | p99 ms | max ms | decoder tokens meanwhile | newcomers' TTFT s |")
         print("|---|---:|---:|---:|---:|---|")
         for r in rows:

@@ -19,7 +19,6 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
@@ -31,6 +30,7 @@ from eft_serve.core.recipe import resolve_recipe
 from eft_serve.engine.types import LogprobEngine
 from eft_serve.engine.vllm_config import VLLMConfig
 from eft_serve.reference import ReferenceEFT
+from eft_serve.testing.greedy_agreement import agreed_tokens
 from eft_serve.transport.inprocess import InProcessPool
 
 NOISE = 1e-3
@@ -86,16 +86,6 @@ def vllm_engines(paths) -> Iterator[dict[str, LogprobEngine]]:
             engine.close()  # type: ignore[attr-defined]
 
 
-def _merged_scores(reference: ReferenceEFT, ids: list[int]) -> np.ndarray:
-    with torch.inference_mode():
-        score = None
-        for role, coef in reference.coefficients.items():
-            lp = torch.log_softmax(reference.models[role](torch.tensor([ids])).logits[0, -1].double(), -1)
-            score = coef * lp if score is None else score + coef * lp
-    assert score is not None
-    return score.numpy()
-
-
 async def test_exact_upscaling_with_every_pool_on_vllm_matches_reference(vllm_engines, paths, demo_family) -> None:
     tokenizer = AutoTokenizer.from_pretrained(paths["large_base"])
     recipes = demo_config().recipes
@@ -126,14 +116,7 @@ async def test_exact_upscaling_with_every_pool_on_vllm_matches_reference(vllm_en
         )
         got = [t.token_id for c in [c async for c in stream] for t in c.tokens]
         assert len(got) == TOKENS
-        for j, (g, e) in enumerate(zip(got, expected)):
-            if g != e:
-                top2 = np.sort(_merged_scores(reference, prompt_ids + expected[:j]))[-2:]
-                assert top2[1] - top2[0] <= NOISE, (
-                    f"diverged at token {j} on {q.prompt!r} (gap {top2[1] - top2[0]:.4g})"
-                )
-                break
-            compared += 1
+        compared += agreed_tokens(got, expected, reference, prompt_ids, NOISE, q.prompt)
     # The small pair changes the answer (the merge is doing something), and most tokens were
     # decided by a clear margin and agreed.
     assert moved >= 1

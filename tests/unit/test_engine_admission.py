@@ -171,7 +171,8 @@ async def _decode(runner: EngineRunner, tokens: list[int], steps: int, sid: str)
 
 async def test_chunked_prefill_feeds_a_long_prompt_over_turns_and_stays_exact(model_dir, ref) -> None:
     eng = HFEngine.load(model_dir, name="chunks", device=DEVICE, torch_threads=None)
-    runner = EngineRunner(eng, "chunks", max_prefill_tokens=16)
+    # The decoder comes back between turns; the companions wait (50 ms) lets it into each one.
+    runner = EngineRunner(eng, "chunks", max_prefill_tokens=16, batch_wait_s=0.05)
     short, long = prompts(5, 2, n=60)
     decoding = short[:10]
     await runner.next_token_logprobs([SequenceQuery(list(decoding), sequence_id="d")], 0)
@@ -179,27 +180,49 @@ async def test_chunked_prefill_feeds_a_long_prompt_over_turns_and_stays_exact(mo
     steps = asyncio.ensure_future(_decode(runner, seen, 6, "d"))
     answer = await runner.next_token_logprobs([SequenceQuery(long, sequence_id="p")], 0)
     decoded = await steps
-    # 60 positions in chunks of at most 16: three chunks, then the call itself feeds the rest.
+    # 60 positions in chunks of at most 16 beside the decoder: three chunks, then the call itself
+    # feeds the rest.
     assert runner.turns.prefill_chunks == 3
     np.testing.assert_allclose(answer[0].positions[0].full_logprobs, full(ref, long), atol=TOL)
     for j, lp in enumerate(decoded):
         np.testing.assert_allclose(lp, full(ref, seen[: len(decoding) + j]), atol=TOL)
 
 
+async def test_a_turn_without_decoders_runs_its_prefill_whole(model_dir, ref) -> None:
+    runner = EngineRunner(HFEngine.load(model_dir, name="alone", device=DEVICE), "alone", max_prefill_tokens=16)
+    long = prompts(7, 1, n=60)[0]
+    (res,) = await runner.next_token_logprobs([SequenceQuery(long, sequence_id="p")], 0)
+    assert runner.turns.prefill_chunks == 0  # nobody to protect: no chunking
+    np.testing.assert_allclose(res.positions[0].full_logprobs, full(ref, long), atol=TOL)
+
+
+async def _with_a_decoder(runner: EngineRunner, long: list[int]) -> list:
+    """`long` prefilled while another sequence decodes (so its turns have a decoder to protect)."""
+    seen = prompts(8, 1, n=10)[0]
+    await runner.next_token_logprobs([SequenceQuery(list(seen), sequence_id="d")], 0)
+    steps = asyncio.ensure_future(_decode(runner, seen, 6, "d"))
+    answer = await runner.next_token_logprobs([SequenceQuery(long, sequence_id="p")], 0)
+    await steps
+    return answer
+
+
 async def test_no_chunks_without_kept_kv_and_a_chunk_that_is_not_kept_runs_whole(model_dir, ref) -> None:
     long = prompts(6, 1, n=60)[0]
     off = EngineRunner(
-        HFEngine.load(model_dir, name="off", device=DEVICE, kv_cache_bytes=0), "off", max_prefill_tokens=16
+        HFEngine.load(model_dir, name="off", device=DEVICE, kv_cache_bytes=0),
+        "off",
+        max_prefill_tokens=16,
+        batch_wait_s=0.05,
     )
-    (res,) = await off.next_token_logprobs([SequenceQuery(long, sequence_id="p")], 0)
+    (res,) = await _with_a_decoder(off, long)
     assert off.turns.prefill_chunks == 0
     np.testing.assert_allclose(res.positions[0].full_logprobs, full(ref, long), atol=TOL)
-    # A budget of 20 positions: the first 16-token chunk is kept, the second (32 positions) goes
-    # to a transient buffer and makes no progress, so the call then runs whole instead of
-    # chunking forever (a normal run would take 3 chunks).
+    # A store of 20 positions, held by the decoder: the first 16-token chunk goes to a transient
+    # buffer and makes no progress, so the call then runs whole instead of chunking forever (a
+    # normal run takes 3 chunks, see above).
     eng = HFEngine.load(model_dir, name="tiny-kv", device=DEVICE, torch_threads=None)
     eng.kv_cache = SequenceKVStore(20 * 512, eng.kv_cache.geometry)
-    runner = EngineRunner(eng, "tiny-kv", max_prefill_tokens=16)
-    (res,) = await runner.next_token_logprobs([SequenceQuery(long, sequence_id="p")], 0)
-    assert runner.turns.prefill_chunks == 2
+    runner = EngineRunner(eng, "tiny-kv", max_prefill_tokens=16, batch_wait_s=0.05)
+    (res,) = await _with_a_decoder(runner, long)
+    assert runner.turns.prefill_chunks == 1
     np.testing.assert_allclose(res.positions[0].full_logprobs, full(ref, long), atol=TOL)

@@ -11,12 +11,14 @@ Companions: a pool whose streams decode together serves the same sequences every
 they come back a few ms apart (each one's merge and round trip), so the queue otherwise splits
 them into alternating half-size turns (measured at 8 streams: 3.8 calls per large-base turn, 2.3
 per small-pool turn; a memory-bound small model pays ~10 ms a turn whatever its size). Before a
-turn, the queue therefore waits up to `wait_s` for the sequences it expects back: those seen
-within 1.5× their own interval between calls. A sequence that stopped calling is expected for at
-most one more interval; a single stream never waits.
+turn, the queue therefore waits up to `wait_s` for the sequences it expects back: those that
+have called more than once and were seen within 1.5× their own interval between calls or were
+answered by the last turn. A sequence that stopped calling costs at most one such wait; a single
+stream never waits.
 
 Chunked prefill (`max_prefill_tokens`, engines that report `uncached_tokens`, i.e. HFEngine): a
-turn feeds at most that many prompt positions beyond its decode rows. A call whose prefix is
+turn with decoding calls in it feeds at most that many prompt positions beyond its decode rows (a
+turn of prefills only has nobody to protect and runs them whole). A call whose prefix is
 longer runs a chunk (its first uncached positions, written to the sequence's KV, the answer
 dropped) and keeps its place at the head of the queue for the next turn, so one new 2,000-token
 prompt delays running streams by a chunk per step, not by the whole prefill. A call whose chunk
@@ -101,6 +103,7 @@ class TurnQueue:
         self._arrived: asyncio.Event | None = None
         # sequence id -> (last enqueue time, interval between its last two calls or None)
         self._seen: dict[str, tuple[float, float | None]] = {}
+        self._last_turn: set[str] = set()  # sequences the last logprobs turn answered
 
     @property
     def where(self) -> str:
@@ -158,7 +161,9 @@ class TurnQueue:
             if interval is None and now - last > 60 or interval is not None and now - last > 1.5 * interval + 60:
                 del self._seen[sid]  # long gone: forget it
         expected = {
-            sid for sid, (last, interval) in self._seen.items() if interval is not None and now - last <= 1.5 * interval
+            sid
+            for sid, (last, interval) in self._seen.items()
+            if interval is not None and (now - last <= 1.5 * interval or sid in self._last_turn)
         }
         waiting = [w for w in self._waiting if w.queries is not None and not w.future.done()]
         if len(waiting) >= self.max_calls:
@@ -218,6 +223,7 @@ class TurnQueue:
             await self._engine_turn(live, live[0].alone)
             return
         top_k = live[0].logprob_top_k
+        self._last_turn = {q.sequence_id for w in live for q in w.queries or () if q.sequence_id}
         live, chunks, deferred = self._plan_prefill(live, retry)
         queries = [q for w in live for q in (w.queries or ())] + chunks
         results = await self._engine_turn(live, lambda: self.engine.next_token_logprobs(queries, top_k))
@@ -252,6 +258,8 @@ class TurnQueue:
                 whole.append(w)  # decoding (or not chunkable): always in the turn
             else:
                 prefills.append((w, qs[0], u))
+        if not whole:
+            return live, [], []  # nobody is decoding: nothing to protect, prefills run whole
         chunks: list[SequenceQuery] = []
         deferred: list[_Work] = []
         for w, q, u in prefills:
