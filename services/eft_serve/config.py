@@ -129,7 +129,7 @@ class PoolConfig(StrictModel):
     # Chunked prefill: prompt positions an engine turn with decoding streams in it feeds beyond
     # their rows; a longer prefill is split over turns so running streams keep stepping
     # (null: whole prefills). vLLM chunks with its own scheduler instead.
-    max_prefill_tokens_per_turn: int | None = Field(512, ge=16)
+    max_prefill_tokens_per_turn: int | None = Field(256, ge=16)
     # Send every call of one sequence to the same replica (its KV cache), least loaded when it is
     # full; off = Serve's default router (power of two choices).
     kv_affinity: bool = True

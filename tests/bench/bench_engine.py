@@ -472,7 +472,7 @@ def main() -> None:
             )
         return
     if args.arrivals:
-        rows = [arrivals(paths, chunk, args) for chunk in (None, 512)]
+        rows = [arrivals(paths, chunk, args) for chunk in (None, 256)]
         print("\n| prefill | decoders' ITL p50 ms | p99 ms | max ms | decoder tokens meanwhile | newcomers' TTFT s |")
         print("|---|---:|---:|---:|---:|---|")
         for r in rows:

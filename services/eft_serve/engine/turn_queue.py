@@ -11,9 +11,9 @@ Companions: a pool whose streams decode together serves the same sequences every
 they come back a few ms apart (each one's merge and round trip), so the queue otherwise splits
 them into alternating half-size turns (measured at 8 streams: 3.8 calls per large-base turn, 2.3
 per small-pool turn; a memory-bound small model pays ~10 ms a turn whatever its size). Before a
-turn, the queue therefore waits up to `wait_s` for the sequences it expects back: those that
-have called more than once and were seen within 1.5× their own interval between calls or were
-answered by the last turn. A sequence that stopped calling costs at most one such wait; a single
+turn, the queue therefore waits up to `wait_s` for the sequences it expects back: those the last
+turn answered, and those seen within 1.5× their own interval between calls (so a stream whose
+prompt was just prefilled is waited for, and the next turn of prefills does not stall it). A sequence that stopped calling costs at most one such wait; a single
 stream never waits.
 
 Chunked prefill (`max_prefill_tokens`, engines that report `uncached_tokens`, i.e. HFEngine): a
@@ -163,7 +163,7 @@ class TurnQueue:
         expected = {
             sid
             for sid, (last, interval) in self._seen.items()
-            if interval is not None and (now - last <= 1.5 * interval or sid in self._last_turn)
+            if sid in self._last_turn or (interval is not None and now - last <= 1.5 * interval)
         }
         waiting = [w for w in self._waiting if w.queries is not None and not w.future.done()]
         if len(waiting) >= self.max_calls:
