@@ -151,31 +151,37 @@ class TurnQueue:
                 for w in turn:
                     _settle(w, error=e)
 
-    def _missing_companions(self) -> int:
-        """How many expected sequences have no call waiting (0 when the turn should go now)."""
-        head = next((w for w in self._waiting if not w.future.done()), None)
-        if head is None or head.alone is not None:
-            return 0
+    def _expected(self) -> set[str]:
+        """The sequences a turn waits for (see the module docstring); forgets long-gone ones.
+        Computed once per turn, not on every arrival while waiting."""
         now = time.perf_counter()
         for sid, (last, interval) in list(self._seen.items()):
-            if interval is None and now - last > 60 or interval is not None and now - last > 1.5 * interval + 60:
-                del self._seen[sid]  # long gone: forget it
-        expected = {
+            if now - last > 60 + 1.5 * (interval or 0.0):
+                del self._seen[sid]
+        return {
             sid
             for sid, (last, interval) in self._seen.items()
             if sid in self._last_turn or (interval is not None and now - last <= 1.5 * interval)
         }
+
+    def _missing(self, expected: set[str]) -> bool:
+        """Whether the turn should keep waiting: a logprobs call heads the queue, the turn is not
+        full, and some expected sequence has no call waiting."""
+        head = next((w for w in self._waiting if not w.future.done()), None)
+        if head is None or head.alone is not None:
+            return False
         waiting = [w for w in self._waiting if w.queries is not None and not w.future.done()]
         if len(waiting) >= self.max_calls:
-            return 0
+            return False
         present = {q.sequence_id for w in waiting for q in w.queries or ()}
-        return len(expected - present)
+        return not expected <= present
 
     async def _await_companions(self) -> None:
         if self.wait_s <= 0 or self._arrived is None:
             return
+        expected = self._expected()
         until = time.perf_counter() + self.wait_s
-        while self._missing_companions():
+        while expected and self._missing(expected):
             left = until - time.perf_counter()
             if left <= 0:
                 return
