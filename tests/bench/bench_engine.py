@@ -267,28 +267,33 @@ def arrivals(paths: dict[str, str], chunk: int | None, args: argparse.Namespace)
     }
 
 
-def run_before_in_child(args: argparse.Namespace, ref: str = "HEAD", label: str = "HEAD, 64 MiB") -> dict | None:
+def run_before_in_child(
+    args: argparse.Namespace, ref: str = "HEAD", label: str = "HEAD, 64 MiB", old_budget: bool = True
+) -> dict | None:
     """A git ref's tree in a child process: by default the last commit's engine at the old 64 MiB
-    budget (`--before`); with `--baseline-ref` that ref at its default settings (auto KV)."""
-    head = OUT / ("eft_head" if ref == "HEAD" else f"eft_{ref}")
+    budget (`--before`); with `old_budget=False` (`--baseline-ref`) at its default settings."""
+    resolved = subprocess.run(["git", "rev-parse", "--verify", f"{ref}^{{commit}}"], cwd=ROOT, capture_output=True)
+    if resolved.returncode != 0:
+        print(f"[bench] no git {ref} to compare with: {resolved.stderr.decode()[:200]}")
+        return None
+    sha = resolved.stdout.decode().strip()[:12]
+    # Keyed by commit, not by ref name: HEAD moves, and a stale tree would be measured silently.
+    head = OUT / f"eft_{sha}"
     if not (head / "services" / "eft_serve").is_dir():
         head.mkdir(parents=True, exist_ok=True)
-        archive = subprocess.run(["git", "archive", ref, "services", "clients"], cwd=ROOT, capture_output=True)
-        if archive.returncode != 0:
-            print(f"[bench] no git {ref} to compare with: {archive.stderr.decode()[:200]}")
-            return None
+        archive = subprocess.run(["git", "archive", sha, "services", "clients"], cwd=ROOT, capture_output=True)
         subprocess.run(["tar", "-x", "-C", str(head)], input=archive.stdout, check=True)
     env = dict(os.environ)
     env["PYTHONPATH"] = f"{head / 'services'}{os.pathsep}{head / 'clients' / 'python'}"
-    out = OUT / f"engine_before_{ref}.json"
+    out = OUT / f"engine_before_{sha}.json"
     cmd = [sys.executable, __file__, "--child-before", str(out), "--tokens", str(args.tokens)]
-    cmd += ["--prompt-tokens", str(args.prompt_tokens), "--child-label", label]
-    if ref == "HEAD":
+    cmd += ["--prompt-tokens", str(args.prompt_tokens), "--child-label", f"{label} ({sha[:7]})"]
+    if old_budget:
         cmd += ["--streams", ",".join(str(s) for s in args.streams if s <= 8)]
     else:
         cmd += ["--streams", ",".join(map(str, args.streams)), "--child-auto-kv"]
     if subprocess.run(cmd, env=env, cwd=ROOT).returncode != 0:
-        print("[bench] the HEAD run failed (see its output above)")
+        print(f"[bench] the {ref} run failed (see its output above)")
         return None
     result: dict = json.loads(out.read_text())
     return result
@@ -507,7 +512,7 @@ def main() -> None:
         if before:
             configs.append(before)
     if args.baseline_ref:
-        baseline = run_before_in_child(args, args.baseline_ref, f"hf at {args.baseline_ref}")
+        baseline = run_before_in_child(args, args.baseline_ref, f"hf at {args.baseline_ref}", old_budget=False)
         if baseline:
             configs.append(baseline)
 

@@ -91,6 +91,8 @@ def test_info(engine, model_dir):
     assert info.device.startswith(DEVICE)
     assert info.model_fingerprint == model_fingerprint(model_dir)
     assert len(info.vocab_fingerprint) == 64
+    # float32 on CPU: decode steps use the few-row head kernel (engine.cpu_head).
+    assert info.extra["lm_head"] == ("cpu_decode" if DEVICE == "cpu" else "model")
 
 
 def test_topk_tail_candidates_and_full(engine):

@@ -55,6 +55,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from eft_serve.engine.cpu_head import enable_cpu_decode_head
 from eft_serve.engine.fingerprint import model_fingerprint as _model_fingerprint
 from eft_serve.engine.fingerprint import vocab_fingerprint as _vocab_fingerprint
 from eft_serve.engine.kv_budget import auto_kv_cache_bytes
@@ -204,6 +205,8 @@ class HFEngine:
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._has_logits_to_keep = "logits_to_keep" in params
         self._pad_id = 0  # any valid id: padded positions are masked and their outputs dropped
+        # Decode steps on CPU: the output head's few-row product on MKL's fast path (cpu_head).
+        info.extra["lm_head"] = "cpu_decode" if enable_cpu_decode_head(model) else "model"
 
         geometry = _kv_geometry(model, info.max_context) if _kv_reuse_supported(model) else None
         self.kv_reuse = geometry is not None
