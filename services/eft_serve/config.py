@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from eft_serve.cache.config import CacheConfig, LocalRedisConfig
 from eft_serve.core.chat_format import compile_template
@@ -57,6 +57,16 @@ class ReplicaConfig(StrictModel):
     resources: dict[str, float] = Field(default_factory=dict)
     graceful_shutdown_timeout_s: float = Field(5.0, ge=0)
     health_check_period_s: float = Field(5.0, gt=0)
+    # Linux CPU ids every thread of each replica runs on (None: wherever the OS schedules). For
+    # CPU hosts that run several deployments: give the large base cores of its own (infra.cpu_affinity).
+    cpu_affinity: list[Annotated[int, Field(ge=0)]] | None = Field(None, min_length=1)
+
+    @field_validator("cpu_affinity")
+    @classmethod
+    def _distinct_cpus(cls, cpus: list[int] | None) -> list[int] | None:
+        if cpus is not None and len(set(cpus)) != len(cpus):
+            raise ValueError(f"cpu_affinity {cpus} names a CPU twice")
+        return cpus
 
     @model_validator(mode="after")
     def _scaling_is_possible(self) -> ReplicaConfig:

@@ -186,33 +186,67 @@ def bench_config(paths: dict[str, str], pool_settings: dict[str, Any]) -> Any:
     return EftConfig.model_validate(data)
 
 
+def pinned_layout(cfg: Any) -> tuple[Any, set[int]]:
+    """`cfg` with the large base's replica on the first CPU this process may use and the small
+    pools and coordinator on the others (the k8s layout — each pool on its own node group — in
+    miniature), and the CPUs for everything else (Ray, the bench's clients)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    large, rest = cpus[:1], cpus[1:]
+    data = cfg.model_dump()
+    for role, pool in data["pools"].items():
+        pool["replica"]["cpu_affinity"] = large if role == "large_base" else rest
+    data["coordinator"]["replica"]["cpu_affinity"] = rest
+    return type(cfg).model_validate(data), set(rest)
+
+
 def run_config(
-    label: str, paths: dict[str, str], kv: int | None, engine: str, args: argparse.Namespace, streams: list[int]
+    label: str,
+    paths: dict[str, str],
+    kv: int | None,
+    engine: str,
+    args: argparse.Namespace,
+    streams: list[int],
+    pinned: bool = False,
 ) -> dict:
-    from eft_serve.client import EftClient
     from eft_serve.infra.ports import free_port
     from eft_serve.stack import local_stack
 
     cfg = bench_config(paths, {"kv_cache_bytes": kv} | ({"engine": engine} if engine != "hf" else {}))
-    runs = []
-    with local_stack(cfg, http_port=free_port(), log=lambda m: print(f"[{label}] {m}", flush=True)) as eff:
-        address = f"127.0.0.1:{eff.grpc.port}"
-        with EftClient(address, timeout=900) as client:
-            for _ in client.generate(prompt(999, 8), max_new_tokens=2, ignore_eos=True, temperature=0):
-                pass  # warm up every pool
-        with RssSampler(list(paths)) as rss:
-            for n in streams:
-                for recipe in ("upscale", "large_base"):
-                    r = drive(address, recipe, n, args.tokens, args.prompt_tokens)
-                    print(
-                        f"[{label}] {recipe:>10s} × {n:2d}: {r['tok_s']:6.2f} tok/s "
-                        f"(decode {r['decode_tok_s']:6.2f}), ITL p50 {r['itl_p50_ms']:.0f} ms "
-                        f"p99 {r['itl_p99_ms']:.0f} ms, errors {len(r['errors'])}",
-                        flush=True,
-                    )
-                    runs.append(r)
-        peak = dict(rss.peak)
+    unpinned = os.sched_getaffinity(0)
+    if pinned:
+        cfg, others = pinned_layout(cfg)
+        # Ray's processes and this bench's client threads start from this thread: they inherit it.
+        os.sched_setaffinity(0, others)
+    try:
+        with local_stack(cfg, http_port=free_port(), log=lambda m: print(f"[{label}] {m}", flush=True)) as eff:
+            runs, peak = measure_stack(label, f"127.0.0.1:{eff.grpc.port}", paths, args, streams)
+    finally:
+        os.sched_setaffinity(0, unpinned)
     return {"label": label, "kv_cache_bytes": kv, "engine": engine, "runs": runs, "peak_rss": peak}
+
+
+def measure_stack(
+    label: str, address: str, paths: dict[str, str], args: argparse.Namespace, streams: list[int]
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Both recipes at each stream count against a running stack; the pools' peak RSS."""
+    from eft_serve.client import EftClient
+
+    runs = []
+    with EftClient(address, timeout=900) as client:
+        for _ in client.generate(prompt(999, 8), max_new_tokens=2, ignore_eos=True, temperature=0):
+            pass  # warm up every pool
+    with RssSampler(list(paths)) as rss:
+        for n in streams:
+            for recipe in ("upscale", "large_base"):
+                r = drive(address, recipe, n, args.tokens, args.prompt_tokens)
+                print(
+                    f"[{label}] {recipe:>10s} × {n:2d}: {r['tok_s']:6.2f} tok/s "
+                    f"(decode {r['decode_tok_s']:6.2f}), ITL p50 {r['itl_p50_ms']:.0f} ms "
+                    f"p99 {r['itl_p99_ms']:.0f} ms, errors {len(r['errors'])}",
+                    flush=True,
+                )
+                runs.append(r)
+    return runs, dict(rss.peak)
 
 
 def arrivals(paths: dict[str, str], chunk: int | None, args: argparse.Namespace) -> dict[str, Any]:
@@ -445,6 +479,11 @@ def main() -> None:
         "--arrivals", action="store_true", help="only: decoders' ITL while long prompts arrive, chunked prefill on/off"
     )
     ap.add_argument("--arrival-tokens", type=int, default=800, help="prompt length of the arriving streams")
+    ap.add_argument(
+        "--pin",
+        action="store_true",
+        help="also: the default config with the large base on CPU 0 and the rest on the other CPUs",
+    )
     ap.add_argument("--table", default=None, help="only: print the tables of a saved bench-out JSON")
     ap.add_argument("--child-before", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-label", default=None, help=argparse.SUPPRESS)
@@ -505,6 +544,11 @@ def main() -> None:
         print(f"[bench] {note}", flush=True)
     elif "vllm" in engines:
         configs.append(run_config("vllm", paths, None, "vllm", args, args.streams))
+    if "hf" in engines and args.pin:
+        if len(os.sched_getaffinity(0)) < 2:
+            print("[bench] --pin needs at least 2 CPUs; skipped", flush=True)
+        else:
+            configs.append(run_config("hf, pinned", paths, None, "hf", args, args.streams, pinned=True))
     if "hf" in engines and not args.no_64mib:
         configs.append(run_config("hf, 64 MiB", paths, OLD_DEFAULT, "hf", args, small))
     if "hf" in engines and not args.no_before:

@@ -16,6 +16,7 @@ from eft_serve.infra.ports import free_port
 from eft_serve.testing.multinode_cluster import LocalMultiNodeCluster, autoscaling_demo_config
 
 ROLES = ["large_base", "small_base", "small_ft"]
+PINNED_CPU = max(os.sched_getaffinity(0))
 
 
 def cluster_config(redis_url: str) -> EftConfig:
@@ -23,6 +24,8 @@ def cluster_config(redis_url: str) -> EftConfig:
     data["grpc"]["port"] = free_port()
     data["coordinator"].update(pool_call_timeout_s=10.0, max_new_tokens_cap=128, startup_timeout_s=180.0)
     data["cache"]["url"] = redis_url
+    # One pool pinned to one CPU (the others are not): test_serve_stack checks its replica threads.
+    data["pools"]["small_ft"]["replica"]["cpu_affinity"] = [PINNED_CPU]
     return EftConfig.model_validate(data)
 
 
@@ -56,4 +59,5 @@ def cluster_stack(demo_family, redis_server, ray_cluster):
             "address": f"127.0.0.1:{effective.grpc.port}",
             "family": demo_family,
             "cluster": ray_cluster,
+            "pinned_cpu": PINNED_CPU,
         }

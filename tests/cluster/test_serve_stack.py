@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import grpc
+import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -112,6 +114,32 @@ def test_health_reflection_and_discovery(cluster_stack) -> None:
         assert client.list_recipes().default_recipe == "upscale"
         score = client.score("Q: ", "A")
         assert score.total_logprob < 0 and len(score.tokens) >= 1
+
+
+def _replica_thread_cpus(role: str) -> dict[int, set[int]]:
+    """CPU masks of every thread of the pool's replica processes on this host, by thread id."""
+    masks: dict[int, set[int]] = {}
+    for proc in psutil.process_iter():
+        try:
+            if f"ServeReplica:pool-{role}" not in " ".join(proc.cmdline()):
+                continue
+            for thread in proc.threads():
+                masks[thread.id] = set(os.sched_getaffinity(thread.id))
+        except (psutil.Error, ProcessLookupError):
+            continue  # a replica or thread that ended meanwhile
+    return masks
+
+
+def test_pool_replica_threads_run_on_its_cpu_affinity(cluster_stack) -> None:
+    cpu = cluster_stack["pinned_cpu"]
+    pinned = _replica_thread_cpus("small_ft")
+    assert len(pinned) > 3, "no small_ft replica threads found"
+    assert all(mask == {cpu} for mask in pinned.values()), pinned
+    if len(os.sched_getaffinity(0)) > 1:
+        # Only the configured pool is pinned.
+        assert any(mask != {cpu} for mask in _replica_thread_cpus("small_base").values())
+    with EftClient(cluster_stack["address"], timeout=60) as client:
+        assert client.score("Q: ", "A").total_logprob < 0  # the pinned pool still serves
 
 
 def test_pool_down_is_unavailable_then_recovers(cluster_stack) -> None:

@@ -38,6 +38,14 @@ def test_autoscaling_target_must_be_below_max_ongoing() -> None:
     assert opts["ray_actor_options"]["resources"] == {"pool_large_base": 0.001}
 
 
+@pytest.mark.parametrize(("cpus", "match"), [([], "at least 1"), ([0, 0], "twice"), ([-1], "greater than")])
+def test_cpu_affinity_is_a_set_of_cpu_ids(cpus: list[int], match: str) -> None:
+    assert ReplicaConfig().cpu_affinity is None
+    assert ReplicaConfig(cpu_affinity=[1, 0]).cpu_affinity == [1, 0]
+    with pytest.raises(ValidationError, match=match):
+        ReplicaConfig(cpu_affinity=cpus)
+
+
 def test_recipes_must_reference_existing_pools() -> None:
     data = demo_config().model_dump()
     del data["pools"]["small_base"]

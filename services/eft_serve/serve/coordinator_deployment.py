@@ -30,6 +30,7 @@ from eft_serve.coordinator.access_log import AccessLog, install_handler
 from eft_serve.coordinator.service import EftCoordinator
 from eft_serve.coordinator.telemetry import FanOut, Telemetry
 from eft_serve.errors import FailedPrecondition, Unavailable
+from eft_serve.infra.cpu_affinity import pin_process_to_cpus
 from eft_serve.serve.metrics import CacheMetrics, ServeMetrics
 from eft_serve.serve.names import COORDINATOR_DEPLOYMENT
 from eft_serve.serve.pool_handle import ServePoolClient
@@ -54,6 +55,8 @@ class CoordinatorDeployment:
         from eft_serve.model_paths import resolve_model_path
 
         cfg = EftConfig.model_validate(config)
+        if cfg.coordinator.replica.cpu_affinity is not None:
+            pin_process_to_cpus(cfg.coordinator.replica.cpu_affinity)
         # API keys (auth.enabled), loaded first so a bad keys file fails the replica at once;
         # checked in `CoordinatorRpc`, the same as on the plain grpc.aio server.
         gate = Gate(load_key_store(cfg.auth.keys_file, cfg.auth.keys_env)) if cfg.auth.enabled else None

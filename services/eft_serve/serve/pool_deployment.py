@@ -19,6 +19,7 @@ from ray import serve
 
 from eft_serve.config import PoolConfig
 from eft_serve.deadline import raise_if_expired
+from eft_serve.infra.cpu_affinity import pin_process_to_cpus
 from eft_serve.proto_gen.eft.v1 import pool_pb2
 from eft_serve.serve.metrics import PoolMetrics
 from eft_serve.serve.names import POOL_DEPLOYMENT
@@ -32,6 +33,9 @@ class ModelPoolDeployment:
         from eft_serve.model_paths import resolve_model_path
 
         cfg = PoolConfig.model_validate(pool)
+        if cfg.replica.cpu_affinity is not None:
+            # Before the engine loads, so torch's threads start on these CPUs too.
+            pin_process_to_cpus(cfg.replica.cpu_affinity)
         path = resolve_model_path(cfg.model)
         engine = load_engine(
             cfg.engine,
