@@ -276,6 +276,9 @@ class CoordinatorConfig(StrictModel):
     # Retries (connection-level failures only) may add at most this fraction of the pool calls
     # made (plus a small reserve), so an outage is not multiplied into a retry storm.
     pool_call_retry_budget: float = Field(0.1, ge=0, le=1)
+    # Concurrent streams' pool calls of one event-loop turn leave as one call per pool replica
+    # (coordinator.call_coalescer): far fewer Serve calls at the same KV affinity.
+    coalesce_pool_calls: bool = True
     conservative_top_p: float = Field(0.9, gt=0, le=1)
     # How long startup waits for the pools to answer Info (vocabulary check).
     startup_timeout_s: float = Field(300.0, gt=0)

@@ -19,6 +19,7 @@ from eft_serve.engine.types import SequenceQuery
 from eft_serve.proto_gen.eft.v1 import pool_pb2
 from eft_serve.serve.kv_affinity_router import rendezvous_order
 from eft_serve.serve.names import POOL_DEPLOYMENT, pool_app_name
+from eft_serve.wire.pool_messages import results_to_proto
 
 pytestmark = pytest.mark.cluster
 
@@ -107,7 +108,7 @@ def test_each_sequence_stays_on_one_replica_and_reuses_its_kv_cache(cluster_stac
             # Sequence ids whose homes split evenly over the two replicas; prompts with distinct
             # first tokens, so no sequence can reuse another's prefix.
             rng = random.Random(7)
-            first_tokens = rng.sample(range(len(probe_tokens) + 1, vocab), 2 * SEQUENCES)
+            first_tokens = rng.sample(range(len(probe_tokens) + 1, vocab), 3 * SEQUENCES)
             homes: dict[str, list[str]] = {r: [] for r in ids}
             n = 0
             while any(len(v) < SEQUENCES // 2 for v in homes.values()):
@@ -126,9 +127,14 @@ def test_each_sequence_stays_on_one_replica_and_reuses_its_kv_cache(cluster_stac
 
             affinity = await _decode(routed, prompts(0, ""))
             baseline = await _decode(unrouted, prompts(SEQUENCES, "plain-"))
-            return ids, affinity, baseline
+            coalesced = await _decode(via_coalescer, prompts(2 * SEQUENCES, "co-"))
+            return ids, affinity, baseline, coalesced
 
-        ids, affinity, baseline = asyncio.run(scenario())
+        async def via_coalescer(q: SequenceQuery) -> pool_pb2.NextTokenLogprobsResponse:
+            # The coordinator's path: concurrent calls coalesced into one call per replica.
+            return results_to_proto(await client.next_token_logprobs([q], logprob_top_k=5, deadline=None), "")
+
+        ids, affinity, baseline, coalesced = asyncio.run(scenario())
     finally:
         serve.delete(app, _blocking=True)
 
@@ -148,3 +154,10 @@ def test_each_sequence_stays_on_one_replica_and_reuses_its_kv_cache(cluster_stac
     )
     assert with_affinity > 0.9
     assert with_affinity >= without
+    # Coalesced: each sequence's first call alone, then at most one call per replica per step,
+    # and the KV reuse of per-sequence routing (every shared call reached its members' replica).
+    assert client.coalescer is not None
+    sent = client.coalescer.calls_sent
+    print(f"coalesced: {sent} pool calls for {SEQUENCES * STEPS}; prefix KV reuse {_reuse(coalesced):.0%}")
+    assert sent <= SEQUENCES + len(ids) * (STEPS - 1)
+    assert _reuse(coalesced) > 0.9

@@ -67,7 +67,7 @@ class CoordinatorDeployment:
             role: AutoTokenizer.from_pretrained(resolve_model_path(pool.model)) for role, pool in cfg.pools.items()
         }
         tokenizer = tokenizers[base_role]
-        pools = {role: ServePoolClient(role) for role in cfg.pools}
+        pools = {role: ServePoolClient(role, coalesce=cfg.coordinator.coalesce_pool_calls) for role in cfg.pools}
         cache = build_next_token_cache(cfg.cache)
         self._metrics = CacheMetrics(cache)
         # Prometheus metrics always; the access log (JSON lines on stderr, i.e. this replica's Ray log) if on.

@@ -9,7 +9,8 @@ from the replica's queue or raises CancelledError in the replica method, so the 
 starts it (`engine.runner`). Calls use Serve's
 inter-deployment gRPC transport where available (`_by_reference=False`). Each call names its
 sequence as the handle's `session_id`, the key of the pools' KV-affinity router
-(`serve/kv_affinity_router.py`).
+(`serve/kv_affinity_router.py`). Concurrent streams' `NextTokenLogprobs` calls are coalesced into
+one call per replica per loop turn (`coordinator.call_coalescer`, `coordinator.coalesce_pool_calls`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ray import serve
 from ray.exceptions import NodeDiedError, ObjectLostError, RayActorError, RayError, WorkerCrashedError
 from ray.serve.exceptions import BackPressureError
 
+from eft_serve.coordinator.call_coalescer import CallCoalescer
 from eft_serve.engine.types import DraftedSequence, DraftQuery, ModelInfo, SequenceQuery, SequenceResult
 from eft_serve.errors import EftError, PoolUnreachable, ResourceExhausted, Unavailable
 from eft_serve.proto_gen.eft.v1 import pool_pb2
@@ -41,10 +43,12 @@ def routing_key(queries: Sequence[SequenceQuery] | Sequence[DraftQuery]) -> str:
 
 
 class ServePoolClient:
-    def __init__(self, role: str, by_reference: bool = False) -> None:
+    def __init__(self, role: str, by_reference: bool = False, coalesce: bool = True) -> None:
         self.role = role
         handle = serve.get_deployment_handle(POOL_DEPLOYMENT, app_name=pool_app_name(role), _check_exists=False)
         self._handle = handle.options(_by_reference=by_reference)
+        # Concurrent streams' calls of one loop turn leave as one call per replica (KV affinity kept).
+        self.coalescer = CallCoalescer(self._send) if coalesce else None
 
     def _map(self, e: BaseException) -> EftError:
         # Ray wraps a replica's exception in RayTaskError; the original travels as `.cause`.
@@ -79,16 +83,30 @@ class ServePoolClient:
     async def next_token_logprobs(
         self, queries: Sequence[SequenceQuery], logprob_top_k: int, deadline: float | None
     ) -> list[SequenceResult]:
+        if self.coalescer is not None:
+            return await self.coalescer.next_token_logprobs(queries, logprob_top_k, deadline)
         return results_from_proto(await self.next_token_logprobs_response(queries, logprob_top_k, deadline))
 
     async def next_token_logprobs_response(
-        self, queries: Sequence[SequenceQuery], logprob_top_k: int, deadline: float | None
+        self,
+        queries: Sequence[SequenceQuery],
+        logprob_top_k: int,
+        deadline: float | None,
+        route_by: str | None = None,
     ) -> pool_pb2.NextTokenLogprobsResponse:
-        """The pool's whole answer, incl. which replica served it (`replica_id`)."""
+        """The pool's whole answer, incl. which replica served it (`replica_id`); routed by
+        `route_by` (default: the first sequence's id)."""
         request = queries_to_proto(queries, logprob_top_k, deadline).SerializeToString()
-        handle = self._handle.options(method_name="NextTokenLogprobs", session_id=routing_key(queries))
+        key = routing_key(queries) if route_by is None else route_by
+        handle = self._handle.options(method_name="NextTokenLogprobs", session_id=key)
         raw = await self._result(handle.remote(request))
         return pool_pb2.NextTokenLogprobsResponse.FromString(raw)
+
+    async def _send(
+        self, queries: Sequence[SequenceQuery], logprob_top_k: int, deadline: float | None, route_by: str
+    ) -> tuple[list[SequenceResult], str]:
+        reply = await self.next_token_logprobs_response(queries, logprob_top_k, deadline, route_by)
+        return results_from_proto(reply), reply.replica_id
 
     async def draft(
         self, queries: Sequence[DraftQuery], deadline: float | None, score_logprob_top_k: int | None = None
