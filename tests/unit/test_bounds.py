@@ -156,16 +156,18 @@ def test_retry_budget_allows_a_fraction_of_calls_plus_a_reserve() -> None:
     assert not RetryBudget(ratio=0.0, reserve=0).try_retry()
 
 
+async def _slow(name: str, cancelled: list[str]) -> str:
+    """A pool call that takes 30 s unless cancelled (then it records its name)."""
+    try:
+        await asyncio.sleep(30)
+    except asyncio.CancelledError:
+        cancelled.append(name)
+        raise
+    return name
+
+
 async def test_one_failure_cancels_the_sibling_calls() -> None:
     cancelled: list[str] = []
-
-    async def slow(name: str) -> str:
-        try:
-            await asyncio.sleep(30)
-        except asyncio.CancelledError:
-            cancelled.append(name)
-            raise
-        return name
 
     async def failing() -> str:
         await asyncio.sleep(0.01)
@@ -173,7 +175,7 @@ async def test_one_failure_cancels_the_sibling_calls() -> None:
 
     started = asyncio.get_running_loop().time()
     with pytest.raises(Unavailable, match="pool 'b'"):
-        await gather_cancelling({"a": slow("a"), "b": failing(), "c": slow("c")})
+        await gather_cancelling({"a": _slow("a", cancelled), "b": failing(), "c": _slow("c", cancelled)})
     assert sorted(cancelled) == ["a", "c"] and asyncio.get_running_loop().time() - started < 5
     assert await gather_cancelling({"x": asyncio.sleep(0, "x"), "y": asyncio.sleep(0, "y")}) == {"x": "x", "y": "y"}
 
@@ -181,15 +183,7 @@ async def test_one_failure_cancels_the_sibling_calls() -> None:
 async def test_cancelling_the_step_cancels_its_calls() -> None:
     cancelled: list[str] = []
 
-    async def slow(name: str) -> str:
-        try:
-            await asyncio.sleep(30)
-        except asyncio.CancelledError:
-            cancelled.append(name)
-            raise
-        return name
-
-    step = asyncio.ensure_future(gather_cancelling({"a": slow("a"), "b": slow("b")}))
+    step = asyncio.ensure_future(gather_cancelling({"a": _slow("a", cancelled), "b": _slow("b", cancelled)}))
     await asyncio.sleep(0.05)
     step.cancel()
     with pytest.raises(asyncio.CancelledError):
