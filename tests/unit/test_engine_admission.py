@@ -18,11 +18,14 @@ from eft_serve.config import PoolConfig
 from eft_serve.engine.hf_engine import HFEngine
 from eft_serve.engine.runner import EngineRunner
 from eft_serve.engine.sequence_kv import SequenceKVStore
+from eft_serve.engine.turn_queue import TurnPolicy
 from eft_serve.engine.types import SequenceQuery
 from eft_serve.errors import ResourceExhausted
 
 V, CTX, TOL = 300, 64, 1e-4
 DEVICE = os.environ.get("EFT_TEST_DEVICE", "cpu")
+# Chunked prefill in 16-position chunks, with the companions wait that keeps a decoder in each turn.
+CHUNKS_OF_16 = TurnPolicy(max_prefill_tokens=16, wait_s=0.05)
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +175,7 @@ async def _decode(runner: EngineRunner, tokens: list[int], steps: int, sid: str)
 async def test_chunked_prefill_feeds_a_long_prompt_over_turns_and_stays_exact(model_dir, ref) -> None:
     eng = HFEngine.load(model_dir, name="chunks", device=DEVICE, torch_threads=None)
     # The decoder comes back between turns; the companions wait (50 ms) lets it into each one.
-    runner = EngineRunner(eng, "chunks", max_prefill_tokens=16, batch_wait_s=0.05)
+    runner = EngineRunner(eng, "chunks", batching=CHUNKS_OF_16)
     short, long = prompts(5, 2, n=60)
     decoding = short[:10]
     await runner.next_token_logprobs([SequenceQuery(list(decoding), sequence_id="d")], 0)
@@ -189,7 +192,9 @@ async def test_chunked_prefill_feeds_a_long_prompt_over_turns_and_stays_exact(mo
 
 
 async def test_a_turn_without_decoders_runs_its_prefill_whole(model_dir, ref) -> None:
-    runner = EngineRunner(HFEngine.load(model_dir, name="alone", device=DEVICE), "alone", max_prefill_tokens=16)
+    runner = EngineRunner(
+        HFEngine.load(model_dir, name="alone", device=DEVICE), "alone", batching=TurnPolicy(max_prefill_tokens=16)
+    )
     long = prompts(7, 1, n=60)[0]
     (res,) = await runner.next_token_logprobs([SequenceQuery(long, sequence_id="p")], 0)
     assert runner.turns.prefill_chunks == 0  # nobody to protect: no chunking
@@ -211,8 +216,7 @@ async def test_no_chunks_without_kept_kv_and_a_chunk_that_is_not_kept_runs_whole
     off = EngineRunner(
         HFEngine.load(model_dir, name="off", device=DEVICE, kv_cache_bytes=0),
         "off",
-        max_prefill_tokens=16,
-        batch_wait_s=0.05,
+        batching=CHUNKS_OF_16,
     )
     (res,) = await _with_a_decoder(off, long)
     assert off.turns.prefill_chunks == 0
@@ -222,7 +226,7 @@ async def test_no_chunks_without_kept_kv_and_a_chunk_that_is_not_kept_runs_whole
     # normal run takes 3 chunks, see above).
     eng = HFEngine.load(model_dir, name="tiny-kv", device=DEVICE, torch_threads=None)
     eng.kv_cache = SequenceKVStore(20 * 512, eng.kv_cache.geometry)
-    runner = EngineRunner(eng, "tiny-kv", max_prefill_tokens=16, batch_wait_s=0.05)
+    runner = EngineRunner(eng, "tiny-kv", batching=CHUNKS_OF_16)
     (res,) = await _with_a_decoder(runner, long)
     assert runner.turns.prefill_chunks == 1
     np.testing.assert_allclose(res.positions[0].full_logprobs, full(ref, long), atol=TOL)

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import pytest
 
 from eft_serve.engine.runner import EngineRunner
+from eft_serve.engine.turn_queue import TurnPolicy
 from eft_serve.engine.types import DraftQuery, SequenceQuery, SequenceResult
 from eft_serve.errors import DeadlineExceeded, InvalidArgument
 from eft_serve.testing.fake_engine import FakeEngine
@@ -88,7 +89,7 @@ async def test_calls_waiting_for_the_engine_share_its_next_turn() -> None:
 
 async def test_a_turn_holds_at_most_max_batch_calls_and_only_one_top_k() -> None:
     engine = FakeEngine(32, seed=3, delay_s=0.1)
-    runner = EngineRunner(engine, "probe", max_batch_calls=3)
+    runner = EngineRunner(engine, "probe", batching=TurnPolicy(max_calls=3))
     calls = [runner.next_token_logprobs([SequenceQuery(token_ids=[1, i])], 4) for i in range(7)]
     calls.append(runner.next_token_logprobs([SequenceQuery(token_ids=[1, 9])], 5))
     results = await _behind_a_running_call(runner, calls)
@@ -143,9 +144,9 @@ async def _lockstep_streams(runner: EngineRunner, streams: int, steps: int) -> N
 
 
 async def test_sequences_decoding_together_are_waited_for_and_share_turns() -> None:
-    alone = EngineRunner(FakeEngine(32, seed=3, delay_s=0.03), "probe", batch_wait_s=0.0)
+    alone = EngineRunner(FakeEngine(32, seed=3, delay_s=0.03), "probe", batching=TurnPolicy(wait_s=0.0))
     await _lockstep_streams(alone, streams=4, steps=8)
-    waiting = EngineRunner(FakeEngine(32, seed=3, delay_s=0.03), "probe", batch_wait_s=0.05)
+    waiting = EngineRunner(FakeEngine(32, seed=3, delay_s=0.03), "probe", batching=TurnPolicy(wait_s=0.05))
     await _lockstep_streams(waiting, streams=4, steps=8)
     # Without waiting, stragglers miss each turn and run in the next (more, smaller turns); with
     # it, once every stream has been seen twice a step is one turn of all four.
@@ -155,7 +156,7 @@ async def test_sequences_decoding_together_are_waited_for_and_share_turns() -> N
 
 
 async def test_a_single_stream_never_waits_for_companions() -> None:
-    runner = EngineRunner(FakeEngine(32, seed=3), "probe", batch_wait_s=5.0)
+    runner = EngineRunner(FakeEngine(32, seed=3), "probe", batching=TurnPolicy(wait_s=5.0))
     started = time.perf_counter()
     await _lockstep_streams(runner, streams=1, steps=6)
     assert time.perf_counter() - started < 2.0  # a wait would cost 5 s a step
@@ -164,6 +165,9 @@ async def test_a_single_stream_never_waits_for_companions() -> None:
 def test_pool_rpc_hands_its_batching_settings_to_the_engine_queue() -> None:
     from eft_serve.transport.pool_rpc import PoolRpc
 
-    rpc = PoolRpc(FakeEngine(32), "probe", max_batch_calls=5, batch_wait_s=0.03, max_prefill_tokens=64)
-    turns = rpc.runner.turns
-    assert (turns.max_calls, turns.wait_s, turns.max_prefill_tokens) == (5, 0.03, 64)
+    policy = TurnPolicy(max_calls=5, wait_s=0.03, max_prefill_tokens=64)
+    assert PoolRpc(FakeEngine(32), "probe", batching=policy).runner.turns.policy is policy
+    with pytest.raises(ValueError, match="max_prefill_tokens"):
+        TurnPolicy(max_prefill_tokens=4)
+    with pytest.raises(ValueError, match="max_calls"):
+        TurnPolicy(max_calls=0)

@@ -2,7 +2,7 @@
 
 Owns the rules every pool path shares (the in-process pool and the pool RPC behind gRPC or
 Ray Serve): calls queue for the engine in arrival order (`TurnQueue`), and every logprobs call
-waiting when the engine frees joins its next turn (continuous batching: up to `max_batch_calls`
+waiting when the engine frees joins its next turn (continuous batching: up to `batching.max_calls`
 calls, one engine call); the request's deadline is checked once the call reaches the engine (time
 spent queued counts), the engine runs in a worker thread so the event loop keeps serving, and an
 engine `ValueError` (bad ids, too long) becomes INVALID_ARGUMENT naming the pool. A cancelled
@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from eft_serve.deadline import raise_if_expired, seconds_left
-from eft_serve.engine.turn_queue import TurnQueue
+from eft_serve.engine.turn_queue import DEFAULT_TURN_POLICY, TurnPolicy, TurnQueue
 from eft_serve.engine.types import (
     DraftedSequence,
     DraftQuery,
@@ -59,9 +59,7 @@ class EngineRunner:
         role: str,
         admission_timeout_s: float = ADMISSION_TIMEOUT_S,
         *,
-        max_batch_calls: int = 8,
-        batch_wait_s: float = 0.0,
-        max_prefill_tokens: int | None = None,
+        batching: TurnPolicy = DEFAULT_TURN_POLICY,
     ) -> None:
         self.engine = engine
         self.role = role
@@ -76,9 +74,7 @@ class EngineRunner:
         self.turns = TurnQueue(
             engine,
             role,
-            max_calls=max_batch_calls,
-            wait_s=batch_wait_s,
-            max_prefill_tokens=max_prefill_tokens,
+            policy=batching,
             observe_wait=self._observe_wait,
         )
         self._concurrent = bool(getattr(engine, "schedules_concurrent_calls", False))

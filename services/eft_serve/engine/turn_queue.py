@@ -73,27 +73,38 @@ _DECODE_SLACK = 16
 _MIN_CHUNK = 16
 
 
+@dataclass(frozen=True)
+class TurnPolicy:
+    """How a pool's engine turns are filled (`pools.<role>.max_batch_size`,
+    `batch_wait_timeout_s` and `max_prefill_tokens_per_turn`; see the module docstring)."""
+
+    max_calls: int = 8  # calls coalesced into one turn
+    wait_s: float = 0.0  # longest a turn waits for the sequences it expects back
+    max_prefill_tokens: int | None = None  # prompt positions a turn may feed beyond decode rows
+
+    def __post_init__(self) -> None:
+        if self.max_calls < 1 or self.wait_s < 0:
+            raise ValueError(f"max_calls must be >= 1 and wait_s >= 0, got {self.max_calls} and {self.wait_s}")
+        if self.max_prefill_tokens is not None and self.max_prefill_tokens < _MIN_CHUNK:
+            raise ValueError(f"max_prefill_tokens must be >= {_MIN_CHUNK} or None, got {self.max_prefill_tokens}")
+
+
+DEFAULT_TURN_POLICY = TurnPolicy()
+
+
 class TurnQueue:
     def __init__(
         self,
         engine: LogprobEngine,
         role: str,
         *,
-        max_calls: int = 8,
-        wait_s: float = 0.0,
-        max_prefill_tokens: int | None = None,
+        policy: TurnPolicy = DEFAULT_TURN_POLICY,
         observe_wait: Callable[[float], None] | None = None,
     ) -> None:
-        if max_calls < 1 or wait_s < 0 or (max_prefill_tokens is not None and max_prefill_tokens < _MIN_CHUNK):
-            raise ValueError(f"max_calls must be >= 1, wait_s >= 0 and max_prefill_tokens >= {_MIN_CHUNK} or None")
         self.engine = engine
         self.role = role
-        self.max_calls = max_calls
-        # Longest a turn waits for the sequences it expects back (see the module docstring).
-        self.wait_s = wait_s
+        self.policy = policy
         self.observe_wait = observe_wait
-        # Prompt positions a turn may feed beyond decode rows (None: whole prefills, no chunks).
-        self.max_prefill_tokens = max_prefill_tokens
         self.prefill_chunks = 0  # chunks run (tests and observability)
         self.turns = 0  # engine calls made (tests and observability see coalescing happen)
         self.calls = 0  # caller calls those turns served
@@ -171,16 +182,16 @@ class TurnQueue:
         if head is None or head.alone is not None:
             return False
         waiting = [w for w in self._waiting if w.queries is not None and not w.future.done()]
-        if len(waiting) >= self.max_calls:
+        if len(waiting) >= self.policy.max_calls:
             return False
         present = {q.sequence_id for w in waiting for q in w.queries or ()}
         return not expected <= present
 
     async def _await_companions(self) -> None:
-        if self.wait_s <= 0 or self._arrived is None:
+        if self.policy.wait_s <= 0 or self._arrived is None:
             return
         expected = self._expected()
-        until = time.perf_counter() + self.wait_s
+        until = time.perf_counter() + self.policy.wait_s
         while expected and self._missing(expected):
             left = until - time.perf_counter()
             if left <= 0:
@@ -204,7 +215,7 @@ class TurnQueue:
         for w in self._waiting:
             if w.future.done():
                 continue
-            if w.queries is not None and w.logprob_top_k == head.logprob_top_k and len(turn) < self.max_calls:
+            if w.queries is not None and w.logprob_top_k == head.logprob_top_k and len(turn) < self.policy.max_calls:
                 turn.append(w)
             else:
                 rest.append(w)
@@ -252,9 +263,9 @@ class TurnQueue:
         """Split a logprobs turn under the prefill budget: the calls that run whole, plus chunk
         queries for calls that go back to the head of the queue (see the module docstring)."""
         uncached_of = getattr(self.engine, "uncached_tokens", None)
-        if self.max_prefill_tokens is None or uncached_of is None or retry:
+        if self.policy.max_prefill_tokens is None or uncached_of is None or retry:
             return live, [], []
-        budget = self.max_prefill_tokens
+        budget = self.policy.max_prefill_tokens
         whole: list[_Work] = []
         prefills: list[tuple[_Work, SequenceQuery, int]] = []
         for w in live:

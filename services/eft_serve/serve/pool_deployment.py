@@ -19,6 +19,7 @@ from ray import serve
 
 from eft_serve.config import PoolConfig
 from eft_serve.deadline import raise_if_expired
+from eft_serve.engine.turn_queue import TurnPolicy
 from eft_serve.infra.cpu_affinity import pin_process_to_cpus
 from eft_serve.proto_gen.eft.v1 import pool_pb2
 from eft_serve.serve.metrics import PoolMetrics
@@ -50,13 +51,12 @@ class ModelPoolDeployment:
         )
         self.role = role
         self._replica_id = serve.get_replica_context().replica_id.unique_id
-        self._rpc = PoolRpc(
-            engine,
-            role,
-            max_batch_calls=cfg.max_batch_size,
-            batch_wait_s=cfg.batch_wait_timeout_s,
+        batching = TurnPolicy(
+            max_calls=cfg.max_batch_size,
+            wait_s=cfg.batch_wait_timeout_s,
             max_prefill_tokens=cfg.max_prefill_tokens_per_turn,
         )
+        self._rpc = PoolRpc(engine, role, batching=batching)
         self._rpc.runner.queue_wait_observer = PoolMetrics(role).queue_wait
         self._health_check_timeout_s = cfg.health_check_timeout_s
 

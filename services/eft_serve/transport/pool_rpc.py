@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from eft_serve.engine.runner import EngineRunner
 from eft_serve.engine.sequence_memory import SequenceMemory
+from eft_serve.engine.turn_queue import DEFAULT_TURN_POLICY, TurnPolicy
 from eft_serve.engine.types import LogprobEngine
 from eft_serve.errors import InvalidArgument
 from eft_serve.proto_gen.eft.v1 import pool_pb2
@@ -29,19 +30,11 @@ class PoolRpc:
         engine: LogprobEngine,
         role: str,
         *,
-        max_batch_calls: int = 8,
-        batch_wait_s: float = 0.0,
-        max_prefill_tokens: int | None = None,
+        batching: TurnPolicy = DEFAULT_TURN_POLICY,
     ) -> None:
         self.engine = engine
         self.role = role
-        self._runner = EngineRunner(
-            engine,
-            role,
-            max_batch_calls=max_batch_calls,
-            batch_wait_s=batch_wait_s,
-            max_prefill_tokens=max_prefill_tokens,
-        )
+        self._runner = EngineRunner(engine, role, batching=batching)
         # What this replica last saw of each sequence: callers may then send only new tokens.
         self.sequences = SequenceMemory()
         self.tokens_received = 0  # token ids that crossed the wire in NextTokenLogprobs requests
