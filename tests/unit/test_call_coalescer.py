@@ -105,6 +105,28 @@ async def test_different_top_k_never_share_a_call() -> None:
     assert sorted(c[1] for c in pool.calls) == [5, 7]
 
 
+async def test_full_vocabulary_calls_never_share_and_shared_calls_stay_bounded(monkeypatch) -> None:
+    from eft_serve.coordinator import call_coalescer
+
+    pool = FakePool()
+    coalescer = CallCoalescer(pool.send)
+    await step(coalescer, {"a": 3, "b": 4, "c": 5, "d": 6})
+    pool.calls.clear()
+    await step(coalescer, {"a": 4, "b": 5, "c": 6, "d": 7}, top_k=0)
+    assert sorted(len(c[0]) for c in pool.calls) == [1, 1, 1, 1]
+    pool.calls.clear()
+    # Room for two answers of 5 entries (1 position × top-k 5) per shared call.
+    monkeypatch.setattr(call_coalescer, "MAX_SHARED_ANSWER_ENTRIES", 10)
+    home_r0 = {f"s{i}": 3 + i for i in range(5)}
+    for seq in home_r0:
+        monkeypatch.setitem(HOME, seq, "r0")
+    await step(coalescer, home_r0)  # first calls: alone
+    pool.calls.clear()
+    got = await step(coalescer, {s: n + 1 for s, n in home_r0.items()})
+    assert got == {s: (n + 1) * 1000 + 5 for s, n in home_r0.items()}
+    assert sorted(len(c[0]) for c in pool.calls) == [1, 2, 2]
+
+
 async def test_a_lone_stream_sends_one_call_per_step() -> None:
     pool = FakePool()
     coalescer = CallCoalescer(pool.send)

@@ -6,7 +6,8 @@ next step in the same event-loop turn; sent one by one, that is a Serve call per
 per step (at 8 streams: 24 calls a step where 3 would do), each paying the handle's and the
 replica's fixed per-call CPU. Here calls made in one loop turn with the same `logprob_top_k` are
 sent as one call after the turn ends (`call_soon`): a lone stream waits one loop iteration, never
-a timer.
+a timer. Full-vocabulary calls (top-k 0, ~200 KB a position) are never shared, and a shared call is
+split to stay far below the 4 MiB messages Serve's replica channels accept.
 
 KV affinity is kept: the pools route a call by its routing key (the first sequence's id, see
 `serve.kv_affinity_router`) and each replica holds its sequences' KV. A sequence joins a shared
@@ -39,6 +40,10 @@ __all__ = ["CallCoalescer", "Send"]
 Send = Callable[[Sequence[SequenceQuery], int, float | None, str], Awaitable[tuple[list[SequenceResult], str]]]
 # Sequences whose placement is remembered (least recently used forgotten first).
 _REMEMBERED = 65536
+# Bounds on one shared call, far below the 4 MiB gRPC messages Serve's replicas accept: logprob
+# entries answered (positions × (top-k + candidates), ~7 bytes each) and token ids sent.
+MAX_SHARED_ANSWER_ENTRIES = 1 << 18
+MAX_SHARED_TOKENS = 1 << 18
 
 
 @dataclass(eq=False)
@@ -51,6 +56,32 @@ class _Waiter:
     def key(self) -> str:
         """The routing key this call would have alone: its first sequence id ("" = none)."""
         return next((q.sequence_id for q in self.queries if q.sequence_id), "")
+
+
+def _answer_entries(waiter: _Waiter, top_k: int) -> int:
+    return sum(
+        q.num_positions * (top_k + len(q.candidate_ids)) + sum(len(c) for c in q.position_candidate_ids)
+        for q in waiter.queries
+    )
+
+
+def _sent_tokens(waiter: _Waiter) -> int:
+    return sum(len(q.token_ids) - q.known_prefix_length for q in waiter.queries)
+
+
+def _bounded(group: list[_Waiter], top_k: int) -> list[list[_Waiter]]:
+    """`group` split into calls within the shared-call bounds (a waiter over them goes alone)."""
+    calls: list[list[_Waiter]] = []
+    entries = tokens = 0
+    for w in group:
+        e, t = _answer_entries(w, top_k), _sent_tokens(w)
+        if calls and entries + e <= MAX_SHARED_ANSWER_ENTRIES and tokens + t <= MAX_SHARED_TOKENS:
+            calls[-1].append(w)
+            entries, tokens = entries + e, tokens + t
+        else:
+            calls.append([w])
+            entries, tokens = e, t
+    return calls
 
 
 class _Placement:
@@ -113,14 +144,16 @@ class CallCoalescer:
             for w in waiters:
                 if w.future.done():
                     continue
-                replica = self._placement.shared_replica(w)
+                # Full-vocabulary answers (top-k 0) are large: they never share a call.
+                replica = self._placement.shared_replica(w) if top_k > 0 else None
                 if replica is None:
                     self._start([w], top_k, w.key)
                 else:
                     shared.setdefault(replica, []).append(w)
             for group in shared.values():
-                # Routed by the first member's own key, which reaches this replica.
-                self._start(group, top_k, group[0].key)
+                for call in _bounded(group, top_k):
+                    # Routed by the first member's own key, which reaches this replica.
+                    self._start(call, top_k, call[0].key)
 
     def _start(self, group: list[_Waiter], top_k: int, routing_key: str) -> None:
         task = asyncio.ensure_future(self._run(group, top_k, routing_key))
