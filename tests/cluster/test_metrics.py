@@ -78,6 +78,7 @@ def test_requests_move_the_exported_series_and_write_access_lines(cluster_stack)
         ("ray_eft_pool_call_latency_seconds_count", (("role", "large_base"),)): 6,
         ("ray_eft_pool_calls_total", (("role", "small_ft"), ("code", "OK"))): 6,
         ("ray_eft_pool_queue_wait_seconds_count", (("role", "large_base"),)): 6,
+        ("ray_eft_pool_wire_calls_total", (("role", "large_base"),)): 6,
     }
 
     def moved(series: dict) -> dict:

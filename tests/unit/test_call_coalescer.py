@@ -59,7 +59,8 @@ async def step(coalescer: CallCoalescer, lengths: dict[str, int], top_k: int = 5
 
 async def test_streams_share_one_call_per_replica_after_their_first() -> None:
     pool = FakePool()
-    coalescer = CallCoalescer(pool.send)
+    sizes: list[int] = []
+    coalescer = CallCoalescer(pool.send, on_send=sizes.append)
     lengths = {"a": 3, "b": 4, "c": 5, "d": 6}
     # First step: every sequence goes alone, by its own key (its placement is not known yet).
     assert await step(coalescer, lengths) == {s: n * 1000 + 5 for s, n in lengths.items()}
@@ -73,6 +74,7 @@ async def test_streams_share_one_call_per_replica_after_their_first() -> None:
     for ids, _, _, key in pool.calls:
         assert len(ids) == 2 and all(HOME[s] == HOME[key] for s in ids)
     assert coalescer.calls_coalesced == 12
+    assert sizes == [1] * 4 + [2] * 6  # what the metrics are told
 
 
 async def test_shared_call_carries_the_latest_deadline_or_none() -> None:

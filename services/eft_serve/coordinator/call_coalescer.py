@@ -116,8 +116,10 @@ class _Placement:
 
 
 class CallCoalescer:
-    def __init__(self, send: Send) -> None:
+    def __init__(self, send: Send, on_send: Callable[[int], None] | None = None) -> None:
         self._send = send
+        # Told how many caller calls each sent call carries (metrics).
+        self._on_send = on_send
         self._pending: dict[int, list[_Waiter]] = {}
         self._flush_scheduled = False
         self._placement = _Placement()
@@ -180,6 +182,8 @@ class CallCoalescer:
         self.calls_sent += 1
         if len(group) > 1:
             self.calls_coalesced += len(group)
+        if self._on_send is not None:
+            self._on_send(len(group))
         call = asyncio.ensure_future(self._send(queries, top_k, deadline, routing_key))
 
         def abandon(_: object) -> None:

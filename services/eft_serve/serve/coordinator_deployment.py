@@ -31,7 +31,7 @@ from eft_serve.coordinator.service import EftCoordinator
 from eft_serve.coordinator.telemetry import FanOut, Telemetry
 from eft_serve.errors import FailedPrecondition, Unavailable
 from eft_serve.infra.cpu_affinity import pin_process_to_cpus
-from eft_serve.serve.metrics import CacheMetrics, ServeMetrics
+from eft_serve.serve.metrics import CacheMetrics, PoolWireMetrics, ServeMetrics
 from eft_serve.serve.names import COORDINATOR_DEPLOYMENT
 from eft_serve.serve.pool_handle import ServePoolClient
 from eft_serve.transport.coordinator_rpc import CoordinatorRpc
@@ -67,7 +67,12 @@ class CoordinatorDeployment:
             role: AutoTokenizer.from_pretrained(resolve_model_path(pool.model)) for role, pool in cfg.pools.items()
         }
         tokenizer = tokenizers[base_role]
-        pools = {role: ServePoolClient(role, coalesce=cfg.coordinator.coalesce_pool_calls) for role in cfg.pools}
+        pools = {
+            role: ServePoolClient(
+                role, coalesce=cfg.coordinator.coalesce_pool_calls, on_send=PoolWireMetrics(role).sent
+            )
+            for role in cfg.pools
+        }
         cache = build_next_token_cache(cfg.cache)
         self._metrics = CacheMetrics(cache)
         # Prometheus metrics always; the access log (JSON lines on stderr, i.e. this replica's Ray log) if on.

@@ -3,8 +3,8 @@
 Owns every metric's name, type, labels and buckets (README.md#metrics; the Grafana dashboard
 `k8s/grafana/eft-serve.json` reads them, and a unit test checks it names only these):
 `ServeMetrics` is the coordinator replica's `Telemetry` (requests, tokens, latencies, pool calls,
-speculative acceptance, in-flight requests), `PoolMetrics` the pool replica's engine queue wait,
-`CacheMetrics` turns the result cache's cumulative counters into Serve counters. Labels are
+speculative acceptance, in-flight requests), `PoolWireMetrics` its Serve calls to a pool after
+coalescing, `PoolMetrics` the pool replica's engine queue wait, `CacheMetrics` turns the result cache's cumulative counters into Serve counters. Labels are
 bounded: recipe (a configured recipe name, else "other"), status code name, pool role, method —
 never request or key ids. Ray exports each under `ray_<name>` on every node's metrics port;
 Serve adds `deployment`, `replica` and `application` labels.
@@ -43,6 +43,8 @@ METRICS: dict[str, tuple[str, str]] = {
     "eft_pool_calls_total": ("counter", "Model pool call attempts by role, call and status code"),
     "eft_pool_retries_total": ("counter", "Failed model pool calls tried again, by role and status code"),
     "eft_pool_queue_wait_seconds": ("histogram", "Time a pool call waited for its replica's engine"),
+    "eft_pool_wire_calls_total": ("counter", "Serve calls the coordinator sent to a pool, after coalescing"),
+    "eft_pool_coalesced_calls_total": ("counter", "Pool calls of streams that rode in a shared Serve call"),
     **{
         f"eft_cache_{name}_total": ("counter", f"Result cache {name.replace('_', ' ')} (coordinator)")
         for name in _EXPORTED
@@ -127,6 +129,21 @@ class PoolMetrics:
 
     def queue_wait(self, seconds: float) -> None:
         self._queue_wait.observe(seconds, self._role)
+
+
+class PoolWireMetrics:
+    """The coordinator's Serve calls to a pool after coalescing (create inside the replica):
+    `eft_pool_calls_total` / `eft_pool_wire_calls_total` is the coalescing factor."""
+
+    def __init__(self, role: str) -> None:
+        self._role = {"role": role}
+        self._calls = _counter("eft_pool_wire_calls_total", ("role",))
+        self._riders = _counter("eft_pool_coalesced_calls_total", ("role",))
+
+    def sent(self, callers: int) -> None:
+        self._calls.inc(1, self._role)
+        if callers > 1:
+            self._riders.inc(callers, self._role)
 
 
 def metrics_endpoints() -> list[str]:

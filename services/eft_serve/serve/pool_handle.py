@@ -16,7 +16,7 @@ one call per replica per loop turn (`coordinator.call_coalescer`, `coordinator.c
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ray import serve
@@ -43,12 +43,19 @@ def routing_key(queries: Sequence[SequenceQuery] | Sequence[DraftQuery]) -> str:
 
 
 class ServePoolClient:
-    def __init__(self, role: str, by_reference: bool = False, coalesce: bool = True) -> None:
+    def __init__(
+        self,
+        role: str,
+        by_reference: bool = False,
+        coalesce: bool = True,
+        on_send: Callable[[int], None] | None = None,
+    ) -> None:
         self.role = role
         handle = serve.get_deployment_handle(POOL_DEPLOYMENT, app_name=pool_app_name(role), _check_exists=False)
         self._handle = handle.options(_by_reference=by_reference)
         # Concurrent streams' calls of one loop turn leave as one call per replica (KV affinity kept).
-        self.coalescer = CallCoalescer(self._send) if coalesce else None
+        # `on_send(n)`: a call left carrying n streams' calls (metrics).
+        self.coalescer = CallCoalescer(self._send, on_send) if coalesce else None
 
     def _map(self, e: BaseException) -> EftError:
         # Ray wraps a replica's exception in RayTaskError; the original travels as `.cause`.
