@@ -118,6 +118,13 @@ class RssSampler:
         self._thread.join()
 
 
+def percentile_ms(sorted_s: list[float], q: float) -> float:
+    """The q-quantile of sorted seconds, in ms (nan when empty)."""
+    if not sorted_s:
+        return float("nan")
+    return 1000 * sorted_s[min(len(sorted_s) - 1, int(q * len(sorted_s)))]
+
+
 def drive(address: str, recipe: str, streams: int, tokens: int, prompt_tokens: int) -> dict[str, Any]:
     """``streams`` concurrent greedy streams; per-token arrival times → tok/s and ITL."""
     from eft_serve.client import EftClient
@@ -162,8 +169,8 @@ def drive(address: str, recipe: str, streams: int, tokens: int, prompt_tokens: i
         "wall_s": wall,
         "tok_s": total / wall,
         "decode_tok_s": decode,
-        "itl_p50_ms": 1000 * gaps[len(gaps) // 2] if gaps else float("nan"),
-        "itl_p99_ms": 1000 * gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))] if gaps else float("nan"),
+        "itl_p50_ms": percentile_ms(gaps, 0.5),
+        "itl_p99_ms": percentile_ms(gaps, 0.99),
         "errors": errors,
     }
 
@@ -293,9 +300,9 @@ def arrivals(paths: dict[str, str], chunk: int | None, args: argparse.Namespace)
     return {
         "label": label,
         "decoders_end_after_window_s": round(ends[0] - window[1], 1),
-        "itl_p50_ms": 1000 * gaps[len(gaps) // 2] if gaps else float("nan"),
-        "itl_p99_ms": 1000 * gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))] if gaps else float("nan"),
-        "itl_max_ms": 1000 * gaps[-1] if gaps else float("nan"),
+        "itl_p50_ms": percentile_ms(gaps, 0.5),
+        "itl_p99_ms": percentile_ms(gaps, 0.99),
+        "itl_max_ms": percentile_ms(gaps, 1.0),
         "decoder_tokens_in_window": len(gaps),
         "newcomer_ttft_s": [round(t, 2) for t in ttft],
     }

@@ -31,6 +31,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
+from eft_serve.coordinator.pool_client import routing_key
 from eft_serve.engine.types import SequenceQuery, SequenceResult
 from eft_serve.errors import InvalidArgument, PrefixUnknown
 
@@ -54,8 +55,8 @@ class _Waiter:
 
     @property
     def key(self) -> str:
-        """The routing key this call would have alone: its first sequence id ("" = none)."""
-        return next((q.sequence_id for q in self.queries if q.sequence_id), "")
+        """The routing key this call would have alone."""
+        return routing_key(self.queries)
 
 
 def _answer_entries(waiter: _Waiter, top_k: int) -> int:

@@ -13,6 +13,11 @@ from typing import Protocol
 from eft_serve.engine.types import DraftedSequence, DraftQuery, ModelInfo, SequenceQuery, SequenceResult
 
 
+def routing_key(queries: Sequence[SequenceQuery] | Sequence[DraftQuery]) -> str:
+    """The sequence a pool call is routed by: its first sequence id ("" = no preference)."""
+    return next((q.sequence_id for q in queries if q.sequence_id), "")
+
+
 class PoolClient(Protocol):
     role: str
 

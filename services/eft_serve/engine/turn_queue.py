@@ -263,7 +263,8 @@ class TurnQueue:
         """Split a logprobs turn under the prefill budget: the calls that run whole, plus chunk
         queries for calls that go back to the head of the queue (see the module docstring)."""
         uncached_of = getattr(self.engine, "uncached_tokens", None)
-        if self.policy.max_prefill_tokens is None or uncached_of is None or retry:
+        # A lone call has no decoder beside it to protect: skip the per-step prefix comparison.
+        if self.policy.max_prefill_tokens is None or uncached_of is None or retry or len(live) < 2:
             return live, [], []
         budget = self.policy.max_prefill_tokens
         whole: list[_Work] = []

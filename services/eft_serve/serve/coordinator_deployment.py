@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -67,9 +68,10 @@ class CoordinatorDeployment:
             role: AutoTokenizer.from_pretrained(resolve_model_path(pool.model)) for role, pool in cfg.pools.items()
         }
         tokenizer = tokenizers[base_role]
+        wire = PoolWireMetrics()
         pools = {
             role: ServePoolClient(
-                role, coalesce=cfg.coordinator.coalesce_pool_calls, on_send=PoolWireMetrics(role).sent
+                role, coalesce=cfg.coordinator.coalesce_pool_calls, on_send=functools.partial(wire.sent, role)
             )
             for role in cfg.pools
         }

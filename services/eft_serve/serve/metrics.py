@@ -3,9 +3,9 @@
 Owns every metric's name, type, labels and buckets (README.md#metrics; the Grafana dashboard
 `k8s/grafana/eft-serve.json` reads them, and a unit test checks it names only these):
 `ServeMetrics` is the coordinator replica's `Telemetry` (requests, tokens, latencies, pool calls,
-speculative acceptance, in-flight requests), `PoolWireMetrics` its Serve calls to a pool after
-coalescing, `PoolMetrics` the pool replica's engine queue wait, `CacheMetrics` turns the result cache's cumulative counters into Serve counters. Labels are
-bounded: recipe (a configured recipe name, else "other"), status code name, pool role, method —
+speculative acceptance, in-flight requests), `PoolWireMetrics` its Serve calls to the pools
+after coalescing, `PoolMetrics` the pool replica's engine queue wait, `CacheMetrics` turns the
+result cache's cumulative counters into Serve counters. Labels are bounded: recipe (a configured recipe name, else "other"), status code name, pool role, method —
 never request or key ids. Ray exports each under `ray_<name>` on every node's metrics port;
 Serve adds `deployment`, `replica` and `application` labels.
 """
@@ -132,18 +132,18 @@ class PoolMetrics:
 
 
 class PoolWireMetrics:
-    """The coordinator's Serve calls to a pool after coalescing (create inside the replica):
+    """The coordinator's Serve calls to the pools after coalescing (create inside the replica):
     `eft_pool_calls_total` / `eft_pool_wire_calls_total` is the coalescing factor."""
 
-    def __init__(self, role: str) -> None:
-        self._role = {"role": role}
+    def __init__(self) -> None:
         self._calls = _counter("eft_pool_wire_calls_total", ("role",))
         self._riders = _counter("eft_pool_coalesced_calls_total", ("role",))
 
-    def sent(self, callers: int) -> None:
-        self._calls.inc(1, self._role)
+    def sent(self, role: str, callers: int) -> None:
+        tags = {"role": role}
+        self._calls.inc(1, tags)
         if callers > 1:
-            self._riders.inc(callers, self._role)
+            self._riders.inc(callers, tags)
 
 
 def metrics_endpoints() -> list[str]:

@@ -24,6 +24,7 @@ from ray.exceptions import NodeDiedError, ObjectLostError, RayActorError, RayErr
 from ray.serve.exceptions import BackPressureError
 
 from eft_serve.coordinator.call_coalescer import CallCoalescer
+from eft_serve.coordinator.pool_client import routing_key
 from eft_serve.engine.types import DraftedSequence, DraftQuery, ModelInfo, SequenceQuery, SequenceResult
 from eft_serve.errors import EftError, PoolUnreachable, ResourceExhausted, Unavailable
 from eft_serve.proto_gen.eft.v1 import pool_pb2
@@ -35,11 +36,6 @@ from eft_serve.wire.pool_messages import (
     queries_to_proto,
     results_from_proto,
 )
-
-
-def routing_key(queries: Sequence[SequenceQuery] | Sequence[DraftQuery]) -> str:
-    """The sequence a pool call is routed by: its first sequence id ("" = no preference)."""
-    return next((q.sequence_id for q in queries if q.sequence_id), "")
 
 
 class ServePoolClient:
