@@ -18,6 +18,9 @@ from typing import Any
 import grpc
 
 from eft_serve.config import EftConfig, load_config
+from eft_serve.config_overlay import ConfigError
+from eft_serve.planning import add_parser as add_plan_parser
+from eft_serve.preflight import StartupError
 from eft_serve_client.cli import (
     add_api_key_flag,
     add_request_flags,
@@ -41,7 +44,7 @@ def _config_from_args(args: argparse.Namespace) -> EftConfig:
 
 
 def _add_stack_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML config (default: the built-in demo stack)")
+    p.add_argument("--config", help="YAML overlay over the built-in demo stack: only the keys you change")
     p.add_argument("--large-base", help="model directory of the large base model")
     p.add_argument("--small-base", help="model directory of the small base model")
     p.add_argument("--small-ft", help="model directory of the small fine-tuned model")
@@ -296,6 +299,14 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config_show(args: argparse.Namespace) -> int:
+    import yaml
+
+    # The effective tree, complete: a valid --config file of its own (it loads as itself).
+    print(yaml.safe_dump(load_config(args.config).model_dump(mode="json"), sort_keys=False), end="")
+    return 0
+
+
 def cmd_build_demo(args: argparse.Namespace) -> int:
     from eft_serve.demo.family import ensure_demo_family
 
@@ -390,10 +401,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verbose_flag(p)
     p.set_defaults(func=cmd_eval)
 
+    config = sub.add_parser("config", help="inspect the configuration tree")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    p = config_sub.add_parser("show", help="print the effective tree (the built-in defaults + --config) as YAML")
+    p.add_argument("--config", help="YAML overlay (default: the built-in demo stack)")
+    p.set_defaults(func=cmd_config_show)
+
     p = sub.add_parser("build-demo", help="build (or find) the demo model family")
     p.add_argument("--seed", type=int, default=0)
     _add_verbose_flag(p)
     p.set_defaults(func=cmd_build_demo)
+    add_plan_parser(sub)
     return parser
 
 
@@ -406,6 +424,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[eft] library logs: {path}" + ("" if args.verbose else " (-v shows them here)"), flush=True)
     try:
         return int(args.func(args) or 0)
+    except ConfigError as e:  # one line naming the file and the key path; nothing was started
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except StartupError as e:  # one line naming the pool (or coordinator) and the cause; all stopped
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         # Ctrl-C: whatever was started has been stopped on the way out (context managers).
         print("\n[eft] interrupted; everything it started is stopped", file=sys.stderr, flush=True)

@@ -3,6 +3,10 @@
 Owns the plainest possible computation of greedy EFT: plain transformers forward passes, full
 vocabulary, `score = Σ_i c_i · log_softmax(logits_i)`, argmax. Shares no code with the engine,
 the merge core or the coordinator, so agreement with them means something.
+
+``support``: the ids merged (``len(tokenizer)``), for output heads padded beyond the tokenizer
+(Pythia, Qwen2.5: padded rows are no token): each model's logits are cut to ``[:support]`` before
+its log-softmax. None: every head row (all heads must then have the same rows).
 """
 
 from __future__ import annotations
@@ -17,10 +21,15 @@ from transformers import AutoModelForCausalLM
 
 class ReferenceEFT:
     def __init__(
-        self, model_dirs: Mapping[str, Path], coefficients: Mapping[str, float], use_kv_cache: bool = False
+        self,
+        model_dirs: Mapping[str, Path],
+        coefficients: Mapping[str, float],
+        use_kv_cache: bool = False,
+        support: int | None = None,
     ) -> None:
         self.coefficients = dict(coefficients)
         self.use_kv_cache = use_kv_cache
+        self.support = support
         self.models = {}
         for role in self.coefficients:
             model = AutoModelForCausalLM.from_pretrained(model_dirs[role], dtype=torch.float32)
@@ -47,7 +56,7 @@ class ReferenceEFT:
                     res = model(torch.tensor([ids]), use_cache=self.use_kv_cache)
                 if self.use_kv_cache:
                     past[role] = res.past_key_values
-                lp = torch.log_softmax(res.logits[0, -1].float(), dim=-1).double()
+                lp = torch.log_softmax(res.logits[0, -1, : self.support].float(), dim=-1).double()
                 score = coef * lp if score is None else score + coef * lp
             assert score is not None
             token = int(torch.argmax(score))

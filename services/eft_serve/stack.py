@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 
 from eft_serve.config import DEMO_SCHEME, EftConfig
 from eft_serve.console import deferred_interrupts
+from eft_serve.preflight import preflight
 
 
 @contextlib.contextmanager
@@ -27,6 +28,7 @@ def local_stack(
     from eft_serve.infra.tls_proxy import tls_front
     from eft_serve.serve.local import deploy_stack, start_local_ray, teardown
 
+    preflight(cfg)  # the refusals that need no Ray: one line naming the pool (StartupError)
     if any(p.model.startswith(DEMO_SCHEME) for p in cfg.pools.values()):
         from eft_serve.demo.family import ensure_demo_family
 

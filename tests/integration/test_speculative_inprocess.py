@@ -88,12 +88,13 @@ async def test_agreeing_drafter_is_fully_accepted_with_fewer_pool_calls() -> Non
     fast = await run(coord, GenerationRequest(**base, speculative=spec(True, 8, adaptive=False)))
     assert fast[:2] == plain[:2]
     s = fast[2].usage.speculation
-    # 33 tokens in blocks of 8 drafts + 1 own token: 3 full blocks (27), then 6 left -> 5 drafted + 1.
-    assert (s.speculative_blocks, s.drafted_tokens, s.accepted_tokens) == (4, 29, 29)
-    assert s.mean_accepted_length == pytest.approx(29 / 4)
+    # The first token is a plain step (it prefills every pool), then blocks of 8 drafts + 1 own
+    # token: 3 full blocks (27), then 5 left -> 4 drafted + 1.
+    assert (s.speculative_blocks, s.drafted_tokens, s.accepted_tokens, s.fallbacks) == (4, 28, 28, 0)
+    assert s.mean_accepted_length == pytest.approx(28 / 4)
     # Per block: one draft call (small_ft drafts *and* scores its draft) + one call to each of the
     # two other recipe pools — instead of one call per pool per token.
-    assert fast[2].usage.fetch.pool_calls == 4 * 3
+    assert fast[2].usage.fetch.pool_calls == 3 + 4 * 3
     assert plain[2].usage.fetch.pool_calls == 33 * 3
 
 
@@ -104,11 +105,80 @@ async def test_adaptive_blocks_grow_while_drafts_hold() -> None:
         prompt="hello", temperature=0.0, max_new_tokens=40, ignore_eos=True, speculative=spec(True, 8, adaptive=True)
     )
     _, ids, last = await run(coord, req)
-    # Blocks of 4, then 8 (doubled, capped), each plus the merged model's own token:
-    # 5 + 9 + 9 + 9 = 32 tokens, then 8 left -> 7 drafted + 1 = 40.
+    # Two plain steps (the first prefills, the second measures what plain costs), then blocks of 4,
+    # then 8 (doubled, capped), each plus the merged model's own token: 2 + 5 + 9 + 9 + 9 = 34
+    # tokens, then 6 left -> 5 drafted + 1 = 40. Drafts that always hold never fall back.
     s = last.usage.speculation
-    assert len(ids) == 40 and s.drafted_tokens == s.accepted_tokens == 4 + 8 + 8 + 8 + 7
-    assert s.speculative_blocks == 5
+    assert len(ids) == 40 and s.drafted_tokens == s.accepted_tokens == 4 + 8 + 8 + 8 + 5
+    assert s.speculative_blocks == 5 and s.fallbacks == 0
+
+
+async def test_first_token_is_a_plain_step_before_any_draft() -> None:
+    # The first token must not wait for a draft and its verification: it comes from the same
+    # one-position pool calls plain decoding makes (which also prefill the prompt).
+    engines = agreeable_engines()
+    coord = fake_coordinator(engines)
+    await coord.start()
+    for adaptive in (True, False):
+        req = GenerationRequest(
+            prompt="hello", temperature=0.0, max_new_tokens=20, ignore_eos=True, speculative=spec(True, 8, adaptive)
+        )
+        drafts_before = engines["small_ft"].num_draft_calls
+        stream = await coord.generate(req)
+        first = await anext(aiter(stream))
+        assert len(first.tokens) == 1 and engines["small_ft"].num_draft_calls == drafts_before
+        rest = [c async for c in stream]
+        assert rest[-1].usage.speculation.speculative_blocks > 0  # ... and speculation starts after it
+
+
+def contrarian_engines() -> dict[str, FakeEngine]:
+    """An extra drafter pool ("contrarian") that models something else: its drafts almost never hold.
+
+    Every pool takes a few ms per call, so a draft + verify clearly costs more than a plain step
+    whatever the machine's load."""
+    slow = dict(eos_token_id=EOS, max_context=96, delay_s=0.003)
+    return {
+        "large_base": FakeEngine(VOCAB, seed=1, name="large_base", **slow),
+        "small_base": FakeEngine(VOCAB, seed=2, name="small_base", **slow),
+        "small_ft": FakeEngine(VOCAB, seed=3, name="small_ft", **slow),
+        "contrarian": FakeEngine(VOCAB, seed=99, name="contrarian", **slow),
+    }
+
+
+async def test_a_drafter_that_keeps_losing_falls_back_to_plain_and_probes_again() -> None:
+    coord = fake_coordinator(contrarian_engines(), speculative={"drafter": "contrarian"})
+    await coord.start()
+    base = dict(prompt="hello", temperature=0.0, max_new_tokens=60, ignore_eos=True)
+    plain = await run(coord, GenerationRequest(**base))
+    fast = await run(coord, GenerationRequest(**base, speculative=spec(True, 8, adaptive=True)))
+    assert fast[:2] == plain[:2]  # still token-for-token plain decoding
+    s = fast[2].usage.speculation
+    assert s.accepted_tokens <= s.drafted_tokens // 4  # the drafter really disagrees
+    # Two blocks of evidence, then plain steps with probes at growing intervals (4, 8, 16, ...):
+    # a handful of blocks in 60 tokens, and more than the first two (the probes happened).
+    assert s.fallbacks >= 2 and 3 <= s.speculative_blocks <= 8, s
+    # Fixed blocks (adaptive off) never fall back: they draft on every step after the first.
+    fixed = await run(coord, GenerationRequest(**base, speculative=spec(True, 2, adaptive=False)))
+    assert fixed[:2] == plain[:2]
+    assert fixed[2].usage.speculation.fallbacks == 0 and fixed[2].usage.speculation.speculative_blocks >= 20
+
+
+async def test_a_drafter_that_agrees_stays_speculative() -> None:
+    slow = dict(seed=1, eos_token_id=EOS, max_context=96, delay_s=0.003)
+    engines = agreeable_engines(
+        large_base=FakeEngine(VOCAB, name="large_base", **slow), small_base=FakeEngine(VOCAB, name="small_base", **slow)
+    )
+    coord = fake_coordinator(engines)
+    await coord.start()
+    base = dict(prompt="abc", temperature=0.0, max_new_tokens=60, ignore_eos=True)
+    plain = await run(coord, GenerationRequest(**base))
+    fast = await run(coord, GenerationRequest(**base, speculative=spec(True, 8, adaptive=True)))
+    assert fast[:2] == plain[:2]
+    s = fast[2].usage.speculation
+    assert s.fallbacks == 0 and s.accepted_tokens == s.drafted_tokens
+    # 2 plain steps, then 4 + 1, then blocks of 8 + 1 to the end: every token after the second
+    # came from a block.
+    assert s.accepted_tokens + s.speculative_blocks == 60 - 2
 
 
 async def test_eos_inside_a_block_ends_the_stream_where_plain_decoding_does() -> None:

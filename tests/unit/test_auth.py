@@ -103,25 +103,25 @@ def test_concurrency_slots_are_released_once_per_lease() -> None:
     assert q.open_calls("k") == 0
 
 
-def test_gate_checks_key_then_permissions_then_quota() -> None:
+async def test_gate_checks_key_then_permissions_then_quota() -> None:
     keys = [
         ApiKey(id="full", sha256=hash_key("kf"), exact_mode=True, max_concurrent_streams=1),
         ApiKey(id="narrow", sha256=hash_key("kn"), allowed_recipes=["large_base"]),
     ]
     gate = Gate(KeyStore(keys), QuotaLimiter(Clock()))
     with pytest.raises(Unauthenticated, match="authorization: Bearer"):
-        gate.admit([], "upscale", exact=False)
+        await gate.admit([], "upscale", exact=False)
     with pytest.raises(Unauthenticated, match="Bearer <key>"):
-        gate.admit([("authorization", "kf")], "upscale", exact=False)
+        await gate.admit([("authorization", "kf")], "upscale", exact=False)
     with pytest.raises(Unauthenticated, match="unknown API key"):
-        gate.admit([("authorization", "Bearer nope")], "upscale", exact=False)
+        await gate.admit([("authorization", "Bearer nope")], "upscale", exact=False)
     with pytest.raises(PermissionDenied, match="may not use recipe 'upscale'; it may use: large_base"):
-        gate.admit([("authorization", "Bearer kn")], "upscale", exact=False)
+        await gate.admit([("authorization", "Bearer kn")], "upscale", exact=False)
     with pytest.raises(PermissionDenied, match="exact mode"):
-        gate.admit([("authorization", "Bearer kn")], "large_base", exact=True)
-    gate.admit([("authorization", "Bearer kn")], "large_base", exact=False).release()
-    lease = gate.admit([("Authorization", b"bearer kf")], "upscale", exact=True)
+        await gate.admit([("authorization", "Bearer kn")], "large_base", exact=True)
+    (await gate.admit([("authorization", "Bearer kn")], "large_base", exact=False)).release()
+    lease = await gate.admit([("Authorization", b"bearer kf")], "upscale", exact=True)
     with pytest.raises(RateLimited):
-        gate.admit([("authorization", "Bearer kf")], "upscale", exact=False)
+        await gate.admit([("authorization", "Bearer kf")], "upscale", exact=False)
     lease.release()
     assert gate.authenticate([("authorization", "Bearer kf")]).id == "full"

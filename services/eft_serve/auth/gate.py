@@ -12,7 +12,7 @@ import logging
 from collections.abc import Iterable
 
 from eft_serve.auth.keys import ApiKey, KeyStore
-from eft_serve.auth.quotas import Lease, QuotaLimiter
+from eft_serve.auth.quotas import Lease, Limiter, QuotaLimiter
 from eft_serve.errors import PermissionDenied, Unauthenticated, clip
 
 log = logging.getLogger("eft_serve")
@@ -21,9 +21,10 @@ Metadata = Iterable[tuple[str, str | bytes]]
 
 
 class Gate:
-    def __init__(self, store: KeyStore, limiter: QuotaLimiter | None = None) -> None:
+    def __init__(self, store: KeyStore, limiter: Limiter | None = None) -> None:
         self.store = store
-        self.limiter = limiter or QuotaLimiter()
+        # Per replica by default; `auth.quota_store: redis` shares it (`shared_quotas`).
+        self.limiter: Limiter = limiter or QuotaLimiter()
 
     def authenticate(self, metadata: Metadata) -> ApiKey:
         """The caller's key entry, or `Unauthenticated` saying what to send."""
@@ -42,8 +43,10 @@ class Gate:
             raise Unauthenticated("unknown API key: check the key, or ask the operator for one (`eft keys add`)")
         return entry
 
-    def admit(self, metadata: Metadata, recipe: str, exact: bool) -> Lease:
-        """Authenticate, check the recipe and exact mode, take a quota lease (release it when the call ends)."""
+    async def admit(self, metadata: Metadata, recipe: str, exact: bool) -> Lease:
+        """Authenticate, check the recipe and exact mode, take a quota lease (release it when the call ends).
+
+        Async: a shared quota lease is one round trip to the store."""
         key = self.authenticate(metadata)
         if not key.allows_recipe(recipe):
             log.info("key %s denied recipe %s", key.id, recipe)
@@ -56,4 +59,4 @@ class Gate:
                 f"key {key.id!r} may not request exact mode (logprob_top_k = 0); "
                 "send logprob_top_k > 0 (e.g. 20), or ask the operator for a key with exact_mode: true"
             )
-        return self.limiter.acquire(key.id, key.max_concurrent_streams, key.tokens_per_minute)
+        return await self.limiter.lease(key.id, key.max_concurrent_streams, key.tokens_per_minute)

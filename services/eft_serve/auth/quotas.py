@@ -1,7 +1,8 @@
 """Per-key quotas: open calls at once, and generated tokens per minute (a token bucket).
 
-Owns the limiter state keyed by key id, in one process (each coordinator replica limits on its
-own). A call takes a `Lease` (one concurrency slot, refused when none is free or the bucket is
+Owns the per-process limiter state keyed by key id: alone it is each coordinator replica's own
+limit (`auth.quota_store: local`); under `shared_quotas.SharedQuotaLimiter` it is the shadow count
+of this replica's calls and the fallback while the shared store is unreachable. A call takes a `Lease` (one concurrency slot, refused when none is free or the bucket is
 empty) and charges generated tokens to it as they come, so the bucket may go negative for the
 call in flight; the next call waits until it has refilled. Release is idempotent. The clock is
 injectable (tests). Knows nothing of transports or keys files.
@@ -14,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from eft_serve.errors import RateLimited
 
@@ -49,6 +51,14 @@ class Lease:
 NO_LIMIT = Lease(None, "")  # for callers without quotas (auth off, listing RPCs); charge/release are no-ops
 
 
+class Limiter(Protocol):
+    """What the gate takes leases from: this module's `QuotaLimiter` or the shared one."""
+
+    async def lease(self, key_id: str, max_concurrent: int | None, tokens_per_minute: int | None) -> Lease: ...
+
+    async def close(self) -> None: ...
+
+
 class QuotaLimiter:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
@@ -58,10 +68,16 @@ class QuotaLimiter:
         self._rates: dict[str, float] = {}  # tokens per second, per key id with a bucket
         self._capacity: dict[str, float] = {}
 
-    def acquire(self, key_id: str, max_concurrent: int | None, tokens_per_minute: int | None) -> Lease:
-        """A lease for one call, or `RateLimited` saying when to retry."""
+    def acquire(
+        self, key_id: str, max_concurrent: int | None, tokens_per_minute: int | None, enforce: bool = True
+    ) -> Lease:
+        """A lease for one call, or `RateLimited` saying when to retry.
+
+        `enforce=False` counts the call without checking (the shared limiter already admitted it)."""
         with self._lock:
-            if tokens_per_minute is not None:
+            if tokens_per_minute is not None and not enforce:
+                self._refill(key_id, float(tokens_per_minute))
+            elif tokens_per_minute is not None:
                 level = self._refill(key_id, float(tokens_per_minute))
                 if level < 1.0:
                     wait = (1.0 - level) / self._rates[key_id]
@@ -71,7 +87,7 @@ class QuotaLimiter:
                         wait,
                     )
             open_now = self._open.get(key_id, 0)
-            if max_concurrent is not None and open_now >= max_concurrent:
+            if enforce and max_concurrent is not None and open_now >= max_concurrent:
                 raise RateLimited(
                     f"key {key_id!r} already has {open_now} of its {max_concurrent} concurrent calls open; "
                     f"retry in {math.ceil(CONCURRENCY_RETRY_S)} s, after one of them ends",
@@ -79,6 +95,13 @@ class QuotaLimiter:
                 )
             self._open[key_id] = open_now + 1
         return Lease(self, key_id)
+
+    async def lease(self, key_id: str, max_concurrent: int | None, tokens_per_minute: int | None) -> Lease:
+        """`acquire` behind the `Limiter` interface the gate awaits (no I/O here)."""
+        return self.acquire(key_id, max_concurrent, tokens_per_minute)
+
+    async def close(self) -> None:
+        """Nothing to close (the `Limiter` interface)."""
 
     def open_calls(self, key_id: str) -> int:
         with self._lock:

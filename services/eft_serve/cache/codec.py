@@ -18,11 +18,12 @@ import hmac
 from dataclasses import dataclass
 
 import numpy as np
-from google.protobuf.message import DecodeError
 
 from eft_serve.engine.types import PositionLogprobs, SequenceResult
-from eft_serve.proto_gen.eft.v1 import pool_pb2
-from eft_serve.wire.pool_messages import result_from_proto, result_to_proto
+
+# protobuf and the generated stubs are imported where values are encoded or decoded, not at module
+# load: the coordinator imports this module, and an in-process coordinator (tests/bench/gpu_bench.py
+# on a machine with torch and transformers only) must import without protobuf.
 
 
 class CorruptValue(ValueError):
@@ -57,10 +58,17 @@ def verify(hmac_key: bytes, cache_key: str, raw: bytes) -> bytes:
 
 
 def encode_result(result: SequenceResult) -> bytes:
+    from eft_serve.wire.pool_messages import result_to_proto
+
     return bytes(result_to_proto(result).SerializeToString())
 
 
 def decode_result(raw: bytes) -> SequenceResult:
+    from google.protobuf.message import DecodeError
+
+    from eft_serve.proto_gen.eft.v1 import pool_pb2
+    from eft_serve.wire.pool_messages import result_from_proto
+
     try:
         result = result_from_proto(pool_pb2.SequenceResult.FromString(raw))
     except (DecodeError, ValueError, TypeError) as e:

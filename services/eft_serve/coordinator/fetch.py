@@ -9,6 +9,7 @@ stateless, another replica can answer) while the deadline and the shared `RetryB
 Checks every answer's weights fingerprint against the pool's `Info`: an answer from other
 weights (a rolling upgrade) is used but never cached, and the pool's `Info` is re-read so later
 keys name the new weights.
+Roles served by one pool (a base and its co-located LoRA adapters) share one call per step.
 Knows nothing about merging; the cache is a `NextTokenCache` (keys and codec live there) or None.
 """
 
@@ -22,7 +23,7 @@ from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequen
 from typing import TypeVar
 
 from eft_serve.cache.next_token_cache import CachedQuery, NextTokenCache
-from eft_serve.coordinator.pool_client import PoolClient
+from eft_serve.coordinator.pool_client import PoolClient, route
 from eft_serve.coordinator.request import FetchStats
 from eft_serve.coordinator.retry_budget import RetryBudget
 from eft_serve.coordinator.telemetry import NULL_TELEMETRY, Telemetry, status_of
@@ -84,9 +85,15 @@ class StepFetcher:
         self.prefix_resends = 0
 
     async def _call(
-        self, role: str, queries: list[SequenceQuery], logprob_top_k: int, deadline: float, stats: FetchStats
+        self,
+        role: str,
+        queries: list[SequenceQuery],
+        logprob_top_k: int,
+        deadline: float,
+        stats: FetchStats,
+        pool: PoolClient | None = None,
     ) -> list[SequenceResult]:
-        pool = self._pools[role]
+        pool = self._pools[role] if pool is None else pool
         try:
             return await self._with_retries(
                 role, deadline, lambda: pool.next_token_logprobs(queries, logprob_top_k, deadline)
@@ -100,6 +107,14 @@ class StepFetcher:
             return await self._with_retries(
                 role, deadline, lambda: pool.next_token_logprobs(full, logprob_top_k, deadline)
             )
+
+    def _host(self, role: str) -> tuple[str, PoolClient, str]:
+        """The pool that carries `role`'s calls: (its name, its client, the adapter to tag)."""
+        client = self._pools[role]
+        host, adapter = route(client)
+        if host is client:
+            return role, client, ""
+        return next((r for r, c in self._pools.items() if c is host), host.role), host, adapter
 
     async def draft(
         self, role: str, query: DraftQuery, deadline: float, stats: FetchStats, score_logprob_top_k: int | None = None
@@ -224,14 +239,30 @@ class StepFetcher:
             stats.cache_misses += len(slots) - hits
             stats.cache_errors += found.corrupt
         missing = {role: [i for i, r in enumerate(results) if r is None] for role, results in out.items()}
-        calls = {
-            role: self._call(role, [role_queries[role][i] for i in idx], logprob_top_k, deadline, stats)
-            for role, idx in missing.items()
-            if idx
-        }
+        # One call per pool: the roles a pool serves together (co-located LoRA adapters and
+        # their base, `ColocatedRole`) share it, each sequence tagged with its adapter.
+        hosts: dict[str, tuple[PoolClient, list[str]]] = {}
+        for role, idx in missing.items():
+            if idx:
+                name, host, _ = self._host(role)
+                hosts.setdefault(name, (host, []))[1].append(role)
+        calls = {}
+        for name, (host, roles) in hosts.items():
+            queries = []
+            for role in roles:
+                adapter = self._host(role)[2]
+                asked = [role_queries[role][i] for i in missing[role]]
+                queries += [dataclasses.replace(q, adapter=adapter) for q in asked] if adapter else asked
+            calls[name] = self._call(name, queries, logprob_top_k, deadline, stats, pool=host)
         if calls:
             stats.pool_calls += len(calls)
-            answers = await gather_cancelling(calls)
+            by_host = await gather_cancelling(calls)
+            answers: dict[str, list[SequenceResult]] = {}
+            for name, (_, roles) in hosts.items():
+                start = 0
+                for role in roles:
+                    answers[role] = by_host[name][start : start + len(missing[role])]
+                    start += len(missing[role])
             fresh: list[tuple[str, SequenceResult]] = []
             for role, answer in answers.items():
                 # An answer from other weights is still that pool's answer now (used, not

@@ -101,6 +101,8 @@ class SpeculationStats:
     speculative_blocks: int = 0
     drafted_tokens: int = 0
     accepted_tokens: int = 0
+    # Times the stream switched to plain decoding because blocks measured slower than plain steps.
+    fallbacks: int = 0
 
     @property
     def mean_accepted_length(self) -> float:

@@ -30,6 +30,8 @@ from eft_serve.coordinator.request import (
 from eft_serve.coordinator.retry_budget import RetryBudget
 from eft_serve.coordinator.telemetry import NULL_TELEMETRY, Telemetry
 from eft_serve.coordinator.validate import ModelLimits, RequestValidator
+from eft_serve.coordinator.vocabulary import check_shared_vocabulary
+from eft_serve.coordinator.workers import CHAT_RENDER_CHARS, StepWorkers, TokenizerWorkers
 from eft_serve.core.merge import merge_position
 from eft_serve.engine.types import ModelInfo, SequenceQuery
 from eft_serve.errors import FailedPrecondition, Unavailable
@@ -59,6 +61,10 @@ class EftCoordinator:
         self._validator: RequestValidator | None = None
         self._ctx: DecodeContext | None = None
         self._prober = PoolProber(self._pools, config.health_probe_period_s, config.health_probe_timeout_s)
+        # Per-request CPU work leaves the event loop (coordinator.workers): tokenizing and chat
+        # rendering, and the merge + sampling of full-vocabulary steps.
+        self._tokenize = TokenizerWorkers(config.tokenizer_workers, config.tokenizer_backlog_chars)
+        self._steps = StepWorkers(config.merge_workers)
 
     # ---- startup -------------------------------------------------------------------------
 
@@ -71,12 +77,12 @@ class EftCoordinator:
             if isinstance(a, BaseException):
                 raise Unavailable(f"model pool {name!r} did not answer its info call: {a}") from a
             infos[name] = a
-        check_shared_vocabulary(infos)
+        check_shared_vocabulary(infos, self._tokenizers)
         first = next(iter(infos.values()))
         tok_vocab = len(self._tok)
         if tok_vocab > first.vocab_size:
             raise FailedPrecondition(
-                f"the coordinator's tokenizer has {tok_vocab} tokens but the models' vocabulary is "
+                f"the coordinator's tokenizer has {tok_vocab} tokens but the models' tokenizer has "
                 f"{first.vocab_size}; point the coordinator at the models' own tokenizer"
             )
         # Fixed once the pools are known; read by every request.
@@ -92,17 +98,23 @@ class EftCoordinator:
         )
         eos = infos[self._recipes[self._cfg.default_recipe].base].eos_token_id
         self._validator = RequestValidator(self._recipes, self._cfg, self._tok, limits, self._tokenizers)
-        self._ctx = DecodeContext(fetcher, self._tok, limits.vocab_size, limits.max_context, eos)
+        self._ctx = DecodeContext(fetcher, self._tok, limits.vocab_size, limits.max_context, eos, self._steps)
         self.infos = infos
         await self._prober.start()  # every pool just answered: SERVING until a probe says otherwise
 
     async def stop(self) -> None:
-        """Stop the background pool probe (idempotent)."""
+        """Stop the background pool probe and the worker threads (idempotent)."""
         await self._prober.stop()
+        self._close_workers()
 
     def stop_nowait(self) -> None:
         """Cancel the background pool probe without waiting (synchronous shutdown hooks)."""
         self._prober.stop_nowait()
+        self._close_workers()
+
+    def _close_workers(self) -> None:
+        self._tokenize.close()
+        self._steps.close()
 
     # ---- health --------------------------------------------------------------------------
 
@@ -151,7 +163,9 @@ class EftCoordinator:
         Validation errors raise before the first chunk, so a transport can still set a status.
         """
         validator, ctx = self._started()
-        plan = validator.generation(req)
+        # Tokenizing a long prompt or rendering a chat runs on a worker thread; its errors still
+        # raise here, before the stream exists.
+        plan = await self._tokenize.run(_text_chars(req), validator.generation, req)
         return decode(ctx, plan, self._cache_on(plan.merge.recipe.name))
 
     # ---- scoring -------------------------------------------------------------------------
@@ -160,7 +174,9 @@ class EftCoordinator:
         self, prompt: str, continuation: str, merge: MergeOptions, timeout_s: float | None = None
     ) -> ScoreResult:
         validator, ctx = self._started()
-        plan = validator.score(prompt, continuation, merge, timeout_s)
+        plan = await self._tokenize.run(
+            len(prompt) + len(continuation), validator.score, prompt, continuation, merge, timeout_s
+        )
         recipe = plan.merge.recipe
         cont_ids = plan.continuation_ids
         # Position j scores cont_ids[j] given everything before it: the block ends one token early.
@@ -177,21 +193,20 @@ class EftCoordinator:
             FetchStats(),
         )
 
-        def merge_all() -> list[tuple[float, dict[str, float]]]:
-            # Up to max_score_continuation_tokens merges (full-vocabulary ones in exact mode): run
-            # in a worker thread so the event loop keeps streaming other requests meanwhile.
+        def merge_all() -> list[tuple[float, TokenOutput]]:
+            # Up to max_score_continuation_tokens merges (full-vocabulary ones in exact mode) and
+            # detokenisations: run in a worker thread so the event loop keeps streaming meanwhile.
             out = []
             for j, target in enumerate(cont_ids):
                 per_role = {role: results[role][0].positions[j] for role in recipe.roles}
                 dist = merge_position(recipe, per_role, ctx.vocab_size, [target], plan.merge.conservative_top_p)
-                out.append((dist.logprob_of(target), {r: dist.model_logprob_of(r, target) for r in recipe.roles}))
+                lp = dist.logprob_of(target)
+                model_lps = {r: dist.model_logprob_of(r, target) for r in recipe.roles}
+                out.append((lp, TokenOutput(target, self._tok.decode([target]), lp, model_lps)))
             return out
 
         merged = await asyncio.to_thread(merge_all)
-        tokens = [
-            TokenOutput(token_id=target, text=self._tok.decode([target]), logprob=lp, model_logprobs=model_lps)
-            for target, (lp, model_lps) in zip(cont_ids, merged)
-        ]
+        tokens = [token for _, token in merged]
         return ScoreResult(total_logprob=sum(lp for lp, _ in merged), tokens=tokens, prompt_tokens=len(plan.prompt_ids))
 
     # ---- discovery -----------------------------------------------------------------------
@@ -200,15 +215,8 @@ class EftCoordinator:
         return self._recipes
 
 
-def check_shared_vocabulary(infos: Mapping[str, ModelInfo]) -> None:
-    """Raise FailedPrecondition naming the pools whose vocabularies differ."""
-    items = list(infos.items())
-    ref_name, ref = items[0]
-    for name, info in items[1:]:
-        if info.vocab_fingerprint != ref.vocab_fingerprint or info.vocab_size != ref.vocab_size:
-            raise FailedPrecondition(
-                f"pools do not share one vocabulary: {name!r} ({info.name}, {info.vocab_size} tokens, "
-                f"fingerprint {info.vocab_fingerprint[:12]}) differs from {ref_name!r} ({ref.name}, "
-                f"{ref.vocab_size} tokens, fingerprint {ref.vocab_fingerprint[:12]}); every model merged "
-                f"token by token must use the same tokenizer"
-            )
+def _text_chars(req: GenerationRequest) -> int:
+    """What validating `req` tokenizes, in characters (a chat also pays a render per model)."""
+    if not req.messages:
+        return len(req.prompt)
+    return len(req.prompt) + CHAT_RENDER_CHARS + sum(len(m.content) + 16 for m in req.messages)

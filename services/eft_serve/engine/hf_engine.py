@@ -13,7 +13,8 @@ vocabulary fingerprint and the EOS id.
 
 KV layouts (``kv_layout``, chosen at load):
 
-* ``rows`` (the default for models on transformers' ``sdpa`` attention): a batched forward feeds
+* ``rows`` (the default for models on transformers' ``sdpa`` or ``eager`` attention whose row
+  kernel passes the load-time probe; sliding windows and soft-capping included): a batched forward feeds
   only the new tokens, right-padded to ``L``; each layer writes row ``i``'s new keys/values in
   place into that sequence's buffer and attends per row to that buffer's first ``c_i + l_i``
   positions (``row_attention``). No past is copied: a decode step of 8 cached 230-token GPT-2-small
@@ -21,7 +22,7 @@ KV layouts (``kv_layout``, chosen at load):
   with the new positions, clone each row back out) and moves ~0.6 MB now. Measured in-process
   (``tests/bench/bench_engine.py``, 12 × 768 GPT-2, 200-token pasts, 1 CPU thread): a batch-8
   decode step 107 ms vs 158 ms with the old layout; batch 1 41 vs 43 ms.
-* ``gather`` (models whose attention is not ``sdpa`` or fails the load-time probe): the rows'
+* ``gather`` (models whose attention is neither, or fails the load-time probe): the rows'
   buffers are gathered into one padded past per forward (a copy of every past), and only the new
   positions are written back. Layout of that padded forward (``P`` = longest cached prefix in the
   batch, ``L`` = most new tokens)::
@@ -35,17 +36,21 @@ turn into NaN) and pad tokens come after every real one (causality hides them). 
 ``position_ids`` give each new token its true position ``c_i + j``, so a row's numbers do not depend
 on its neighbours beyond float rounding.
 
-* ``off`` (``kv_cache_bytes: 0``, or layers that are not plain full attention): every call is a
-  plain padded forward of the whole prefix, no KV kept — the independent reference in tests.
+* ``off`` (``kv_cache_bytes: 0``, or layers that are neither full nor sliding-window attention):
+  every call is a plain padded forward of the whole prefix, no KV kept — the independent reference
+  in tests. (``rows`` and ``gather`` keep a sliding-window layer's whole KV; its window is a mask.)
+
+The constructor's ``kv_layout`` forces one (tests compare them; see docs/architectures.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +58,7 @@ from typing import Any
 import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from eft_serve.engine.cpu_head import enable_cpu_decode_head
 from eft_serve.engine.fingerprint import model_fingerprint as _model_fingerprint
@@ -63,15 +68,21 @@ from eft_serve.engine.kv_cache import cache_from_kv_layers, kv_layers_from_cache
 from eft_serve.engine.logprob_view import (
     build_position_logprobs,
     candidate_rows,
+    tokenizer_support,
     validate_draft_queries,
     validate_logprob_top_k,
     validate_queries,
 )
+from eft_serve.engine.lora import LoraSet, apply_lora
 from eft_serve.engine.row_attention import RowSlots, enable_row_attention, row_forward_kwargs
 from eft_serve.engine.sequence_kv import Admission, KVGeometry, Lease, SequenceKVStore
-from eft_serve.engine.types import DraftQuery, ModelInfo, SequenceQuery, SequenceResult
+from eft_serve.engine.types import DraftQuery, ModelInfo, SequenceQuery, SequenceResult, kv_sequence_id
 
-__all__ = ["HFEngine", "EngineCounters", "resolve_device", "DTYPES"]
+__all__ = ["HFEngine", "EngineCounters", "resolve_device", "DTYPES", "KV_LAYOUTS"]
+
+# "auto": rows if the row kernel passes its probe, else gather, else off. The others force one
+# (tests compare layouts; a forced layout the model cannot run is refused at construction).
+KV_LAYOUTS = ("auto", "rows", "gather", "off")
 
 log = logging.getLogger(__name__)
 
@@ -121,12 +132,31 @@ def _eos_id(tokenizer: Any, config: Any) -> int:
 
 
 def _kv_reuse_supported(model: Any) -> bool:
-    """Prefix reuse needs every layer to keep full, croppable KV (no sliding/linear layers)."""
+    """Prefix reuse needs every layer's attention to read plain keys/values of past positions:
+    full layers, or sliding-window ones (the engine keeps their whole KV in its own buffers and
+    the window is a mask: the model's own in ``gather``, ``row_attention``'s in ``rows``). Not
+    chunked, linear-attention or quantized layers."""
     try:
         probe = DynamicCache(config=model.config)
     except Exception:  # noqa: BLE001  # pragma: no cover - exotic configs: no prefix reuse, not a failure
         return False
-    return all(type(layer) is DynamicLayer for layer in probe.layers)
+    return all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) for layer in probe.layers)
+
+
+# The row kernel's load-time probe runs past a sliding window up to this long (a longer one is
+# checked by which window each layer applies, not numerically: the probe would cost too much).
+_WINDOW_PROBE_MAX = 64
+
+
+def _sliding_windows(model: Any) -> list[int | None]:
+    """Each layer's sliding window (None: full attention), as the model's own cache sees them."""
+    try:
+        probe = DynamicCache(config=model.config)
+    except Exception:  # noqa: BLE001  # pragma: no cover - exotic configs: checked by _kv_reuse_supported
+        return []
+    return [
+        int(layer.sliding_window) if isinstance(layer, DynamicSlidingWindowLayer) else None for layer in probe.layers
+    ]
 
 
 @dataclass
@@ -150,6 +180,7 @@ class _Row:
     num_logits: int  # trailing positions whose next-token distribution is wanted
     lease: Lease | None  # None: no KV kept (plain forward of the whole prefix)
     committed: bool = False  # the forward wrote and committed the lease (else released on failure)
+    adapter: str = ""  # the co-located LoRA adapter this row runs ("" = the plain model)
 
     @property
     def new_len(self) -> int:
@@ -191,11 +222,16 @@ class HFEngine:
         max_batch_size: int = 64,
         input_vocab_size: int | None = None,
         clock: Callable[[], float] = time.monotonic,
+        kv_layout: str = "auto",
+        lora: LoraSet | None = None,
     ) -> None:
         if max_batch_tokens < 1 or max_batch_size < 1:
             raise ValueError("max_batch_tokens and max_batch_size must be >= 1")
+        if kv_layout not in KV_LAYOUTS:
+            raise ValueError(f"kv_layout must be one of {', '.join(KV_LAYOUTS)}, got {kv_layout!r}")
         self.model = model
         self._info = info
+        self.lora = lora  # co-located adapters: each row of a forward runs its own (engine.lora)
         self.device = next(model.parameters()).device
         self.max_batch_tokens = int(max_batch_tokens)
         self.max_batch_size = int(max_batch_size)
@@ -208,10 +244,16 @@ class HFEngine:
         # Decode steps on CPU: the output head's few-row product on MKL's fast path (cpu_head).
         info.extra["lm_head"] = "cpu_decode" if enable_cpu_decode_head(model) else "model"
 
-        geometry = _kv_geometry(model, info.max_context) if _kv_reuse_supported(model) else None
+        keeps_kv = kv_layout != "off" and _kv_reuse_supported(model)
+        geometry = _kv_geometry(model, info.max_context) if keeps_kv else None
         self.kv_reuse = geometry is not None
+        if kv_layout in ("rows", "gather") and not self.kv_reuse:
+            raise ValueError(
+                f"{info.name}: kv_layout {kv_layout!r} needs per-sequence KV, which this model's layers cannot keep"
+            )
         if not self.kv_reuse:
-            log.warning("%s: cache layers are not all plain full attention; prefix KV reuse is off", info.name)
+            if kv_layout != "off":
+                log.warning("%s: cache layers cannot be kept per sequence; prefix KV reuse is off", info.name)
             geometry = KVGeometry(0, 0, 0, torch.float32, self.device, info.max_context)
         assert geometry is not None
         auto = kv_cache_bytes is None
@@ -224,7 +266,12 @@ class HFEngine:
         # the row kernel); "off": no KV kept, every call is a plain forward.
         self.kv_layout = "off"
         if self.kv_reuse and self.kv_cache.max_bytes > 0:
-            self.kv_layout = "rows" if self._enable_rows() else "gather"
+            self.kv_layout = "rows" if kv_layout != "gather" and self._enable_rows() else "gather"
+        if kv_layout not in ("auto", self.kv_layout):
+            raise ValueError(
+                f"{info.name}: kv_layout {kv_layout!r} asked for, but this model runs {self.kv_layout!r} "
+                f"(the row kernel failed its probe, or the KV budget is 0)"
+            )
         info.extra["kv_cache_bytes"] = str(self.kv_cache.max_bytes)
         info.extra["kv_layout"] = self.kv_layout
         log.info(
@@ -239,36 +286,50 @@ class HFEngine:
         self._counters_lock = threading.Lock()
 
     def _enable_rows(self) -> bool:
+        """Switch to the row kernel if, on a probe, it reproduces the model's own forward; else undo.
+
+        The probe runs past the shortest sliding window when that is short (else the window's
+        mask is checked only by which window each layer's kernel applied, against the model's
+        sliding layers)."""
+        windows = _sliding_windows(self.model)
+        shortest = min((w for w in windows if w), default=None)
+        n = min(max(8, shortest + 4 if shortest and shortest <= _WINDOW_PROBE_MAX else 8), self._info.max_context)
+        toks = (torch.arange(n, device=self.device) * 7919) % self.input_vocab_size
+        with torch.inference_mode():
+            plain = self.model(input_ids=toks[None]).logits[0].float()  # the model's own kernel
+        original = str(getattr(self.model.config, "_attn_implementation", "sdpa"))
         if not enable_row_attention(self.model):
             return False
-        # Check on a probe that the row kernel reproduces the model's own forward; else undo.
-        n = min(8, self._info.max_context)
-        toks = (torch.arange(n, device=self.device) * 7919) % self.input_vocab_size
         geometry = self.kv_cache.geometry
         buf = geometry.allocate(n)
         first = max(1, n - 3)
-        with torch.inference_mode():
-            plain = self.model(input_ids=toks[None]).logits[0].float()
-            a = self.model(
-                input_ids=toks[None, :first],
-                position_ids=torch.arange(first, device=self.device)[None],
-                use_cache=True,
-                **row_forward_kwargs(RowSlots([buf], [0], [first]), 1, self.device),
-            ).logits[0]
-            b = self.model(
-                input_ids=toks[None, first:],
-                position_ids=torch.arange(first, n, device=self.device)[None],
-                use_cache=True,
-                **row_forward_kwargs(RowSlots([buf], [first], [n - first]), 1, self.device),
-            ).logits[0]
-        rows = torch.cat([a, b]).float()
-        tol = 1e-3 if geometry.dtype == torch.float32 else 5e-2
-        if torch.allclose(rows, plain, rtol=tol, atol=tol * max(1.0, float(plain.abs().max()))):
+        slots = [RowSlots([buf], [0], [first]), RowSlots([buf], [first], [n - first])]
+        try:
+            with torch.inference_mode():
+                parts = [
+                    self.model(
+                        input_ids=toks[None, s.starts[0] : s.starts[0] + s.lens[0]],
+                        position_ids=torch.arange(s.starts[0], s.starts[0] + s.lens[0], device=self.device)[None],
+                        use_cache=True,
+                        **row_forward_kwargs(s, 1, self.device),
+                    ).logits[0]
+                    for s in slots
+                ]
+            rows = torch.cat(parts).float()
+            tol = 1e-3 if geometry.dtype == torch.float32 else 5e-2
+            close = torch.allclose(rows, plain, rtol=tol, atol=tol * max(1.0, float(plain.abs().max())))
+            applied = all([s.windows.get(i) for i in range(len(windows))] == windows for s in slots)
+        except Exception:  # a model whose attention the row kernel cannot take: gather instead
+            log.warning("%s: the per-row attention kernel failed its probe", self._info.name, exc_info=True)
+            close = applied = False
+        if close and applied:
             return True
         log.warning(
-            "%s: the per-row attention kernel disagrees with the model's own; gathering the past", self._info.name
+            "%s: the per-row attention kernel disagrees with the model's own (%s); gathering the past",
+            self._info.name,
+            "logits" if not close else f"sliding windows: model {windows}, kernel {slots[0].windows}",
         )
-        self.model.set_attn_implementation("sdpa")
+        self.model.set_attn_implementation(original)
         return False
 
     # ------------------------------------------------------------------ loading
@@ -289,6 +350,9 @@ class HFEngine:
         model_fingerprint: str | None = None,
         max_context: int | None = None,
         attn_implementation: str | None = None,
+        trust_remote_code: bool = False,
+        merge_adapter: str | Path | None = None,
+        adapters: Mapping[str, str | Path] | None = None,
     ) -> HFEngine:
         """Load a local transformers model directory.
 
@@ -296,6 +360,8 @@ class HFEngine:
         ``max_context`` overrides the config's position limit (e.g. to cap memory).
         ``kv_cache_bytes``: the KV budget; ``None`` sizes it from ``memory_bytes`` (the replica's
         memory) or the memory free now (``kv_budget``).
+        ``merge_adapter``: a LoRA adapter directory over this base, merged in (the pool serves the
+        fine-tune); ``adapters``: name -> adapter directory, co-located (queries pick one by name).
         """
         path = Path(model_dir)
         if not (path / "config.json").is_file():
@@ -311,12 +377,17 @@ class HFEngine:
         kwargs: dict[str, Any] = {"dtype": torch_dtype}
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        # Only a pool that grants it runs a checkpoint's own code (`trust_remote_code`).
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+        base_fingerprint = model_fingerprint or _model_fingerprint(path)
+        model, lora, fingerprint, adapter_fps = apply_lora(
+            model, base_fingerprint, merge=merge_adapter, adapters=adapters
+        )
         model.to(dev)  # type: ignore[arg-type]  # transformers' stubs type .to() as a dtype-only wrapper
         model.eval()  # type: ignore[no-untyped-call]
         tok_path = Path(tokenizer_dir) if tokenizer_dir is not None else path
         try:
-            tokenizer = AutoTokenizer.from_pretrained(tok_path)
+            tokenizer = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=trust_remote_code)
         except Exception as exc:
             raise ValueError(
                 f"could not load a tokenizer from {tok_path} (needed for the vocab fingerprint "
@@ -324,7 +395,10 @@ class HFEngine:
             ) from exc
 
         out_emb: Any = model.get_output_embeddings()  # type: ignore[no-untyped-call]
-        vocab_size = int(out_emb.weight.shape[0]) if out_emb is not None else int(model.config.vocab_size)
+        head_rows = int(out_emb.weight.shape[0]) if out_emb is not None else int(model.config.vocab_size)
+        # The merge support is the tokenizer's ids: heads are often padded beyond it (Qwen2.5,
+        # Pythia), and padded rows are never real tokens.
+        vocab_size = tokenizer_support(len(tokenizer), head_rows, path)
         in_emb: Any = model.get_input_embeddings()
         input_vocab = int(in_emb.weight.shape[0]) if in_emb is not None else vocab_size
         ctx = max_context or _max_context(model.config)
@@ -336,7 +410,7 @@ class HFEngine:
             max_context=int(ctx),
             eos_token_id=_eos_id(tokenizer, model.config),
             vocab_fingerprint=_vocab_fingerprint(tokenizer),
-            model_fingerprint=model_fingerprint or _model_fingerprint(path),
+            model_fingerprint=fingerprint,
             dtype=dtype_name,
             device=str(dev),
             num_parameters=sum(p.numel() for p in model.parameters()),
@@ -344,7 +418,10 @@ class HFEngine:
                 "model_dir": str(path.resolve()),
                 "attn_implementation": str(getattr(model.config, "_attn_implementation", "")),
                 "kv_reuse": "1" if _kv_reuse_supported(model) else "0",
+                "head_rows": str(head_rows),
+                **({"merged_adapter": str(Path(merge_adapter).resolve())} if merge_adapter is not None else {}),
             },
+            adapters=adapter_fps,
         )
         return cls(
             model,
@@ -354,6 +431,7 @@ class HFEngine:
             max_batch_tokens=max_batch_tokens,
             max_batch_size=max_batch_size,
             input_vocab_size=min(input_vocab, vocab_size),
+            lora=lora,
         )
 
     @property
@@ -372,7 +450,8 @@ class HFEngine:
         if self.kv_layout == "off" or not query.sequence_id:
             return None
         tokens = np.asarray(query.token_ids, dtype=np.int64)
-        return int(tokens.shape[0]) - self.kv_cache.cached_length(query.sequence_id, tokens)
+        kv_id = kv_sequence_id(query.sequence_id, query.adapter)
+        return int(tokens.shape[0]) - self.kv_cache.cached_length(kv_id, tokens)
 
     @torch.inference_mode()
     def next_token_logprobs(self, queries: Sequence[SequenceQuery], logprob_top_k: int) -> list[SequenceResult]:
@@ -391,7 +470,7 @@ class HFEngine:
             for q, (toks, _cands) in zip(queries, checked):
                 m = int(q.num_positions)
                 # At least the last m tokens must be fed: their logits are the answer.
-                rows.append(self._row(toks, q.sequence_id, m))
+                rows.append(self._row(toks, q.sequence_id, m, adapter=self._adapter(q.adapter)))
             outputs = self._run_rows(rows)
         finally:
             self._release(rows)
@@ -425,7 +504,7 @@ class HFEngine:
         try:
             for i, (q, toks) in enumerate(zip(queries, prefixes)):
                 if q.num_tokens > 0:
-                    rows[i] = self._row(toks, q.sequence_id, 1)
+                    rows[i] = self._row(toks, q.sequence_id, 1, adapter=self._adapter(q.adapter))
             while rows:
                 order = list(rows)
                 outputs = self._run_rows([rows[i] for i in order])
@@ -439,17 +518,34 @@ class HFEngine:
                         del rows[i]
                         continue
                     tokens = np.append(row.tokens, np.int64(nxt))
-                    rows[i] = self._row(tokens, queries[i].sequence_id, 1, continue_from=row.lease)
+                    rows[i] = self._row(tokens, queries[i].sequence_id, 1, row.lease, row.adapter)
         finally:
             self._release(list(rows.values()))
         return drafted
 
     # ----------------------------------------------------------------- internals
-    def _row(self, toks: np.ndarray, sequence_id: str, num_logits: int, continue_from: Lease | None = None) -> _Row:
+    def _adapter(self, adapter: str) -> str:
+        """``adapter`` if this engine serves it (ValueError: INVALID_ARGUMENT otherwise)."""
+        if adapter and self.lora is None:
+            raise ValueError(f"{self._info.name} serves no LoRA adapters; got adapter {adapter!r}")
+        if self.lora is not None:
+            self.lora.check(adapter)
+        return adapter
+
+    def _row(
+        self,
+        toks: np.ndarray,
+        sequence_id: str,
+        num_logits: int,
+        continue_from: Lease | None = None,
+        adapter: str = "",
+    ) -> _Row:
         if self.kv_layout == "off":
-            return _Row(toks, 0, num_logits, None)
-        lease = self.kv_cache.acquire(sequence_id, toks, len(toks) - num_logits, continue_from)
-        return _Row(toks, lease.start, num_logits, lease)
+            return _Row(toks, 0, num_logits, None, adapter=adapter)
+        # An adapter's KV is its own: kept under its own id, never shared with the base's rows.
+        kv_id = kv_sequence_id(sequence_id, adapter)
+        lease = self.kv_cache.acquire(kv_id, toks, len(toks) - num_logits, continue_from, namespace=adapter)
+        return _Row(toks, lease.start, num_logits, lease, adapter=adapter)
 
     def _release(self, rows: Sequence[_Row]) -> None:
         """Hand back leases a failed call did not commit (committed ones are cleared)."""
@@ -552,14 +648,17 @@ class HFEngine:
         else:
             kwargs["attention_mask"] = torch.from_numpy(mask).to(dev)
             kwargs["use_cache"] = False
-        out = self.model(**kwargs)
+        adapters = self.lora.rows([r.adapter for r in rows]) if self.lora else contextlib.nullcontext()
+        with adapters:
+            out = self.model(**kwargs)
         logits = out.logits
         offset = lo if self._has_logits_to_keep else 0
         picked = torch.cat(
             [logits[i, n - r.num_logits - offset : n - offset] for i, (r, n) in enumerate(zip(rows, new_lens))]
         )
-        # Normalize in float32 whatever the model dtype: merged logprobs are compared across pools.
-        lp = torch.log_softmax(picked.float(), dim=-1)
+        # Normalize in float32 whatever the model dtype (merged logprobs are compared across pools),
+        # over the tokenizer's ids only: padded head rows never enter a distribution.
+        lp = torch.log_softmax(picked[:, : self._info.vocab_size].float(), dim=-1)
 
         if self.kv_layout == "gather":
             # Only the new positions go back into each row's buffer (the past is already there).

@@ -20,11 +20,39 @@ from eft_serve.engine.types import DraftQuery, PositionLogprobs, SequenceQuery
 
 __all__ = [
     "build_position_logprobs",
+    "restrict_to_support",
+    "tokenizer_support",
     "candidate_rows",
     "validate_draft_queries",
     "validate_queries",
     "validate_logprob_top_k",
 ]
+
+
+def tokenizer_support(tokenizer_size: int, head_rows: int, model: object) -> int:
+    """The ids a model's distributions range over: the tokenizer's ``[0, tokenizer_size)``.
+
+    Output heads are often padded beyond the tokenizer (to a multiple of 64/128, or per model size
+    within one family); those rows are no token, so they never enter a merge. A tokenizer with more
+    ids than the head has rows names tokens the model cannot score: refused.
+    """
+    if tokenizer_size < 1:
+        raise ValueError(f"{model}: the tokenizer defines no tokens")
+    if tokenizer_size > head_rows:
+        raise ValueError(
+            f"{model}: the tokenizer defines {tokenizer_size} ids but the model's output head has only "
+            f"{head_rows} rows; this tokenizer does not belong to this model (point tokenizer files at the "
+            f"model's own)"
+        )
+    return int(tokenizer_size)
+
+
+def restrict_to_support(logprobs: np.ndarray, support: int) -> np.ndarray:
+    """Rows of full-head logprobs ``[..., head_rows]`` renormalised over the first ``support`` ids."""
+    head = np.asarray(logprobs, dtype=np.float64)[..., :support]
+    peak = head.max(axis=-1, keepdims=True)
+    norm = peak + np.log(np.exp(head - peak).sum(axis=-1, keepdims=True))
+    return (head - norm).astype(np.float32)
 
 
 def validate_logprob_top_k(logprob_top_k: int) -> None:

@@ -38,6 +38,7 @@ from eft_serve.engine.types import (
     ModelInfo,
     SequenceQuery,
     SequenceResult,
+    kv_sequence_id,
 )
 from eft_serve.errors import InvalidArgument, ResourceExhausted, Unavailable
 
@@ -87,7 +88,7 @@ class EngineRunner:
     async def next_token_logprobs(
         self, queries: Sequence[SequenceQuery], logprob_top_k: int, deadline: float | None = None
     ) -> list[SequenceResult]:
-        await self.admit([(q.sequence_id, len(q.token_ids)) for q in queries], deadline)
+        await self.admit([(kv_sequence_id(q.sequence_id, q.adapter), len(q.token_ids)) for q in queries], deadline)
         if self._concurrent:
             return await self._run_concurrently(deadline, self.engine.next_token_logprobs, queries, logprob_top_k)
         return await self.turns.logprobs(queries, logprob_top_k, deadline)
@@ -98,7 +99,10 @@ class EngineRunner:
         """Greedy drafts; with `score_logprob_top_k`, each also scored by this model (see
         `DraftedSequence`) in the same engine turn — the scores are exactly what
         `next_token_logprobs` answers for prefix + draft, because that is how they are computed."""
-        await self.admit([(q.sequence_id, len(q.token_ids) + max(0, q.num_tokens)) for q in queries], deadline)
+        await self.admit(
+            [(kv_sequence_id(q.sequence_id, q.adapter), len(q.token_ids) + max(0, q.num_tokens)) for q in queries],
+            deadline,
+        )
         if self._concurrent:
             return await self._run_concurrently(deadline, self._draft, queries, score_logprob_top_k)
         return await self.turns.alone(lambda: self._draft(queries, score_logprob_top_k), deadline)
@@ -167,7 +171,9 @@ class EngineRunner:
         # The prefix's KV is cached by the draft; scoring re-feeds only the drafted tokens.
         scored = self.engine.next_token_logprobs(
             [
-                SequenceQuery(list(q.token_ids) + d, num_positions=len(d) + 1, sequence_id=q.sequence_id)
+                SequenceQuery(
+                    list(q.token_ids) + d, num_positions=len(d) + 1, sequence_id=q.sequence_id, adapter=q.adapter
+                )
                 for q, d in zip(queries, drafts)
             ],
             score_logprob_top_k,

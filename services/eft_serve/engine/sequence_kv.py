@@ -98,6 +98,9 @@ class _Entry:
     gap: float | None = None  # mean seconds between admitted calls
     last_admit: float | None = None
     busy: int = 0  # forwards in flight using this entry (never evicted meanwhile)
+    # Whose weights computed this KV (a co-located LoRA adapter's name, "" = the model's own):
+    # prefixes are shared only within one namespace.
+    namespace: str = ""
 
 
 @dataclass
@@ -203,12 +206,19 @@ class SequenceKVStore:
 
     # ------------------------------------------------------------------ leases
     def acquire(
-        self, sequence_id: str, tokens: np.ndarray, max_reuse: int, continue_from: Lease | None = None
+        self,
+        sequence_id: str,
+        tokens: np.ndarray,
+        max_reuse: int,
+        continue_from: Lease | None = None,
+        namespace: str = "",
     ) -> Lease:
         """A buffer with room for all of ``tokens`` whose first ``start`` positions (at most
         ``max_reuse``) already hold their KV: the sequence's own, or a shared head copied once.
         ``continue_from``: the previous lease of this row in the same call (a draft's next step),
-        whose entry is the row's own even without a sequence id."""
+        whose entry is the row's own even without a sequence id. ``namespace``: whose weights the
+        row runs (an adapter); heads are shared only from entries of the same namespace, and the
+        caller keeps sequence ids of different namespaces apart."""
         n = int(tokens.shape[0])
         now = self._clock()
         with self._lock:
@@ -218,12 +228,14 @@ class SequenceKVStore:
                 own = prev
             if own is not None and own.busy:
                 own, sequence_id = None, ""  # the same id twice in one call: the second is one-shot
+            if own is not None:
+                own.namespace = namespace  # admission may have made the entry without knowing it
             start, src = 0, own
             if own is not None and own.length:
                 start = min(_lcp(own.tokens[: own.length], tokens), max_reuse)
             if start < max_reuse:
                 for e in self._entries.values():
-                    if e is own or not e.length:
+                    if e is own or not e.length or e.namespace != namespace:
                         continue
                     m = min(_lcp(e.tokens[: e.length], tokens), max_reuse)
                     if m > start:
@@ -259,6 +271,7 @@ class SequenceKVStore:
                     return self._transient(n, src, start)
             if target is None:
                 target = self._new_entry(sequence_id, now)
+                target.namespace = namespace
             buf = self.geometry.allocate(cap)
             toks = np.zeros(cap, dtype=np.int64)
             if start and src is not None and src.buf is not None:
@@ -350,7 +363,7 @@ class SequenceKVStore:
         anonymous entries it covers go."""
         toks = e.tokens[: e.length]
         for other in list(self._entries.values()):
-            if other is e or other.busy or not other.length:
+            if other is e or other.busy or not other.length or other.namespace != e.namespace:
                 continue
             m = _lcp(other.tokens[: other.length], toks)
             if m == e.length and other.length >= e.length:

@@ -298,7 +298,9 @@ class TurnQueue:
         w.chunked_from = uncached
         self.prefill_chunks += 1
         cut = len(q.token_ids) - uncached + size
-        return SequenceQuery(token_ids=list(q.token_ids[:cut]), num_positions=1, sequence_id=q.sequence_id)
+        return SequenceQuery(
+            token_ids=list(q.token_ids[:cut]), num_positions=1, sequence_id=q.sequence_id, adapter=q.adapter
+        )
 
     async def _engine_turn(self, live: list[_Work], fn: Callable[[], Any]) -> Any:
         """Run `fn` in a worker thread; settle `live` with its error (or, for a lone call, result).

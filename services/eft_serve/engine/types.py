@@ -36,6 +36,14 @@ class SequenceQuery:
     # sequence_id, so a wire may send only the rest (it falls back to all of it if the pool does
     # not). token_ids is always the whole prefix here; results never depend on the hint.
     known_prefix_length: int = 0
+    # The LoRA adapter that answers (a co-located role, `engine.lora`); "" = the pool's own model.
+    adapter: str = ""
+
+
+def kv_sequence_id(sequence_id: str, adapter: str) -> str:
+    """The id a sequence's KV (and incremental prefix) is kept under in a pool: the same token
+    prefix under another adapter is another sequence (other weights, other KV)."""
+    return f"{sequence_id}@{adapter}" if sequence_id and adapter else sequence_id
 
 
 @dataclass
@@ -77,6 +85,8 @@ class ModelInfo:
     device: str = "cpu"
     num_parameters: int = 0
     extra: dict[str, str] = field(default_factory=dict)
+    # LoRA adapters served inside this pool (co-located roles): name -> weights fingerprint.
+    adapters: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -86,6 +96,7 @@ class DraftQuery:
     token_ids: Sequence[int]
     num_tokens: int
     sequence_id: str = ""
+    adapter: str = ""  # as in SequenceQuery
 
 
 @dataclass

@@ -50,6 +50,8 @@ from eft_serve.engine.fingerprint import model_fingerprint as _model_fingerprint
 from eft_serve.engine.fingerprint import vocab_fingerprint as _vocab_fingerprint
 from eft_serve.engine.logprob_view import (
     build_position_logprobs,
+    restrict_to_support,
+    tokenizer_support,
     validate_draft_queries,
     validate_logprob_top_k,
     validate_queries,
@@ -98,8 +100,17 @@ class VLLMEngine:
     # Concurrent calls go straight to vLLM's scheduler (continuous batching), not one at a time.
     schedules_concurrent_calls = True
 
-    def __init__(self, llm: Any, loop: asyncio.AbstractEventLoop, thread: threading.Thread, info: ModelInfo) -> None:
+    def __init__(
+        self,
+        llm: Any,
+        loop: asyncio.AbstractEventLoop,
+        thread: threading.Thread,
+        info: ModelInfo,
+        head_rows: int | None = None,
+    ) -> None:
         self._llm = llm
+        # vLLM answers over every head row; rows past the tokenizer (padding) are cut off here.
+        self._head_rows = head_rows or info.vocab_size
         self._loop = loop
         self._thread = thread
         self._info = info
@@ -119,6 +130,7 @@ class VLLMEngine:
         tokenizer_dir: str | Path | None = None,
         model_fingerprint: str | None = None,
         seed: int = 0,
+        trust_remote_code: bool = False,
     ) -> VLLMEngine:
         """Start vLLM on a local transformers model directory (minutes for a large model).
 
@@ -136,13 +148,14 @@ class VLLMEngine:
         from vllm.engine.arg_utils import AsyncEngineArgs
 
         tok_path = Path(tokenizer_dir) if tokenizer_dir is not None else path
-        tokenizer = AutoTokenizer.from_pretrained(tok_path)
+        tokenizer = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=trust_remote_code)
         dtype_name = opts.dtype or dtype
         engine_kwargs: dict[str, Any] = dict(
             model=str(path),
             tokenizer=str(tok_path),
             dtype=dtype_name,
             seed=seed,
+            trust_remote_code=trust_remote_code,
             # Full-vocabulary logprobs (logprob_top_k = 0 and the local top-k/candidates/tail).
             max_logprobs=-1,
             # Sampling defaults of the model's generation_config (repetition penalty, ...) would
@@ -179,7 +192,9 @@ class VLLMEngine:
             thread.join(timeout=5)
             raise
         model_config = llm.model_config
-        vocab_size = int(model_config.get_vocab_size())
+        head_rows = int(model_config.get_vocab_size())
+        # Distributions range over the tokenizer's ids; padded head rows are cut off (logprob_view).
+        vocab_size = tokenizer_support(len(tokenizer), head_rows, path)
         eos = getattr(tokenizer, "eos_token_id", None)
         import vllm
 
@@ -198,12 +213,13 @@ class VLLMEngine:
                 "engine": "vllm",
                 "vllm_version": str(getattr(vllm, "__version__", "")),
                 "model_dir": str(path.resolve()),
+                "head_rows": str(head_rows),
                 "tensor_parallel_size": str(opts.tensor_parallel_size),
                 "prefix_caching": "1" if opts.enable_prefix_caching else "0",
                 "block_size": str(getattr(llm.vllm_config.cache_config, "block_size", "")),
             },
         )
-        engine = cls(llm, loop, thread, info)
+        engine = cls(llm, loop, thread, info, head_rows)
         engine._warm_up(path)
         return engine
 
@@ -302,7 +318,7 @@ class VLLMEngine:
     async def _rows(self, toks: np.ndarray, m: int) -> tuple[np.ndarray, int]:
         """Full-vocabulary logprobs ``[m, V]`` of the trailing m positions, and the cached prefix length."""
         n = len(toks)
-        vocab = self._info.vocab_size
+        vocab = self._head_rows
         if m == 1:
             out = await self._generate(toks, max_tokens=1, logprobs=-1)
         else:
@@ -321,12 +337,18 @@ class VLLMEngine:
             i = n - m + 1 + j
             lp[j] = _flat_row(out.prompt_logprobs, i, vocab, f"position {i}")
         lp[m - 1] = _flat_row(out.outputs[0].logprobs, 0, vocab, "the next token")
+        if vocab > self._info.vocab_size:
+            lp = restrict_to_support(lp, self._info.vocab_size)
         return lp, int(out.num_cached_tokens or 0)
 
     async def _draft_one(self, toks: np.ndarray, k: int) -> list[int]:
         if k <= 0:
             return []
-        out = await self._generate(toks, max_tokens=k, ignore_eos=True)
+        # A padded head row is no token: greedy drafting is restricted to the tokenizer's ids.
+        allowed = (
+            {"allowed_token_ids": list(range(self._info.vocab_size))} if self._head_rows > self._info.vocab_size else {}
+        )
+        out = await self._generate(toks, max_tokens=k, ignore_eos=True, **allowed)
         ids = [int(t) for t in out.outputs[0].token_ids]
         if len(ids) != k:
             raise RuntimeError(f"vLLM drafted {len(ids)} tokens instead of {k}")

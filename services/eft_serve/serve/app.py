@@ -1,6 +1,7 @@
 """Serve application builders and the Serve config rendered from one `EftConfig`.
 
 Owns turning the config tree into Serve applications: one per pool (`pool-<role>`, no route,
+none for a LoRA role co-located in its base's pool,
 so only the coordinator is reachable from outside) and the coordinator (`eft`, route "/", the
 only gRPC-proxy endpoint, so clients need no `application` metadata). `serve run
 deploy/<file>.yaml` and `eft serve` both end up in these builders.
@@ -55,14 +56,39 @@ def _config_from_args(args: dict[str, Any]) -> EftConfig:
 
 
 def pool_app(args: dict[str, Any]) -> Application:
-    """Builder for `import_path: eft_serve.serve.app:pool_app`, args {role, pool: PoolConfig}."""
+    """Builder for `import_path: eft_serve.serve.app:pool_app`, args {role, pool: PoolConfig, and
+    for LoRA (`pool_apps`) lora: {base_model: <the base's model>} or {adapters: {role: dir}}}."""
     from eft_serve.serve.pool_deployment import ModelPoolDeployment
 
     role = args.get("role")
     if not role or "pool" not in args:
         raise ValueError("pool application args need 'role' and 'pool' (a PoolConfig mapping)")
     pool = PoolConfig.model_validate(args["pool"])
-    return ModelPoolDeployment.options(**pool_deployment_options(pool)).bind(role, pool.model_dump(mode="json"))
+    lora = args.get("lora") or {}
+    if not isinstance(lora, dict) or set(lora) - {"base_model", "adapters"}:
+        raise ValueError("pool application args 'lora' takes base_model and/or adapters only")
+    return ModelPoolDeployment.options(**pool_deployment_options(pool)).bind(role, pool.model_dump(mode="json"), lora)
+
+
+def pool_apps(cfg: EftConfig, check_files: bool = True) -> list[dict[str, Any]]:
+    """The pool applications' args, one per pool with a deployment of its own: a co-located LoRA
+    role has none (its adapter rides in its base's pool, listed there under lora.adapters)."""
+    from eft_serve.adapters import lora_links
+
+    links = lora_links(cfg, check_files)
+    apps = []
+    for role, pool in cfg.pools.items():
+        link = links.get(role)
+        if link is not None and link.colocated:
+            continue
+        args: dict[str, Any] = {"role": role, "pool": pool.model_dump(mode="json")}
+        if link is not None:
+            args["lora"] = {"base_model": cfg.pools[link.base_role].model}
+        hosted = {r: str(k.adapter_dir) for r, k in links.items() if k.colocated and k.base_role == role}
+        if hosted:
+            args["lora"] = {"adapters": hosted}
+        apps.append(args)
+    return apps
 
 
 def pool_deployment_options(pool: PoolConfig) -> dict[str, Any]:
@@ -93,13 +119,8 @@ def serve_config(cfg: EftConfig, http_port: int | None = None) -> dict[str, Any]
     """
     config = cfg.model_dump(mode="json")
     apps: list[dict[str, Any]] = [
-        {
-            "name": pool_app_name(role),
-            "route_prefix": None,
-            "import_path": IMPORT_POOL,
-            "args": {"role": role, "pool": pool.model_dump(mode="json")},
-        }
-        for role, pool in cfg.pools.items()
+        {"name": pool_app_name(args["role"]), "route_prefix": None, "import_path": IMPORT_POOL, "args": args}
+        for args in pool_apps(cfg, check_files=False)
     ]
     apps.append(
         {"name": COORDINATOR_APP, "route_prefix": "/", "import_path": IMPORT_COORDINATOR, "args": {"config": config}}

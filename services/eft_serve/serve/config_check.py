@@ -33,7 +33,7 @@ from eft_serve.config import EftConfig, PoolConfig
 from eft_serve.serve.app import IMPORT_COORDINATOR, IMPORT_POOL
 from eft_serve.serve.names import COORDINATOR_APP, pool_app_name
 
-_POOL_ARGS = frozenset({"role", "pool"})
+_POOL_ARGS = frozenset({"role", "pool", "lora"})
 _COORDINATOR_ARGS = frozenset({"config"})
 
 
@@ -169,6 +169,8 @@ def _check_apps(apps: list[Any]) -> list[str]:
     # The coordinator talks to the pools it was configured with; a pool app that serves another
     # model (or none at all) fails only at run time, after the vocabulary check or a request.
     for role, pool in cfg.pools.items():
+        if pool.colocate_with is not None:
+            continue  # a co-located LoRA role rides in its base's pool application
         if role not in pools:
             problems.append(
                 f"applications[{ci}].args.config.pools.{role}: no pool application "

@@ -28,13 +28,16 @@ from eft_serve.auth.gate import Gate
 from eft_serve.auth.keys import load_key_store
 from eft_serve.config import EftConfig
 from eft_serve.coordinator.access_log import AccessLog, install_handler
+from eft_serve.coordinator.pool_client import ColocatedRole, PoolClient
 from eft_serve.coordinator.service import EftCoordinator
 from eft_serve.coordinator.telemetry import FanOut, Telemetry
 from eft_serve.errors import FailedPrecondition, Unavailable
 from eft_serve.infra.cpu_affinity import pin_process_to_cpus
-from eft_serve.serve.metrics import CacheMetrics, PoolWireMetrics, ServeMetrics
+from eft_serve.serve.metrics import CacheMetrics, PoolWireMetrics, QuotaMetrics, ServeMetrics
 from eft_serve.serve.names import COORDINATOR_DEPLOYMENT
 from eft_serve.serve.pool_handle import ServePoolClient
+from eft_serve.serve.quota_limiter import build_quota_limiter
+from eft_serve.serve.startup_failure import marked
 from eft_serve.transport.coordinator_rpc import CoordinatorRpc
 from eft_serve.transport.error_boundary import error_boundary, set_on_serve_context
 from eft_serve.transport.openai_api import OpenAIApi
@@ -52,29 +55,38 @@ class CoordinatorDeployment:
     async def __init__(self, config: dict[str, Any]) -> None:
         from transformers import AutoTokenizer
 
+        from eft_serve.adapters import lora_links, tokenizer_dir
         from eft_serve.cache.factory import build_next_token_cache
-        from eft_serve.model_paths import resolve_model_path
 
         cfg = EftConfig.model_validate(config)
         if cfg.coordinator.replica.cpu_affinity is not None:
             pin_process_to_cpus(cfg.coordinator.replica.cpu_affinity)
         # API keys (auth.enabled), loaded first so a bad keys file fails the replica at once;
         # checked in `CoordinatorRpc`, the same as on the plain grpc.aio server.
-        gate = Gate(load_key_store(cfg.auth.keys_file, cfg.auth.keys_env)) if cfg.auth.enabled else None
+        # Quotas shared by all replicas through Redis when cache.url is set (auth.quota_store).
+        gate = (
+            Gate(load_key_store(cfg.auth.keys_file, cfg.auth.keys_env), build_quota_limiter(cfg, QuotaMetrics()))
+            if cfg.auth.enabled
+            else None
+        )
         base_role = cfg.recipes[cfg.coordinator.default_recipe].base
         # Every pool's own tokenizer: one vocabulary (checked at start), but chat prompts are
         # rendered with each model's own chat template. The default recipe's base detokenises.
-        tokenizers = {
-            role: AutoTokenizer.from_pretrained(resolve_model_path(pool.model)) for role, pool in cfg.pools.items()
-        }
+        # A LoRA role without tokenizer files of its own reads its base's (`eft_serve.adapters`).
+        links = lora_links(cfg)
+        tokenizers = {role: AutoTokenizer.from_pretrained(tokenizer_dir(cfg, role, links)) for role in cfg.pools}
         tokenizer = tokenizers[base_role]
         wire = PoolWireMetrics()
-        pools = {
+        pools: dict[str, PoolClient] = {
             role: ServePoolClient(
                 role, coalesce=cfg.coordinator.coalesce_pool_calls, on_send=functools.partial(wire.sent, role)
             )
             for role in cfg.pools
+            if not (role in links and links[role].colocated)
         }
+        for role, link in links.items():
+            if link.colocated:  # served inside its base's pool: its calls are that pool's
+                pools[role] = ColocatedRole(role, pools[link.base_role])
         cache = build_next_token_cache(cfg.cache)
         self._metrics = CacheMetrics(cache)
         # Prometheus metrics always; the access log (JSON lines on stderr, i.e. this replica's Ray log) if on.
@@ -91,11 +103,13 @@ class CoordinatorDeployment:
             try:
                 await self._coordinator.start()
                 break
-            except FailedPrecondition:
-                raise  # a vocabulary mismatch will not fix itself: fail the deployment, loudly
+            except FailedPrecondition as e:
+                # A tokenizer mismatch will not fix itself: fail the deployment with one line
+                # `eft serve` prints (serve.startup_failure).
+                raise marked("coordinator", e) from e
             except Unavailable as e:
                 if time.monotonic() > deadline:
-                    raise
+                    raise marked("coordinator", e) from e
                 log.warning("waiting for model pools: %s", e)
                 await asyncio.sleep(1.0)
         self._rpc = CoordinatorRpc(self._coordinator, gate, telemetry)

@@ -13,9 +13,18 @@ import time
 from collections.abc import Callable
 
 from eft_serve.config import EftConfig
-from eft_serve.serve.app import GRPC_SERVICER_FUNCTIONS, coordinator_app, pool_app, proxy_env, proxy_request_timeout_s
+from eft_serve.preflight import StartupError
+from eft_serve.serve.app import (
+    GRPC_SERVICER_FUNCTIONS,
+    coordinator_app,
+    pool_app,
+    pool_apps,
+    proxy_env,
+    proxy_request_timeout_s,
+)
 from eft_serve.serve.loopback_grpc import runtime_env as grpc_proxy_runtime_env
 from eft_serve.serve.names import COORDINATOR_APP, pool_app_name
+from eft_serve.serve.startup_failure import cause_in
 
 # Where a local stack's plaintext gRPC proxy listens (`loopback_grpc`); clients and the TLS front dial it.
 LOCAL_GRPC_HOST = "127.0.0.1"
@@ -101,24 +110,45 @@ def deploy_stack(cfg: EftConfig, http_port: int | None = None, log: Callable[[st
     args = {"config": cfg.model_dump(mode="json")}
     started = time.perf_counter()
     # All pools in one call so they load their models concurrently; wait_for_apps reports failures.
+    # One app per pool with a deployment of its own (a co-located LoRA role rides in its base's);
+    # adapters are linked to their bases (and checked) here, before anything deploys.
+    pools = pool_apps(cfg)
     serve.run_many(
-        [
-            serve.RunTarget(
-                pool_app({"role": role, "pool": cfg.pools[role].model_dump(mode="json")}),
-                name=pool_app_name(role),
-                route_prefix=None,
-            )
-            for role in cfg.pools
-        ],
+        [serve.RunTarget(pool_app(a), name=pool_app_name(a["role"]), route_prefix=None) for a in pools],
         wait_for_ingress_deployment_creation=False,
         wait_for_applications_running=False,
     )
-    for role in cfg.pools:
-        log(f"deploying pool {role!r} ({cfg.pools[role].model})")
-    wait_for_apps([pool_app_name(r) for r in cfg.pools], timeout_s=cfg.coordinator.startup_timeout_s)
+    for pool_args in pools:
+        role = pool_args["role"]
+        hosted = sorted((pool_args.get("lora") or {}).get("adapters") or {})
+        log(f"deploying pool {role!r} ({cfg.pools[role].model})" + (f" with LoRA roles {hosted}" if hosted else ""))
+    wait_for_apps([pool_app_name(a["role"]) for a in pools], timeout_s=cfg.coordinator.startup_timeout_s)
     log(f"pools ready in {time.perf_counter() - started:.1f}s; deploying the coordinator")
-    serve.run(coordinator_app(args), name=COORDINATOR_APP, route_prefix="/")
+    try:
+        serve.run(coordinator_app(args), name=COORDINATOR_APP, route_prefix="/")
+    except RuntimeError as e:
+        # Serve says only "Failed to update the deployments"; the replica's marked cause is in
+        # the application's status.
+        raise _startup_error(COORDINATOR_APP, str(e)) from e
     log(f"stack ready in {time.perf_counter() - started:.1f}s; gRPC on port {cfg.grpc.port}")
+
+
+def _startup_error(app_name: str, fallback: str) -> StartupError:
+    """One line for a failed application: its replica's marked cause, else Serve's last words."""
+    from ray import serve
+
+    messages = [fallback]
+    try:
+        app = serve.status().applications.get(app_name)
+        if app is not None:
+            messages = [app.message or "", *(d.message or "" for d in app.deployments.values()), fallback]
+    except Exception:  # noqa: BLE001 - a status that cannot be read leaves the fallback message
+        pass
+    for message in messages:
+        if cause := cause_in(message):
+            return StartupError(cause)
+    last = next((line.strip() for m in messages for line in reversed(m.splitlines()) if line.strip()), "")
+    return StartupError(f"application {app_name!r} failed to deploy: {last[:500]}")
 
 
 def wait_for_apps(names: list[str], timeout_s: float) -> None:
@@ -132,7 +162,7 @@ def wait_for_apps(names: list[str], timeout_s: float) -> None:
         for name in names:
             app = statuses.get(name)
             if app is not None and app.status == ApplicationStatus.DEPLOY_FAILED:
-                raise RuntimeError(f"application {name!r} failed to deploy: {app.message}")
+                raise _startup_error(name, app.message)
             if app is None or app.status != ApplicationStatus.RUNNING:
                 pending.append(name)
         if not pending:

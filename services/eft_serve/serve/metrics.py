@@ -4,7 +4,8 @@ Owns every metric's name, type, labels and buckets (README.md#metrics; the Grafa
 `k8s/grafana/eft-serve.json` reads them, and a unit test checks it names only these):
 `ServeMetrics` is the coordinator replica's `Telemetry` (requests, tokens, latencies, pool calls,
 speculative acceptance, in-flight requests), `PoolWireMetrics` its Serve calls to the pools
-after coalescing, `PoolMetrics` the pool replica's engine queue wait, `CacheMetrics` turns the
+after coalescing, `QuotaMetrics` where its quotas are counted (shared in Redis, or per
+replica), `PoolMetrics` the pool replica's engine queue wait, `CacheMetrics` turns the
 result cache's cumulative counters into Serve counters. Labels are bounded: recipe (a configured recipe name, else "other"), status code name, pool role, method —
 never request or key ids. Ray exports each under `ray_<name>` on every node's metrics port;
 Serve adds `deployment`, `replica` and `application` labels.
@@ -45,6 +46,9 @@ METRICS: dict[str, tuple[str, str]] = {
     "eft_pool_queue_wait_seconds": ("histogram", "Time a pool call waited for its replica's engine"),
     "eft_pool_wire_calls_total": ("counter", "Serve calls the coordinator sent to a pool, after coalescing"),
     "eft_pool_coalesced_calls_total": ("counter", "Pool calls of streams that rode in a shared Serve call"),
+    "eft_quota_shared": ("gauge", "1 while per-key quotas are counted in Redis for all replicas, 0 per replica"),
+    "eft_quota_store_fallbacks_total": ("counter", "Switches from shared (Redis) quotas to per-replica ones"),
+    "eft_quota_local_admissions_total": ("counter", "Admissions decided per replica because Redis did not answer"),
     **{
         f"eft_cache_{name}_total": ("counter", f"Result cache {name.replace('_', ' ')} (coordinator)")
         for name in _EXPORTED
@@ -144,6 +148,26 @@ class PoolWireMetrics:
         self._calls.inc(1, tags)
         if callers > 1:
             self._riders.inc(callers, tags)
+
+
+class QuotaMetrics:
+    """The quota limiter's `QuotaObserver` (create inside the replica): whether quotas are shared
+    now, how often they fell back to per replica, and how many admissions were decided so."""
+
+    def __init__(self) -> None:
+        self._state: bool | None = None
+        self._shared = Gauge("eft_quota_shared", description=METRICS["eft_quota_shared"][1])
+        self._fallbacks = _counter("eft_quota_store_fallbacks_total")
+        self._local = _counter("eft_quota_local_admissions_total")
+
+    def store_state(self, shared: bool) -> None:
+        if self._state and not shared:  # a switch away from shared, not a replica configured local
+            self._fallbacks.inc(1)
+        self._state = shared
+        self._shared.set(1 if shared else 0)
+
+    def local_decision(self) -> None:
+        self._local.inc(1)
 
 
 def metrics_endpoints() -> list[str]:

@@ -24,12 +24,13 @@ from eft_serve.infra.cpu_affinity import pin_process_to_cpus
 from eft_serve.proto_gen.eft.v1 import pool_pb2
 from eft_serve.serve.metrics import PoolMetrics
 from eft_serve.serve.names import POOL_DEPLOYMENT
+from eft_serve.serve.startup_failure import marked
 from eft_serve.transport.pool_rpc import PoolRpc
 
 
 @serve.deployment(name=POOL_DEPLOYMENT)
 class ModelPoolDeployment:
-    def __init__(self, role: str, pool: dict[str, Any]) -> None:
+    def __init__(self, role: str, pool: dict[str, Any], lora: dict[str, Any] | None = None) -> None:
         from eft_serve.engine.factory import load_engine
         from eft_serve.model_paths import resolve_model_path
 
@@ -37,18 +38,30 @@ class ModelPoolDeployment:
         if cfg.replica.cpu_affinity is not None:
             # Before the engine loads, so torch's threads start on these CPUs too.
             pin_process_to_cpus(cfg.replica.cpu_affinity)
-        path = resolve_model_path(cfg.model)
-        engine = load_engine(
-            cfg.engine,
-            path,
-            name=f"{role}:{path.name}",
-            dtype=cfg.dtype,
-            device=cfg.device,
-            kv_cache_bytes=cfg.kv_cache_bytes,
-            memory_bytes=cfg.replica.memory_bytes,
-            torch_threads=cfg.torch_threads,
-            vllm=cfg.vllm,
-        )
+        try:
+            # LoRA (serve.app.pool_apps): an adapter pool loads its base and merges the adapter in;
+            # a base pool with co-located adapters serves them beside its own rows.
+            lora = lora or {}
+            adapter = resolve_model_path(cfg.model) if lora.get("base_model") else None
+            path = resolve_model_path(lora["base_model"]) if adapter is not None else resolve_model_path(cfg.model)
+            adapters = {name: resolve_model_path(d) for name, d in (lora.get("adapters") or {}).items()}
+            engine = load_engine(
+                cfg.engine,
+                path,
+                name=f"{role}:{(adapter or path).name}",
+                dtype=cfg.dtype,
+                device=cfg.device,
+                kv_cache_bytes=cfg.kv_cache_bytes,
+                memory_bytes=cfg.replica.memory_bytes,
+                torch_threads=cfg.torch_threads,
+                vllm=cfg.vllm,
+                trust_remote_code=cfg.trust_remote_code,
+                merge_adapter=adapter,
+                adapters=adapters,
+            )
+        except Exception as e:
+            # One line naming this pool and the cause reaches `eft serve` (serve.startup_failure).
+            raise marked(f"pool {role!r}", e) from e
         self.role = role
         self._replica_id = serve.get_replica_context().replica_id.unique_id
         batching = TurnPolicy(

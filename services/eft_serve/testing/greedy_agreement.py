@@ -16,11 +16,13 @@ from eft_serve.reference import ReferenceEFT
 
 
 def merged_scores(reference: ReferenceEFT, ids: list[int]) -> np.ndarray:
-    """The recipe's unnormalised merged scores of the token after `ids` (float64, full vocabulary)."""
+    """The recipe's unnormalised merged scores of the token after `ids` (float64, over the
+    reference's support: the full vocabulary, or the tokenizer's ids of padded heads)."""
     with torch.inference_mode():
         score = None
         for role, coef in reference.coefficients.items():
-            lp = torch.log_softmax(reference.models[role](torch.tensor([ids])).logits[0, -1].double(), -1)
+            logits = reference.models[role](torch.tensor([ids])).logits[0, -1, : reference.support]
+            lp = torch.log_softmax(logits.double(), -1)
             score = coef * lp if score is None else score + coef * lp
     assert score is not None
     return score.numpy()

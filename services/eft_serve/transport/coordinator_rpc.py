@@ -40,12 +40,12 @@ class CoordinatorRpc:
         recipe = merge.recipe or self.coordinator.default_recipe
         return RequestTrace(self.telemetry, RequestRecord(method, request_id, recipe, prompt=prompt))
 
-    def _admit(self, metadata: Metadata, merge: eft_pb2.MergeParams) -> Lease:
+    async def _admit(self, metadata: Metadata, merge: eft_pb2.MergeParams) -> Lease:
         if self.gate is None:
             return NO_LIMIT
         recipe = merge.recipe or self.coordinator.default_recipe
         top_k = merge.logprob_top_k if merge.HasField("logprob_top_k") else self.coordinator.default_logprob_top_k
-        return self.gate.admit(metadata, recipe, exact=top_k == 0)
+        return await self.gate.admit(metadata, recipe, exact=top_k == 0)
 
     def _authenticate(self, metadata: Metadata) -> None:
         if self.gate is not None:
@@ -97,7 +97,7 @@ class CoordinatorRpc:
     async def score(self, request: eft_pb2.ScoreRequest, metadata: Metadata = ()) -> eft_pb2.ScoreResponse:
         trace = self._trace("Score", "", request.merge, request.prompt)
         try:
-            lease = self._admit(metadata, request.merge)
+            lease = await self._admit(metadata, request.merge)
             trace.record.key_id = lease.key_id or "-"
             try:
                 result = await self.coordinator.score(

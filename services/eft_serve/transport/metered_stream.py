@@ -11,7 +11,7 @@ of wire formats: each door converts chunks itself.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from eft_serve.auth.quotas import Lease
 from eft_serve.coordinator.request import GenerationChunk, GenerationRequest
@@ -22,7 +22,7 @@ from eft_serve.coordinator.telemetry import RequestTrace
 async def open_metered(
     coordinator: EftCoordinator,
     build_request: Callable[[], GenerationRequest],
-    admit: Callable[[], Lease],
+    admit: Callable[[], Awaitable[Lease]],
     trace: RequestTrace,
 ) -> MeteredStream:
     """Admit, then start the stream; on any refusal the trace ends with it and no lease is held.
@@ -30,7 +30,7 @@ async def open_metered(
     Admission comes first (an unauthenticated client learns nothing about its request's
     validity); the request is built after it, so its conversion errors release the lease."""
     try:
-        lease = admit()  # auth, permission and quota errors raise here
+        lease = await admit()  # auth, permission and quota errors raise here
     except BaseException as e:
         trace.finish(e)
         raise

@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import functools
 import json
-import math
 import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -47,13 +46,13 @@ from eft_serve.coordinator.service import EftCoordinator
 from eft_serve.coordinator.telemetry import NULL_TELEMETRY, RequestRecord, RequestTrace, Telemetry
 from eft_serve.transport.metered_stream import MeteredStream, open_metered
 from eft_serve.transport.openai_errors import ModelNotFound, to_http_error
+from eft_serve.transport.openai_extras import choice_stats, model_logprobs, recipe_card
+from eft_serve.transport.openai_extras import json_logprob as _lp
 from eft_serve.transport.openai_schema import BadParam, ChatCompletionBody, CommonBody, CompletionBody, parse_body
 
 # The coordinator's finish reasons -> OpenAI's ("eos" is a natural stop; the context limit is a length cut).
 FINISH_REASON = {"eos": "stop", "stop": "stop", "length": "length", "context": "length", None: None}
 OWNED_BY = "eft-serve"
-# JSON has no -inf: OpenAI-compatible servers report an impossible token with this floor instead.
-LOGPROB_FLOOR = -9999.0
 
 
 def sse(data: dict[str, Any] | str) -> str:
@@ -63,10 +62,6 @@ def sse(data: dict[str, Any] | str) -> str:
 
 
 DONE = sse("[DONE]")
-
-
-def _lp(x: float | None) -> float:
-    return LOGPROB_FLOOR if x is None or not math.isfinite(x) else max(float(x), LOGPROB_FLOOR)
 
 
 def _completion_top(t: TokenOutput) -> dict[str, float]:
@@ -169,11 +164,11 @@ class OpenAIApi:
         if self.gate is not None:
             self.gate.authenticate(headers)
 
-    def _admit(self, headers: Metadata, body: CommonBody) -> Lease:
+    async def _admit(self, headers: Metadata, body: CommonBody) -> Lease:
         if self.gate is None:
             return NO_LIMIT
         top_k = body.logprob_top_k if body.logprob_top_k is not None else self.coordinator.default_logprob_top_k
-        return self.gate.admit(headers, body.model, exact=top_k == 0)
+        return await self.gate.admit(headers, body.model, exact=top_k == 0)
 
     def _check_model(self, model: str) -> None:
         recipes = self.coordinator.recipe_table()
@@ -194,6 +189,7 @@ class OpenAIApi:
             "owned_by": OWNED_BY,
             "description": recipe.description,
             "default": name == self.coordinator.default_recipe,
+            "eft": recipe_card(recipe),  # as gRPC's ListRecipes: the playground builds its columns from it
         }
 
     def list_models(self, headers: Metadata = ()) -> dict[str, Any]:
@@ -226,6 +222,7 @@ class OpenAIApi:
             stop=body.stop_strings(),
             ignore_eos=body.ignore_eos,
             timeout_s=body.timeout_s,
+            return_model_logprobs=body.return_model_logprobs,
             request_id=f"{request_id}-{index}",
             speculative=SpeculativeOptions(
                 enabled=body.speculative, max_draft_tokens=body.max_draft_tokens, adaptive=body.adaptive_draft
@@ -400,6 +397,7 @@ class _View:
         prompt: dict[int, int] = {}  # the prompt is counted once per prompt, not once per choice
         completion = 0
         seeds: list[int] = []
+        stats: list[dict[str, float]] = []
         first: Usage | None = None
         for c, r in zip(self.choices, results):
             u = r.usage
@@ -409,6 +407,7 @@ class _View:
             prompt[c.prompt_index] = u.prompt_tokens
             completion += u.completion_tokens
             seeds.append(u.seed)
+            stats.append(choice_stats(u))
         prompt_tokens = sum(prompt.values())
         out: dict[str, Any] = {
             "prompt_tokens": prompt_tokens,
@@ -416,7 +415,8 @@ class _View:
             "total_tokens": prompt_tokens + completion,
         }
         if first is not None:  # EFT extras: what the server chose (seeds reproduce the choices)
-            out["eft"] = {"recipe": first.recipe, "logprob_top_k": first.logprob_top_k, "seeds": seeds}
+            eft = {"recipe": first.recipe, "logprob_top_k": first.logprob_top_k, "seeds": seeds}
+            out["eft"] = {**eft, "choices": stats}  # choices: timing and speculation per choice
         return out
 
     def opening(self) -> list[dict[str, Any]]:
@@ -451,12 +451,15 @@ class _CompletionView(_View):
         for t in tokens:
             offsets.append(pos)
             pos += len(t.text)
-        return {
+        out: dict[str, Any] = {
             "tokens": [t.text for t in tokens],
             "token_logprobs": [_lp(t.logprob) for t in tokens],
             "top_logprobs": [_completion_top(t) for t in tokens],
             "text_offset": offsets,
         }
+        if body.return_model_logprobs:  # EFT extra: each model's logprob of each token
+            out["model_logprobs"] = [model_logprobs(t) for t in tokens]
+        return out
 
     def whole(self, results: list[_Collected]) -> dict[str, Any]:
         return {
@@ -506,6 +509,9 @@ class _ChatView(_View):
             {**_chat_entry(t.text, t.logprob), "top_logprobs": [_chat_entry(a.text, a.logprob) for a in t.top_logprobs]}
             for t in tokens
         ]
+        if body.return_model_logprobs:  # EFT extra: each model's logprob of each token
+            for entry, t in zip(content, tokens):
+                entry["model_logprobs"] = model_logprobs(t)
         return {"content": content, "refusal": None}
 
     def whole(self, results: list[_Collected]) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 Owns the HTTP surface only: `GET /v1/models`, `GET /v1/models/{model}`, `POST /v1/completions`,
 `POST /v1/chat/completions`; reading the JSON body (bad JSON -> 400), the `Authorization` header
 handed to the gate as call metadata, JSON and SSE (`text/event-stream`) responses, and every
-error as an OpenAI error body with its HTTP status (`openai_errors`), unknown routes included.
+error as an OpenAI error body with its HTTP status (`openai_errors`), unknown routes included;
+with the routes, the playground page (`GET /playground`, `eft_serve.playground`) that calls them.
 Knows nothing of Ray: the Serve coordinator deployment mounts it (`@serve.ingress`), tests run it
 under uvicorn.
 """
@@ -18,6 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from eft_serve.playground.routes import mount_playground
 from eft_serve.transport.openai_api import OpenAIApi
 from eft_serve.transport.openai_errors import error_body, to_http_error
 from eft_serve.transport.openai_schema import BadParam
@@ -63,7 +65,7 @@ def build_openai_app(api: OpenAIApi | None) -> FastAPI:
         message = f"{request.method} {request.url.path}: {exc.detail}"
         if exc.status_code == 404:
             message += (
-                "; routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions"
+                "; routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions, GET /playground"
                 if api is not None
                 else "; the OpenAI-compatible API is turned off (http.openai: false)"
             )
@@ -71,6 +73,7 @@ def build_openai_app(api: OpenAIApi | None) -> FastAPI:
 
     if api is None:
         return app
+    mount_playground(app)  # a static page over the routes below: same keys, nothing of its own
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> Response:

@@ -3,7 +3,7 @@
 Owns which OpenAI parameters are accepted (and which values of the ones we cannot honour, e.g.
 `echo: true`, penalties, `logit_bias`, are refused with the parameter named), the EFT knobs taken
 as extra body fields (`beta`, `expert_weights`, `conservative`, `logprob_top_k`, `speculative`,
-`max_draft_tokens`, ...), and turning a pydantic `ValidationError` into an `InvalidArgument` that
+`max_draft_tokens`, `return_model_logprobs`, ...), and turning a pydantic `ValidationError` into an `InvalidArgument` that
 names the offending field. Knows nothing of HTTP, Ray or the coordinator's limits (those are
 checked by `coordinator.validate`, as for gRPC).
 """
@@ -68,6 +68,8 @@ class CommonBody(_Body):
     top_k: int = Field(0, ge=0)  # sampling truncation of the merged distribution (vLLM's extra field)
     ignore_eos: bool = False
     timeout_s: float | None = Field(None, gt=0)
+    # Each model's logprob of every generated token beside the merged one (needs logprobs).
+    return_model_logprobs: bool = False
 
     @field_validator("stop")
     @classmethod
@@ -125,6 +127,8 @@ class CompletionBody(CommonBody):
             raise BadParam("best_of is not supported (only best_of = n); omit it", "best_of")
         if self.suffix:
             raise BadParam("suffix is not supported; omit it", "suffix")
+        if self.return_model_logprobs and self.logprobs is None:
+            raise BadParam("return_model_logprobs needs logprobs (e.g. logprobs: 0)", "return_model_logprobs")
         return self
 
     def prompts(self) -> list[str]:
@@ -161,6 +165,8 @@ class ChatCompletionBody(CommonBody):
     def _chat_checks(self) -> ChatCompletionBody:
         if self.top_logprobs is not None and not self.logprobs:
             raise BadParam("top_logprobs needs logprobs: true", "top_logprobs")
+        if self.return_model_logprobs and not self.logprobs:
+            raise BadParam("return_model_logprobs needs logprobs: true", "return_model_logprobs")
         return self
 
     def max_new_tokens(self) -> int | None:

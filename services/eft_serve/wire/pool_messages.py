@@ -18,6 +18,7 @@ from eft_serve.engine.types import (
     PositionLogprobs,
     SequenceQuery,
     SequenceResult,
+    kv_sequence_id,
 )
 from eft_serve.errors import PrefixUnknown
 from eft_serve.proto_gen.eft.v1 import pool_pb2
@@ -44,6 +45,7 @@ def queries_to_proto(
             candidate_ids=list(q.candidate_ids),
             omitted_prefix_length=omitted,
             position_candidates=[pool_pb2.CandidateList(ids=list(c)) for c in q.position_candidate_ids],
+            adapter=q.adapter,
         )
     return msg
 
@@ -54,15 +56,15 @@ RestorePrefix = Callable[[str, int, Sequence[int]], list[int]]
 def queries_from_proto(
     msg: pool_pb2.NextTokenLogprobsRequest, restore: RestorePrefix | None = None
 ) -> list[SequenceQuery]:
-    """Whole-prefix queries; an omitted head is rebuilt by `restore(sequence_id, omitted, tail)`
-    (which raises `PrefixUnknown` when it cannot)."""
+    """Whole-prefix queries; an omitted head is rebuilt by `restore(key, omitted, tail)` (which
+    raises `PrefixUnknown` when it cannot), `key` being the sequence's id under its adapter."""
     out = []
     for s in msg.sequences:
         tokens = list(s.token_ids)
         if s.omitted_prefix_length:
             if restore is None:
                 raise PrefixUnknown("this pool keeps no sequence memory; resend the whole prefix")
-            tokens = restore(s.sequence_id, s.omitted_prefix_length, tokens)
+            tokens = restore(kv_sequence_id(s.sequence_id, s.adapter), s.omitted_prefix_length, tokens)
         out.append(
             SequenceQuery(
                 token_ids=tokens,
@@ -70,6 +72,7 @@ def queries_from_proto(
                 candidate_ids=list(s.candidate_ids),
                 sequence_id=s.sequence_id,
                 position_candidate_ids=[list(c.ids) for c in s.position_candidates],
+                adapter=s.adapter,
             )
         )
     return out
@@ -96,25 +99,36 @@ def position_from_proto(m: pool_pb2.PositionLogprobs) -> PositionLogprobs:
     )
 
 
-def result_to_proto(r: SequenceResult) -> pool_pb2.SequenceResult:
-    return pool_pb2.SequenceResult(positions=[position_to_proto(p) for p in r.positions], cached_tokens=r.cached_tokens)
+def result_to_proto(r: SequenceResult, response_fingerprint: str | None = None) -> pool_pb2.SequenceResult:
+    # In a response, a sequence names its weights only when they are not the response's (a
+    # co-located adapter's); elsewhere (cache values, draft scores) it names none.
+    named = response_fingerprint is not None and r.model_fingerprint != response_fingerprint
+    own = r.model_fingerprint if named else ""
+    return pool_pb2.SequenceResult(
+        positions=[position_to_proto(p) for p in r.positions], cached_tokens=r.cached_tokens, model_fingerprint=own
+    )
 
 
 def result_from_proto(m: pool_pb2.SequenceResult) -> SequenceResult:
-    return SequenceResult(positions=[position_from_proto(p) for p in m.positions], cached_tokens=m.cached_tokens)
+    return SequenceResult(
+        positions=[position_from_proto(p) for p in m.positions],
+        cached_tokens=m.cached_tokens,
+        model_fingerprint=m.model_fingerprint,
+    )
 
 
 def results_to_proto(results: Sequence[SequenceResult], fingerprint: str) -> pool_pb2.NextTokenLogprobsResponse:
     return pool_pb2.NextTokenLogprobsResponse(
-        sequences=[result_to_proto(r) for r in results], model_fingerprint=fingerprint
+        sequences=[result_to_proto(r, fingerprint) for r in results], model_fingerprint=fingerprint
     )
 
 
 def results_from_proto(msg: pool_pb2.NextTokenLogprobsResponse) -> list[SequenceResult]:
-    """The answers, each naming the weights that produced them (`model_fingerprint`)."""
+    """The answers, each naming the weights that produced them (`model_fingerprint`: its own when
+    an adapter answered it, else the response's)."""
     out = [result_from_proto(s) for s in msg.sequences]
     for r in out:
-        r.model_fingerprint = msg.model_fingerprint
+        r.model_fingerprint = r.model_fingerprint or msg.model_fingerprint
     return out
 
 
@@ -123,7 +137,9 @@ def drafts_to_proto(
 ) -> pool_pb2.DraftRequest:
     msg = pool_pb2.DraftRequest(
         sequences=[
-            pool_pb2.DraftQuery(sequence_id=q.sequence_id, token_ids=list(q.token_ids), num_tokens=q.num_tokens)
+            pool_pb2.DraftQuery(
+                sequence_id=q.sequence_id, token_ids=list(q.token_ids), num_tokens=q.num_tokens, adapter=q.adapter
+            )
             for q in queries
         ],
         deadline_unix_s=deadline or 0.0,
@@ -151,7 +167,7 @@ def drafted_from_proto(msg: pool_pb2.DraftResponse) -> list[DraftedSequence]:
 
 def drafts_from_proto(msg: pool_pb2.DraftRequest) -> list[DraftQuery]:
     return [
-        DraftQuery(token_ids=list(s.token_ids), num_tokens=s.num_tokens, sequence_id=s.sequence_id)
+        DraftQuery(token_ids=list(s.token_ids), num_tokens=s.num_tokens, sequence_id=s.sequence_id, adapter=s.adapter)
         for s in msg.sequences
     ]
 
@@ -168,6 +184,8 @@ def info_to_proto(info: ModelInfo, role: str) -> pool_pb2.ModelInfo:
         dtype=info.dtype,
         device=info.device,
         num_parameters=info.num_parameters,
+        adapter_fingerprints=dict(info.adapters),
+        head_rows=int(info.extra.get("head_rows", info.vocab_size)),
     )
 
 
@@ -182,4 +200,6 @@ def info_from_proto(m: pool_pb2.ModelInfo) -> ModelInfo:
         dtype=m.dtype,
         device=m.device,
         num_parameters=m.num_parameters,
+        adapters=dict(m.adapter_fingerprints),
+        extra={"head_rows": str(m.head_rows or m.vocab_size)},
     )

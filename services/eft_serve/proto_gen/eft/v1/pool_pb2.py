@@ -24,37 +24,41 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11\x65\x66t/v1/pool.proto\x12\x06\x65\x66t.v1\"\xb8\x01\n\rSequenceQuery\x12\x13\n\x0bsequence_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rnum_positions\x18\x03 \x01(\r\x12\x15\n\rcandidate_ids\x18\x04 \x03(\x05\x12\x1d\n\x15omitted_prefix_length\x18\x05 \x01(\r\x12\x32\n\x13position_candidates\x18\x06 \x03(\x0b\x32\x15.eft.v1.CandidateList\"\x1c\n\rCandidateList\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"t\n\x18NextTokenLogprobsRequest\x12(\n\tsequences\x18\x01 \x03(\x0b\x32\x15.eft.v1.SequenceQuery\x12\x15\n\rlogprob_top_k\x18\x02 \x01(\r\x12\x17\n\x0f\x64\x65\x61\x64line_unix_s\x18\x03 \x01(\x01\"\x82\x01\n\x10PositionLogprobs\x12\x0f\n\x07top_ids\x18\x01 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x02 \x03(\x02\x12\x1a\n\x12\x63\x61ndidate_logprobs\x18\x03 \x03(\x02\x12\x14\n\x0ctail_logmass\x18\x04 \x01(\x02\x12\x15\n\rfull_logprobs\x18\x05 \x03(\x02\"T\n\x0eSequenceResult\x12+\n\tpositions\x18\x01 \x03(\x0b\x32\x18.eft.v1.PositionLogprobs\x12\x15\n\rcached_tokens\x18\x02 \x01(\r\"u\n\x19NextTokenLogprobsResponse\x12)\n\tsequences\x18\x01 \x03(\x0b\x32\x16.eft.v1.SequenceResult\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\x12\n\nreplica_id\x18\x03 \x01(\t\"H\n\nDraftQuery\x12\x13\n\x0bsequence_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\"\x88\x01\n\x0c\x44raftRequest\x12%\n\tsequences\x18\x01 \x03(\x0b\x32\x12.eft.v1.DraftQuery\x12\x17\n\x0f\x64\x65\x61\x64line_unix_s\x18\x02 \x01(\x01\x12 \n\x13score_logprob_top_k\x18\x03 \x01(\rH\x00\x88\x01\x01\x42\x16\n\x14_score_logprob_top_k\"J\n\rDraftSequence\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12&\n\x06scores\x18\x02 \x01(\x0b\x32\x16.eft.v1.SequenceResult\"9\n\rDraftResponse\x12(\n\tsequences\x18\x01 \x03(\x0b\x32\x15.eft.v1.DraftSequence\"\x11\n\x0fPoolInfoRequest\"\xd3\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x13\n\x0bmax_context\x18\x04 \x01(\r\x12\x14\n\x0c\x65os_token_id\x18\x05 \x01(\x05\x12\x19\n\x11vocab_fingerprint\x18\x06 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x07 \x01(\t\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\x16\n\x0enum_parameters\x18\n \x01(\x04\x32\xcf\x01\n\tModelPool\x12X\n\x11NextTokenLogprobs\x12 .eft.v1.NextTokenLogprobsRequest\x1a!.eft.v1.NextTokenLogprobsResponse\x12\x34\n\x05\x44raft\x12\x14.eft.v1.DraftRequest\x1a\x15.eft.v1.DraftResponse\x12\x32\n\x04Info\x12\x17.eft.v1.PoolInfoRequest\x1a\x11.eft.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11\x65\x66t/v1/pool.proto\x12\x06\x65\x66t.v1\"\xc9\x01\n\rSequenceQuery\x12\x13\n\x0bsequence_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rnum_positions\x18\x03 \x01(\r\x12\x15\n\rcandidate_ids\x18\x04 \x03(\x05\x12\x1d\n\x15omitted_prefix_length\x18\x05 \x01(\r\x12\x32\n\x13position_candidates\x18\x06 \x03(\x0b\x32\x15.eft.v1.CandidateList\x12\x0f\n\x07\x61\x64\x61pter\x18\x07 \x01(\t\"\x1c\n\rCandidateList\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"t\n\x18NextTokenLogprobsRequest\x12(\n\tsequences\x18\x01 \x03(\x0b\x32\x15.eft.v1.SequenceQuery\x12\x15\n\rlogprob_top_k\x18\x02 \x01(\r\x12\x17\n\x0f\x64\x65\x61\x64line_unix_s\x18\x03 \x01(\x01\"\x82\x01\n\x10PositionLogprobs\x12\x0f\n\x07top_ids\x18\x01 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x02 \x03(\x02\x12\x1a\n\x12\x63\x61ndidate_logprobs\x18\x03 \x03(\x02\x12\x14\n\x0ctail_logmass\x18\x04 \x01(\x02\x12\x15\n\rfull_logprobs\x18\x05 \x03(\x02\"o\n\x0eSequenceResult\x12+\n\tpositions\x18\x01 \x03(\x0b\x32\x18.eft.v1.PositionLogprobs\x12\x15\n\rcached_tokens\x18\x02 \x01(\r\x12\x19\n\x11model_fingerprint\x18\x03 \x01(\t\"u\n\x19NextTokenLogprobsResponse\x12)\n\tsequences\x18\x01 \x03(\x0b\x32\x16.eft.v1.SequenceResult\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\x12\n\nreplica_id\x18\x03 \x01(\t\"Y\n\nDraftQuery\x12\x13\n\x0bsequence_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12\x0f\n\x07\x61\x64\x61pter\x18\x04 \x01(\t\"\x88\x01\n\x0c\x44raftRequest\x12%\n\tsequences\x18\x01 \x03(\x0b\x32\x12.eft.v1.DraftQuery\x12\x17\n\x0f\x64\x65\x61\x64line_unix_s\x18\x02 \x01(\x01\x12 \n\x13score_logprob_top_k\x18\x03 \x01(\rH\x00\x88\x01\x01\x42\x16\n\x14_score_logprob_top_k\"J\n\rDraftSequence\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12&\n\x06scores\x18\x02 \x01(\x0b\x32\x16.eft.v1.SequenceResult\"9\n\rDraftResponse\x12(\n\tsequences\x18\x01 \x03(\x0b\x32\x15.eft.v1.DraftSequence\"\x11\n\x0fPoolInfoRequest\"\xec\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x13\n\x0bmax_context\x18\x04 \x01(\r\x12\x14\n\x0c\x65os_token_id\x18\x05 \x01(\x05\x12\x19\n\x11vocab_fingerprint\x18\x06 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x07 \x01(\t\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\x16\n\x0enum_parameters\x18\n \x01(\x04\x12H\n\x14\x61\x64\x61pter_fingerprints\x18\x0b \x03(\x0b\x32*.eft.v1.ModelInfo.AdapterFingerprintsEntry\x12\x11\n\thead_rows\x18\x0c \x01(\r\x1a:\n\x18\x41\x64\x61pterFingerprintsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xcf\x01\n\tModelPool\x12X\n\x11NextTokenLogprobs\x12 .eft.v1.NextTokenLogprobsRequest\x1a!.eft.v1.NextTokenLogprobsResponse\x12\x34\n\x05\x44raft\x12\x14.eft.v1.DraftRequest\x1a\x15.eft.v1.DraftResponse\x12\x32\n\x04Info\x12\x17.eft.v1.PoolInfoRequest\x1a\x11.eft.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'eft_serve.proto_gen.eft.v1.pool_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_MODELINFO_ADAPTERFINGERPRINTSENTRY']._loaded_options = None
+  _globals['_MODELINFO_ADAPTERFINGERPRINTSENTRY']._serialized_options = b'8\001'
   _globals['_SEQUENCEQUERY']._serialized_start=30
-  _globals['_SEQUENCEQUERY']._serialized_end=214
-  _globals['_CANDIDATELIST']._serialized_start=216
-  _globals['_CANDIDATELIST']._serialized_end=244
-  _globals['_NEXTTOKENLOGPROBSREQUEST']._serialized_start=246
-  _globals['_NEXTTOKENLOGPROBSREQUEST']._serialized_end=362
-  _globals['_POSITIONLOGPROBS']._serialized_start=365
-  _globals['_POSITIONLOGPROBS']._serialized_end=495
-  _globals['_SEQUENCERESULT']._serialized_start=497
-  _globals['_SEQUENCERESULT']._serialized_end=581
-  _globals['_NEXTTOKENLOGPROBSRESPONSE']._serialized_start=583
-  _globals['_NEXTTOKENLOGPROBSRESPONSE']._serialized_end=700
-  _globals['_DRAFTQUERY']._serialized_start=702
-  _globals['_DRAFTQUERY']._serialized_end=774
-  _globals['_DRAFTREQUEST']._serialized_start=777
-  _globals['_DRAFTREQUEST']._serialized_end=913
-  _globals['_DRAFTSEQUENCE']._serialized_start=915
-  _globals['_DRAFTSEQUENCE']._serialized_end=989
-  _globals['_DRAFTRESPONSE']._serialized_start=991
-  _globals['_DRAFTRESPONSE']._serialized_end=1048
-  _globals['_POOLINFOREQUEST']._serialized_start=1050
-  _globals['_POOLINFOREQUEST']._serialized_end=1067
-  _globals['_MODELINFO']._serialized_start=1070
-  _globals['_MODELINFO']._serialized_end=1281
-  _globals['_MODELPOOL']._serialized_start=1284
-  _globals['_MODELPOOL']._serialized_end=1491
+  _globals['_SEQUENCEQUERY']._serialized_end=231
+  _globals['_CANDIDATELIST']._serialized_start=233
+  _globals['_CANDIDATELIST']._serialized_end=261
+  _globals['_NEXTTOKENLOGPROBSREQUEST']._serialized_start=263
+  _globals['_NEXTTOKENLOGPROBSREQUEST']._serialized_end=379
+  _globals['_POSITIONLOGPROBS']._serialized_start=382
+  _globals['_POSITIONLOGPROBS']._serialized_end=512
+  _globals['_SEQUENCERESULT']._serialized_start=514
+  _globals['_SEQUENCERESULT']._serialized_end=625
+  _globals['_NEXTTOKENLOGPROBSRESPONSE']._serialized_start=627
+  _globals['_NEXTTOKENLOGPROBSRESPONSE']._serialized_end=744
+  _globals['_DRAFTQUERY']._serialized_start=746
+  _globals['_DRAFTQUERY']._serialized_end=835
+  _globals['_DRAFTREQUEST']._serialized_start=838
+  _globals['_DRAFTREQUEST']._serialized_end=974
+  _globals['_DRAFTSEQUENCE']._serialized_start=976
+  _globals['_DRAFTSEQUENCE']._serialized_end=1050
+  _globals['_DRAFTRESPONSE']._serialized_start=1052
+  _globals['_DRAFTRESPONSE']._serialized_end=1109
+  _globals['_POOLINFOREQUEST']._serialized_start=1111
+  _globals['_POOLINFOREQUEST']._serialized_end=1128
+  _globals['_MODELINFO']._serialized_start=1131
+  _globals['_MODELINFO']._serialized_end=1495
+  _globals['_MODELINFO_ADAPTERFINGERPRINTSENTRY']._serialized_start=1437
+  _globals['_MODELINFO_ADAPTERFINGERPRINTSENTRY']._serialized_end=1495
+  _globals['_MODELPOOL']._serialized_start=1498
+  _globals['_MODELPOOL']._serialized_end=1705
 # @@protoc_insertion_point(module_scope)

@@ -7,20 +7,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SequenceQuery(_message.Message):
-    __slots__ = ("sequence_id", "token_ids", "num_positions", "candidate_ids", "omitted_prefix_length", "position_candidates")
+    __slots__ = ("sequence_id", "token_ids", "num_positions", "candidate_ids", "omitted_prefix_length", "position_candidates", "adapter")
     SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     NUM_POSITIONS_FIELD_NUMBER: _ClassVar[int]
     CANDIDATE_IDS_FIELD_NUMBER: _ClassVar[int]
     OMITTED_PREFIX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     POSITION_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
     sequence_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     num_positions: int
     candidate_ids: _containers.RepeatedScalarFieldContainer[int]
     omitted_prefix_length: int
     position_candidates: _containers.RepeatedCompositeFieldContainer[CandidateList]
-    def __init__(self, sequence_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., num_positions: _Optional[int] = ..., candidate_ids: _Optional[_Iterable[int]] = ..., omitted_prefix_length: _Optional[int] = ..., position_candidates: _Optional[_Iterable[_Union[CandidateList, _Mapping]]] = ...) -> None: ...
+    adapter: str
+    def __init__(self, sequence_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., num_positions: _Optional[int] = ..., candidate_ids: _Optional[_Iterable[int]] = ..., omitted_prefix_length: _Optional[int] = ..., position_candidates: _Optional[_Iterable[_Union[CandidateList, _Mapping]]] = ..., adapter: _Optional[str] = ...) -> None: ...
 
 class CandidateList(_message.Message):
     __slots__ = ("ids",)
@@ -53,12 +55,14 @@ class PositionLogprobs(_message.Message):
     def __init__(self, top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ..., candidate_logprobs: _Optional[_Iterable[float]] = ..., tail_logmass: _Optional[float] = ..., full_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class SequenceResult(_message.Message):
-    __slots__ = ("positions", "cached_tokens")
+    __slots__ = ("positions", "cached_tokens", "model_fingerprint")
     POSITIONS_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     positions: _containers.RepeatedCompositeFieldContainer[PositionLogprobs]
     cached_tokens: int
-    def __init__(self, positions: _Optional[_Iterable[_Union[PositionLogprobs, _Mapping]]] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
+    model_fingerprint: str
+    def __init__(self, positions: _Optional[_Iterable[_Union[PositionLogprobs, _Mapping]]] = ..., cached_tokens: _Optional[int] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
 
 class NextTokenLogprobsResponse(_message.Message):
     __slots__ = ("sequences", "model_fingerprint", "replica_id")
@@ -71,14 +75,16 @@ class NextTokenLogprobsResponse(_message.Message):
     def __init__(self, sequences: _Optional[_Iterable[_Union[SequenceResult, _Mapping]]] = ..., model_fingerprint: _Optional[str] = ..., replica_id: _Optional[str] = ...) -> None: ...
 
 class DraftQuery(_message.Message):
-    __slots__ = ("sequence_id", "token_ids", "num_tokens")
+    __slots__ = ("sequence_id", "token_ids", "num_tokens", "adapter")
     SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
     sequence_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     num_tokens: int
-    def __init__(self, sequence_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ...) -> None: ...
+    adapter: str
+    def __init__(self, sequence_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., adapter: _Optional[str] = ...) -> None: ...
 
 class DraftRequest(_message.Message):
     __slots__ = ("sequences", "deadline_unix_s", "score_logprob_top_k")
@@ -109,7 +115,14 @@ class PoolInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "role", "vocab_size", "max_context", "eos_token_id", "vocab_fingerprint", "model_fingerprint", "dtype", "device", "num_parameters")
+    __slots__ = ("name", "role", "vocab_size", "max_context", "eos_token_id", "vocab_fingerprint", "model_fingerprint", "dtype", "device", "num_parameters", "adapter_fingerprints", "head_rows")
+    class AdapterFingerprintsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +133,8 @@ class ModelInfo(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     NUM_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FINGERPRINTS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_ROWS_FIELD_NUMBER: _ClassVar[int]
     name: str
     role: str
     vocab_size: int
@@ -130,4 +145,6 @@ class ModelInfo(_message.Message):
     dtype: str
     device: str
     num_parameters: int
-    def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., vocab_fingerprint: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., num_parameters: _Optional[int] = ...) -> None: ...
+    adapter_fingerprints: _containers.ScalarMap[str, str]
+    head_rows: int
+    def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., vocab_fingerprint: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., num_parameters: _Optional[int] = ..., adapter_fingerprints: _Optional[_Mapping[str, str]] = ..., head_rows: _Optional[int] = ...) -> None: ...

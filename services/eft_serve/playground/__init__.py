@@ -1,0 +1,2 @@
+"""The playground: one static page (HTML, JS, CSS shipped as package data) at `/playground` on the
+HTTP port, beside the OpenAI-compatible routes it calls. `routes` mounts it."""
