@@ -38,3 +38,27 @@ if [ ! -x .venv/opt/nginx/usr/sbin/nginx ] && ! command -v nginx >/dev/null 2>&1
   fi
   rm -rf "$nginx_tmp"
 fi
+# Headless Chromium + chromedriver for the playground's browser tests (tests/playground_browser.py
+# finds them; without them those tests FAIL saying so). As root: apt. Otherwise Debian's packages,
+# and the libraries they need that this machine lacks, unpacked into .venv/opt/chromium.
+if [ ! -x .venv/opt/chromium/usr/bin/chromedriver ] && ! { command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; } \
+  && command -v apt-get >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null \
+      || echo "warning: apt-get install chromium chromium-driver failed; the playground browser tests will fail" >&2
+  else
+    chromium_tmp="$(mktemp -d)"
+    chromium_pkgs="$(apt-cache depends --recurse --no-recommends --no-suggests --no-conflicts --no-breaks --no-replaces \
+      --no-enhances chromium chromium-driver 2>/dev/null | grep '^[a-z0-9]' | sort -u)"
+    chromium_missing=""
+    for p in $chromium_pkgs; do dpkg -s "$p" >/dev/null 2>&1 || chromium_missing="$chromium_missing $p"; done
+    # shellcheck disable=SC2086 # one word per package
+    if [ -n "$chromium_missing" ] && (cd "$chromium_tmp" && apt-get download -qq $chromium_missing >/dev/null 2>&1); then
+      mkdir -p .venv/opt/chromium
+      for deb in "$chromium_tmp"/*.deb; do dpkg -x "$deb" .venv/opt/chromium; done
+    else
+      echo "warning: could not download chromium (apt-get download); the playground browser tests will fail" >&2
+    fi
+    rm -rf "$chromium_tmp"
+  fi
+fi

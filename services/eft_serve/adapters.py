@@ -61,8 +61,6 @@ def lora_links(cfg: EftConfig, check_files: bool = True) -> dict[str, LoraLink]:
         base = explicit or _find_base(cfg, role, adapter_dir)
         if check_files:
             _check_base(cfg, role, adapter_dir, base)
-        if pool.colocate_with is None and pool.engine != "hf":
-            raise InvalidArgument(f"pools.{role}: a LoRA adapter pool runs on the hf engine for now (engine: hf)")
         links[role] = LoraLink(role, adapter_dir, base, pool.colocate_with is not None)
     return links
 

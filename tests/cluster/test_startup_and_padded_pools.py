@@ -66,7 +66,8 @@ def test_pools_with_differently_padded_heads_share_one_vocabulary(cluster_stack,
             clients = {r: ServePoolClient(r, coalesce=False) for r in roles}
             infos = {r: await c.info() for r, c in clients.items()}
             answers = {
-                r: await c.next_token_logprobs([SequenceQuery(tok.encode("Q: Where"))], 0, time.time() + 60) for r, c in clients.items()
+                r: await c.next_token_logprobs([SequenceQuery(tok.encode("Q: Where"))], 0, time.time() + 60)
+                for r, c in clients.items()
             }
             return infos, answers
 

@@ -28,8 +28,8 @@ from eft_serve.engine.hf_engine import HFEngine
 from eft_serve.reference import ReferenceEFT
 from eft_serve.testing.arch_families import ARCHITECTURES, ROLES, build_arch_family, demo_tokenizer, merged_scores
 from eft_serve.testing.greedy_agreement import agreed_tokens
-from eft_serve.transport.grpc_coordinator import start_pool_server
-from eft_serve.transport.grpc_pool import GrpcPoolClient
+from eft_serve.testing.grpc_coordinator import start_pool_server
+from eft_serve.testing.grpc_pool import GrpcPoolClient
 from eft_serve.transport.inprocess import InProcessPool
 from eft_serve.transport.pool_rpc import PoolRpc
 

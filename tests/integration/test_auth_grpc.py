@@ -13,8 +13,8 @@ from eft_serve.auth.gate import Gate
 from eft_serve.auth.keys import add_key, load_key_store
 from eft_serve.client import AsyncEftClient, EftClient
 from eft_serve.testing.fake_engine import FakeEngine
+from eft_serve.testing.grpc_coordinator import SERVICE_NAME, start_coordinator_server
 from eft_serve.transport.coordinator_rpc import CoordinatorRpc
-from eft_serve.transport.grpc_coordinator import SERVICE_NAME, start_coordinator_server
 
 from fakes import EOS, VOCAB, fake_coordinator, fake_engines
 

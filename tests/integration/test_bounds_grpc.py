@@ -28,8 +28,8 @@ from eft_serve.engine.runner import EngineRunner
 from eft_serve.engine.types import SequenceQuery, SequenceResult
 from eft_serve.errors import DeadlineExceeded, InvalidArgument, PoolUnreachable, Unavailable
 from eft_serve.testing.fake_engine import FakeEngine
-from eft_serve.transport.grpc_coordinator import start_pool_server
-from eft_serve.transport.grpc_pool import GrpcPoolClient
+from eft_serve.testing.grpc_coordinator import start_pool_server
+from eft_serve.testing.grpc_pool import GrpcPoolClient
 from eft_serve.transport.pool_rpc import PoolRpc
 
 from fakes import RECIPES, CharTokenizer, fake_engines
@@ -226,8 +226,8 @@ async def test_exact_mode_refused_over_grpc_when_the_server_turns_it_off() -> No
     import grpc
 
     from eft_serve.proto_gen.eft.v1 import eft_pb2, eft_pb2_grpc
+    from eft_serve.testing.grpc_coordinator import start_coordinator_server
     from eft_serve.transport.coordinator_rpc import CoordinatorRpc
-    from eft_serve.transport.grpc_coordinator import start_coordinator_server
 
     coord, servers, pools = await _stack(fake_engines(), allow_exact_mode=False)
     server, port = await start_coordinator_server(CoordinatorRpc(coord))

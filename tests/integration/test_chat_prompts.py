@@ -17,9 +17,9 @@ from eft_serve.config import CoordinatorConfig, RecipeConfig
 from eft_serve.coordinator.request import ChatMessage, GenerationRequest, MergeOptions, SpeculativeOptions
 from eft_serve.coordinator.service import EftCoordinator
 from eft_serve.errors import InvalidArgument
+from eft_serve.testing.grpc_coordinator import start_coordinator_server, start_pool_server
+from eft_serve.testing.grpc_pool import GrpcPoolClient
 from eft_serve.transport.coordinator_rpc import CoordinatorRpc
-from eft_serve.transport.grpc_coordinator import start_coordinator_server, start_pool_server
-from eft_serve.transport.grpc_pool import GrpcPoolClient
 from eft_serve.transport.inprocess import InProcessPool
 from eft_serve.transport.pool_rpc import PoolRpc
 

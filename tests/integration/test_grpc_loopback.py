@@ -15,9 +15,9 @@ from eft_serve.client import AsyncEftClient
 from eft_serve.config import CoordinatorConfig
 from eft_serve.coordinator.service import EftCoordinator
 from eft_serve.proto_gen.eft.v1 import eft_pb2
+from eft_serve.testing.grpc_coordinator import SERVICE_NAME, start_coordinator_server, start_pool_server
+from eft_serve.testing.grpc_pool import GrpcPoolClient
 from eft_serve.transport.coordinator_rpc import CoordinatorRpc
-from eft_serve.transport.grpc_coordinator import SERVICE_NAME, start_coordinator_server, start_pool_server
-from eft_serve.transport.grpc_pool import GrpcPoolClient
 from eft_serve.transport.pool_rpc import PoolRpc
 
 from fakes import RECIPES, CharTokenizer, fake_engines

@@ -383,6 +383,40 @@ async def test_api_keys_and_quotas(secured) -> None:
     assert (await client.completions.create(model="upscale", prompt="abc", max_tokens=2)).choices[0].text
 
 
+async def test_one_authentication_per_request(tmp_path) -> None:
+    # Every key lookup is one authentication: each OpenAI request (n choices, streamed or whole,
+    # listing included) looks its key up once, however many streams it opens.
+    path = tmp_path / "keys.yaml"
+    key = add_key(path, "many", max_concurrent_streams=8)
+    store = load_key_store(path, None)
+    lookups: list[str] = []
+    real_lookup = store.lookup
+
+    def counting_lookup(raw: str):
+        lookups.append(raw)
+        return real_lookup(raw)
+
+    store.lookup = counting_lookup  # type: ignore[method-assign]
+    async with _http(Gate(store)) as s:
+        client = _client(s["base_url"], key)
+        calls = [
+            lambda: client.models.list(),
+            lambda: client.completions.create(model="upscale", prompt=["ab", "cd"], max_tokens=3, n=3),
+            lambda: client.chat.completions.create(
+                model="upscale", messages=[{"role": "user", "content": "a"}], max_tokens=2, n=2
+            ),
+        ]
+        for call in calls:
+            lookups.clear()
+            await call()
+            assert lookups == [key], lookups
+        lookups.clear()
+        stream = await client.completions.create(model="upscale", prompt="abc", max_tokens=4, n=2, stream=True)
+        chunks = [c async for c in stream]
+        assert len({c.choices[0].index for c in chunks if c.choices}) == 2
+        assert lookups == [key], lookups
+
+
 class _Recorder(NullTelemetry):
     def __init__(self) -> None:
         self.finished: list[tuple[str, str, str, int]] = []
@@ -398,14 +432,14 @@ async def test_each_choice_is_one_traced_call(tmp_path) -> None:
     coord = fake_coordinator()
     await coord.start()
     api = OpenAIApi(coord, Gate(load_key_store(path, None)), recorder)
-    headers = [("authorization", f"Bearer {key}")]
-    await api.completions({"model": "large_base", "prompt": "abc", "max_tokens": 3, "n": 2}, headers)
+    caller = api.authenticate([("authorization", f"Bearer {key}")])
+    await api.completions({"model": "large_base", "prompt": "abc", "max_tokens": 3, "n": 2}, caller)
     await api.chat_completions(
-        {"model": "large_base", "messages": [{"role": "user", "content": "a"}], "max_tokens": 2}, headers
+        {"model": "large_base", "messages": [{"role": "user", "content": "a"}], "max_tokens": 2}, caller
     )
     with pytest.raises(PermissionDenied):
-        await api.completions({"model": "upscale", "prompt": "abc"}, headers)
-    events = await api.completions({"model": "large_base", "prompt": "abc", "max_tokens": 30, "stream": True}, headers)
+        await api.completions({"model": "upscale", "prompt": "abc"}, caller)
+    events = await api.completions({"model": "large_base", "prompt": "abc", "max_tokens": 30, "stream": True}, caller)
     await anext(events)
     await events.aclose()  # the client went away mid-stream
     await coord.stop()

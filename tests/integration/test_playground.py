@@ -15,6 +15,7 @@ import re
 import numpy as np
 import pytest
 import uvicorn
+from playground_browser import start_chrome, wait_for
 
 from eft_serve.auth.gate import Gate
 from eft_serve.auth.keys import add_key, load_key_store
@@ -27,7 +28,6 @@ from eft_serve.transport.openai_http import build_openai_app
 from eft_serve.transport.openai_schema import BadParam
 
 from fakes import RECIPES, CharTokenizer, fake_engines
-from playground_browser import start_chrome, wait_for
 
 # The fakes' recipes plus one single-model recipe per role: the page's columns.
 PLAYGROUND_RECIPES = {
@@ -78,8 +78,10 @@ async def test_the_page_is_served_from_the_package_only() -> None:
         csp = resp.getheader("content-security-policy")
         assert "default-src 'none'" in csp and "connect-src 'self'" in csp and "script-src 'self'" in csp
         assets = re.findall(rb'(?:src|href)="([^"]+)"', html)
-        assert sorted(assets) == [b"/playground/playground.css", b"/playground/playground.js", b"data:,"]
-        for path, kind in ((b"/playground/playground.js", "text/javascript"), (b"/playground/playground.css", "text/css")):
+        files = [b"/playground/api.js", b"/playground/tokens.js", b"/playground/playground.js"]
+        assert assets == [b"data:,", b"/playground/playground.css", *files]  # scripts in load order
+        for path in assets[1:]:
+            kind = "text/css" if path.endswith(b".css") else "text/javascript"
             r, data = await asyncio.to_thread(_get, s["port"], path.decode())
             assert r.status == 200 and r.getheader("content-type").startswith(kind) and data
             # Offline machine, and no third party sees a prompt or a key: nothing loads from elsewhere.
@@ -128,7 +130,9 @@ async def test_model_logprobs_are_each_models_and_usage_has_timing() -> None:
         for i, text in enumerate(lp["tokens"]):
             token = tok.encode(text)[0]
             prefix = ids + [tok.encode(t)[0] for t in lp["tokens"][:i]]
-            want = {role: float(engines[role].logprobs(prefix)[token]) for role in ("large_base", "small_ft", "small_base")}
+            want = {
+                role: float(engines[role].logprobs(prefix)[token]) for role in ("large_base", "small_ft", "small_base")
+            }
             assert lp["model_logprobs"][i] == pytest.approx(want, abs=1e-4)
             # ... and the merged logprob is the EFT one: softmax(log p_lb + β·(log p_ft − log p_sb)).
             score = engines["large_base"].logprobs(prefix) + beta * (
@@ -173,7 +177,24 @@ async def test_model_logprobs_are_each_models_and_usage_has_timing() -> None:
         await coord.stop()
 
 
-def _browse_with_keys(url: str, port: int, key: str, profile, shot) -> dict:
+def _run_and_wait(d, n: int = 4) -> list:
+    """Click Run and wait for this run's `n` finished columns (not the previous run's)."""
+    from selenium.webdriver.common.by import By
+
+    old = d.find_elements(By.CSS_SELECTOR, "#columns .pane")
+    d.find_element(By.ID, "run").click()
+
+    def fresh() -> list | None:
+        panes = d.find_elements(By.CSS_SELECTOR, "#columns .pane")
+        if any(p.id == o.id for p in panes for o in old):
+            return None
+        done = [p for p in panes if "finished" in p.get_attribute("class")]
+        return panes if len(panes) == n == len(done) else None
+
+    return wait_for(fresh, 60, f"{n} finished columns")
+
+
+def _browse_with_keys(url: str, key: str, profile, shot) -> dict:
     """The page in Chromium (blocking: runs off the server's event loop)."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
@@ -196,16 +217,24 @@ def _browse_with_keys(url: str, port: int, key: str, profile, shot) -> dict:
         options = [o.get_attribute("value") for o in d.find_elements(By.CSS_SELECTOR, "#recipe option")]
         assert sorted(options) == ["interpolate", "upscale"]  # the recipes with experts
         Select(d.find_element(By.ID, "recipe")).select_by_value("upscale")
-        d.find_element(By.ID, "run").click()
-        panes = wait_for(
-            lambda: (p := d.find_elements(By.CSS_SELECTOR, "#columns .pane.finished")) and len(p) == 4 and p,
-            60,
-            "four finished columns",
-        )
+        panes = _run_and_wait(d)
         columns = {p.get_attribute("data-recipe"): p.find_element(By.CLASS_NAME, "out").text for p in panes}
         deltas = [s.get_attribute("data-delta") for s in d.find_elements(By.CSS_SELECTOR, "#columns .pane.eft .tok")]
-        coloured = d.find_elements(By.CSS_SELECTOR, "#columns .pane.eft .tok.attr-up, #columns .pane.eft .tok.attr-down")
+        coloured = d.find_elements(
+            By.CSS_SELECTOR, "#columns .pane.eft .tok.attr-up, #columns .pane.eft .tok.attr-down"
+        )
         usage = d.find_element(By.CSS_SELECTOR, "#columns .pane.eft .usage").text
+        # Speculative: the up-scaled column reports acceptance.
+        d.find_element(By.ID, "speculative").click()
+        _run_and_wait(d)
+        spec_usage = d.find_element(By.CSS_SELECTOR, "#columns .pane.eft .usage").text
+        spec_text = d.find_element(By.CSS_SELECTOR, "#columns .pane.eft .out").text
+        d.find_element(By.ID, "speculative").click()
+        # Chat mode: the chat route, the same columns and colours.
+        Select(d.find_element(By.ID, "mode")).select_by_value("chat")
+        chat = [p.find_element(By.CLASS_NAME, "out").text for p in _run_and_wait(d)]
+        chat_deltas = [s.get_attribute("data-delta") for s in d.find_elements(By.CSS_SELECTOR, ".pane.eft .tok")]
+        Select(d.find_element(By.ID, "mode")).select_by_value("completion")
         # Bad input typed into the page: the API's own error, naming the field.
         temp = d.find_element(By.ID, "temperature")
         temp.clear()
@@ -214,7 +243,17 @@ def _browse_with_keys(url: str, port: int, key: str, profile, shot) -> dict:
         wait_for(lambda: err.is_displayed() and "temperature" in err.text, 30, "the 400 message")
         bad = err.text
         d.save_screenshot(str(shot))
-        return {"columns": columns, "deltas": deltas, "coloured": len(coloured), "usage": usage, "bad": bad}
+        return {
+            "columns": columns,
+            "deltas": deltas,
+            "coloured": len(coloured),
+            "usage": usage,
+            "spec_usage": spec_usage,
+            "spec_text": spec_text,
+            "bad": bad,
+            "chat": chat,
+            "chat_deltas": chat_deltas,
+        }
     finally:
         d.quit()
 
@@ -224,7 +263,7 @@ async def test_browser_keys_columns_attribution_and_bad_input(tmp_path) -> None:
     key = add_key(path, "lab", max_concurrent_streams=8)
     async with _http(Gate(load_key_store(path, None))) as s:
         got = await asyncio.to_thread(
-            _browse_with_keys, s["url"], s["port"], key, tmp_path / "profile", tmp_path / "playground.png"
+            _browse_with_keys, s["url"], key, tmp_path / "profile", tmp_path / "playground.png"
         )
         # What the page showed is what the API answers for the same request (greedy, seed 0).
         prompt = "Q: What is the river of Vorlék?\nA:"
@@ -242,5 +281,9 @@ async def test_browser_keys_columns_attribution_and_bad_input(tmp_path) -> None:
     assert [float(x) for x in got["deltas"]] == pytest.approx(want, abs=1.5e-3)
     assert got["coloured"] == sum(abs(x) >= 0.05 for x in want) >= 1
     assert "TTFT" in got["usage"] and "tok/s" in got["usage"] and f"{len(want)} tokens" in got["usage"]
+    # Speculative decoding keeps the text (coupled acceptance) and reports its blocks.
+    assert got["spec_text"] == got["columns"]["upscale"]
+    assert re.search(r"accepted \d+/\d+ drafted", got["spec_usage"]), got["spec_usage"]
+    assert all(got["chat"]) and got["chat_deltas"] and all(x != "" for x in got["chat_deltas"])
     assert "400 Bad Request" in got["bad"] and "param: temperature" in got["bad"], got["bad"]
     assert (tmp_path / "playground.png").stat().st_size > 10_000

@@ -22,8 +22,8 @@ import pytest
 
 from eft_serve.client import AsyncEftClient
 from eft_serve.proto_gen.eft.v1 import eft_pb2
+from eft_serve.testing.grpc_coordinator import start_coordinator_server
 from eft_serve.transport.coordinator_rpc import CoordinatorRpc
-from eft_serve.transport.grpc_coordinator import start_coordinator_server
 
 from fakes import fake_coordinator
 

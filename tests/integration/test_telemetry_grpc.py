@@ -20,9 +20,9 @@ from eft_serve.coordinator.access_log import AccessLog
 from eft_serve.coordinator.service import EftCoordinator
 from eft_serve.coordinator.telemetry import FanOut, RequestRecord
 from eft_serve.testing.fake_engine import FakeEngine
+from eft_serve.testing.grpc_coordinator import start_coordinator_server, start_pool_server
+from eft_serve.testing.grpc_pool import GrpcPoolClient
 from eft_serve.transport.coordinator_rpc import CoordinatorRpc
-from eft_serve.transport.grpc_coordinator import start_coordinator_server, start_pool_server
-from eft_serve.transport.grpc_pool import GrpcPoolClient
 from eft_serve.transport.pool_rpc import PoolRpc
 
 from fakes import EOS, RECIPES, VOCAB, CharTokenizer, fake_engines

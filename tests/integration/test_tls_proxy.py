@@ -22,9 +22,9 @@ from eft_serve.client import AsyncEftClient, EftClient
 from eft_serve.config import EftConfig
 from eft_serve.infra.ports import free_port
 from eft_serve.infra.tls_proxy import TlsProxy, TlsProxySpec, find_nginx_binary, nginx_conf
+from eft_serve.testing.grpc_coordinator import start_coordinator_server
 from eft_serve.testing.tls_certs import ThrowawayPki, make_test_pki
 from eft_serve.transport.coordinator_rpc import CoordinatorRpc
-from eft_serve.transport.grpc_coordinator import start_coordinator_server
 
 from fakes import fake_coordinator
 

@@ -121,3 +121,35 @@ async def test_exact_upscaling_with_every_pool_on_vllm_matches_reference(vllm_en
     # decided by a clear margin and agreed.
     assert moved >= 1
     assert compared >= 2 * TOKENS
+
+
+def test_a_lora_fine_tune_as_its_own_vllm_pool_equals_the_hf_merge(paths, tmp_path) -> None:
+    # vLLM loads directories: the adapter is merged into a private checkpoint once, served under
+    # the adapter's own fingerprint (the same the HF engine reports, so cache keys agree).
+    from eft_serve.engine.factory import load_engine
+    from eft_serve.engine.types import SequenceQuery
+    from eft_serve.testing.lora_fixtures import make_lora_adapter
+
+    adapter = make_lora_adapter(paths["small_base"], tmp_path / "adapter", seed=3, std=0.2)
+    hf = load_engine("hf", paths["small_base"], name="ft", device="cpu", merge_adapter=adapter)
+    vllm = load_engine(
+        "vllm",
+        paths["small_base"],
+        name="ft",
+        merge_adapter=adapter,
+        vllm=VLLMConfig(cpu_kv_space_gib=1, max_num_seqs=4),
+    )
+    base = load_engine("hf", paths["small_base"], name="base", device="cpu")
+    try:
+        assert vllm.info.model_fingerprint == hf.info.model_fingerprint != base.info.model_fingerprint
+        tokenizer = AutoTokenizer.from_pretrained(paths["small_base"])
+        queries = [SequenceQuery(tokenizer.encode(p)) for p in ("Q: Where is", "The river of", "A:")]
+        got = vllm.next_token_logprobs(queries, 0)
+        want = hf.next_token_logprobs(queries, 0)
+        plain = base.next_token_logprobs(queries, 0)
+        for g, w, b in zip(got, want, plain):
+            g_lp, w_lp, b_lp = (x.positions[0].full_logprobs for x in (g, w, b))
+            assert float(abs(g_lp - w_lp).max()) < 2e-3
+            assert float(abs(w_lp - b_lp).max()) > 0.05  # the adapter changes the model
+    finally:
+        vllm.close()  # type: ignore[attr-defined]

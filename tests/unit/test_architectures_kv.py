@@ -117,3 +117,17 @@ def test_layout_reproduces_plain_forward_over_a_decode(families, arch: str, layo
             assert counters.new_tokens < sum(PROMPT_LENS) + 40
             # ... and only the gather layout copies pasts into a padded batch.
             assert (counters.gathered_tokens > 0) == (layout == "gather")
+
+
+def test_a_layout_the_model_cannot_run_is_refused(families) -> None:
+    # Llama put on eager attention by choice keeps it (no row kernel): "rows" is refused, gather runs.
+    path = families["llama"].paths["small_base"]
+    base = HFEngine.load(path, name="llama", device="cpu", kv_cache_bytes=0)
+    eager = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    with pytest.raises(ValueError, match="kv_layout 'rows' asked for.*runs 'gather'"):
+        HFEngine(eager, dataclasses.replace(base.info, extra={}), kv_cache_bytes=KV_BYTES, kv_layout="rows")
+    with pytest.raises(ValueError, match="kv_layout must be one of"):
+        HFEngine(eager, dataclasses.replace(base.info, extra={}), kv_layout="paged")
+    # No KV budget: only "off" runs.
+    with pytest.raises(ValueError, match="kv_layout 'gather' asked for.*runs 'off'"):
+        HFEngine(_fresh(path), dataclasses.replace(base.info, extra={}), kv_cache_bytes=0, kv_layout="gather")

@@ -171,3 +171,21 @@ def test_pool_rpc_hands_its_batching_settings_to_the_engine_queue() -> None:
         TurnPolicy(max_prefill_tokens=4)
     with pytest.raises(ValueError, match="max_calls"):
         TurnPolicy(max_calls=0)
+
+
+def test_engines_declare_their_optional_capabilities_on_the_contract() -> None:
+    # Every engine inherits the contract's defaults and overrides only what it does differently:
+    # the HF engine keeps KV per sequence (admission, chunked prefill), vLLM schedules its own calls.
+    from eft_serve.engine.hf_engine import HFEngine
+    from eft_serve.engine.types import FITS, EngineBase
+    from eft_serve.engine.vllm_engine import VLLMEngine
+
+    fake = FakeEngine(vocab_size=8)
+    assert isinstance(fake, EngineBase)
+    assert fake.admit([("s", 10_000)]) is FITS
+    assert fake.uncached_tokens(SequenceQuery(token_ids=[1, 2, 3], sequence_id="s")) is None
+    assert fake.schedules_concurrent_calls is False
+    assert issubclass(HFEngine, EngineBase) and issubclass(VLLMEngine, EngineBase)
+    assert HFEngine.admit is not EngineBase.admit and HFEngine.uncached_tokens is not EngineBase.uncached_tokens
+    assert HFEngine.schedules_concurrent_calls is False
+    assert VLLMEngine.schedules_concurrent_calls is True and VLLMEngine.admit is EngineBase.admit

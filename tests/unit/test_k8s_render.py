@@ -176,6 +176,42 @@ def test_prod_worker_groups_follow_the_pools() -> None:
     assert "app.kubernetes.io/name" not in labels  # KubeRay's head Service selects on its own value
 
 
+def test_a_colocated_lora_role_rides_in_its_base_pods(kuberay_dir: Path) -> None:
+    # A pool with colocate_with has no Serve application of its own (serve.app.pool_apps): on
+    # Kubernetes it has no worker group, pod settings or disruption budget either; its adapter is
+    # loaded by the base's pods, so it must still sit on the model volume.
+    cfg = load_config(ROOT / "deploy/prod.yaml")
+    data = cfg.model_dump(mode="json")
+    data["pools"]["small_ft_lora"] = {"model": "/models/adapters/llama-7b-chat-lora", "colocate_with": "small_base"}
+    data["recipes"]["upscale_lora"] = {"base": "large_base", "experts": ["small_ft_lora"], "reference": "small_base"}
+    cfg = type(cfg).model_validate(data)
+    s = load_settings(ROOT, "prod")
+    assert isinstance(s, StackSettings)
+    docs = render_stack(cfg, s, "test")
+    assert _problems(docs, kuberay_dir) == ""
+    rc = _one(docs, "RayService")["spec"]["rayClusterConfig"]
+    assert {g["groupName"] for g in rc["workerGroupSpecs"]} == {
+        "coordinator",
+        "pool-large-base",
+        "pool-small-base",
+        "pool-small-ft",
+    }
+    budgets = [d["metadata"]["name"] for d in docs if d["kind"] == "PodDisruptionBudget"]
+    assert budgets and not any("lora" in name for name in budgets)
+    serve = yaml.safe_load(_one(docs, "RayService")["spec"]["serveConfigV2"])
+    apps = {a["name"]: a for a in serve["applications"]}
+    assert not any("lora" in name for name in apps)
+    host = next(a for a in apps.values() if (a.get("args") or {}).get("role") == "small_base")
+    assert host["args"]["lora"]["adapters"] == {"small_ft_lora": "/models/adapters/llama-7b-chat-lora"}
+    # Settings for it are refused (it has no pods), and so is an adapter off the model volume.
+    extra = s.model_copy(update={"pools": {**s.pools, "small_ft_lora": s.pools["small_ft"]}})
+    with pytest.raises(ValueError, match=r"co-located \['small_ft_lora'\] run in their base's pods"):
+        render_stack(cfg, extra, "test")
+    data["pools"]["small_ft_lora"]["model"] = "/elsewhere/lora"
+    with pytest.raises(ValueError, match=r"pools\.small_ft_lora\.model '/elsewhere/lora' is not under"):
+        render_stack(type(cfg).model_validate(data), s, "test")
+
+
 def test_services_policies_budgets_and_redis() -> None:
     docs = _docs("overlays/prod")
     grpc = _one(docs, "Service", "eft-grpc")

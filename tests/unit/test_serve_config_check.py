@@ -83,7 +83,7 @@ def test_app_args_are_validated_by_our_models(sc: dict[str, Any]) -> None:
     coord["args"]["config"]["coordinatr"] = {}
     problems = check_serve_config(sc)
     assert "applications[0].args.pool.kv_cache_byte: Extra inputs are not permitted" in problems
-    assert "applications[0].args.extra: unknown key 'extra' (accepted: pool, role)" in problems
+    assert "applications[0].args.extra: unknown key 'extra' (accepted: lora, pool, role)" in problems
     assert "applications[3].args.config.coordinatr: Extra inputs are not permitted" in problems
 
 

@@ -44,10 +44,13 @@ class Gate:
         return entry
 
     async def admit(self, metadata: Metadata, recipe: str, exact: bool) -> Lease:
-        """Authenticate, check the recipe and exact mode, take a quota lease (release it when the call ends).
+        """`authenticate`, then `admit_key`: one call's whole check from its metadata."""
+        return await self.admit_key(self.authenticate(metadata), recipe, exact)
 
-        Async: a shared quota lease is one round trip to the store."""
-        key = self.authenticate(metadata)
+    async def admit_key(self, key: ApiKey, recipe: str, exact: bool) -> Lease:
+        """Check an authenticated key's recipe and exact mode, take a quota lease (release it when
+        the call ends). A request that opens several streams authenticates once and calls this per
+        stream (`transport.admission`). Async: a shared quota lease is one round trip to the store."""
         if not key.allows_recipe(recipe):
             log.info("key %s denied recipe %s", key.id, recipe)
             raise PermissionDenied(

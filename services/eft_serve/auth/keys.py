@@ -136,5 +136,5 @@ def add_key(
         tokens_per_minute=tokens_per_minute,
     )
     text = yaml.safe_dump(KeysFile(keys=[*current, entry]).model_dump(mode="json"), sort_keys=False)
-    path.write_text("# EFT Serve API keys: sha256 hashes only (see README.md#authentication)\n" + text)
+    path.write_text("# EFT Serve API keys: sha256 hashes only (see docs/security.md#api-keys)\n" + text)
     return key

@@ -1,6 +1,8 @@
 """In-process LRU result cache, bounded in bytes.
 
-Owns: a per-process ``ResultCache`` used when no Redis is configured (and in tests).
+Owns: a per-process ``ResultCache`` used when no Redis is configured (and in tests): the stats
+it reports and which values it refuses (over ``max_value_bytes``). The LRU order, the byte bound
+and the TTL are `cachetools`' (``LRUCache`` / ``TTLCache`` sized by ``getsizeof``).
 Does NOT know: Redis, models, or what the values mean. Not shared between processes.
 
 Size accounting is ``len(utf-8 key) + len(value)`` per entry; Python object overhead is
@@ -11,10 +13,40 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
+import cachetools
+
 from .base import CacheStats
+
+# What an entry holds: the value and its accounted size (the key's bytes included).
+_Entry = tuple[bytes, int]
+
+
+def _entry_size(entry: _Entry) -> int:
+    return entry[1]
+
+
+class _CountingLRU(cachetools.LRUCache[str, _Entry]):
+    """cachetools' LRU, counting the entries it evicts to stay under its byte bound."""
+
+    evictions = 0
+
+    def popitem(self) -> tuple[str, _Entry]:
+        item = super().popitem()
+        self.evictions += 1
+        return item
+
+
+class _CountingTTL(cachetools.TTLCache[str, _Entry]):
+    """cachetools' LRU with a time to live, counting evictions (expired entries are not evictions)."""
+
+    evictions = 0
+
+    def popitem(self) -> tuple[str, _Entry]:
+        item = super().popitem()
+        self.evictions += 1
+        return item
 
 
 class MemoryCache:
@@ -29,45 +61,43 @@ class MemoryCache:
             raise ValueError("max_bytes must be > 0")
         self._max_bytes = max_bytes
         self._max_value_bytes = max_value_bytes
-        self._ttl_s = ttl_s
-        self._clock = clock
-        # key -> (value, expires_at or None, accounted size); order = recency (last = newest).
-        self._data: OrderedDict[str, tuple[bytes, float | None, int]] = OrderedDict()
-        self._bytes = 0
+        self._data: _CountingLRU | _CountingTTL
+        if ttl_s is None:
+            self._data = _CountingLRU(maxsize=max_bytes, getsizeof=_entry_size)
+        else:
+            self._data = _CountingTTL(maxsize=max_bytes, ttl=ttl_s, timer=clock, getsizeof=_entry_size)
         self._stats = CacheStats()
         # No awaits inside the critical sections, but a replica may call from several
-        # threads (e.g. executors), so guard the dict anyway; it is uncontended in practice.
+        # threads (e.g. executors), and cachetools' caches are not thread-safe: guard them.
         self._lock = threading.Lock()
 
     @property
     def size_bytes(self) -> int:
-        return self._bytes
+        return int(self._data.currsize)
 
     def __len__(self) -> int:
         return len(self._data)
 
+    def _expire(self) -> None:
+        if isinstance(self._data, cachetools.TTLCache):
+            self._data.expire()  # expired entries free their bytes now, not when next evicted
+
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         out: list[bytes | None] = []
-        now = self._clock()
         with self._lock:
+            self._expire()
             for key in keys:
-                entry = self._data.get(key)
-                if entry is not None and entry[1] is not None and entry[1] <= now:
-                    self._drop(key)  # expired: same as absent
-                    entry = None
+                entry = self._data.get(key)  # a hit becomes the most recently used entry
                 if entry is None:
                     self._stats.misses += 1
                     out.append(None)
                     continue
-                self._data.move_to_end(key)
                 self._stats.hits += 1
                 self._stats.bytes_read += len(entry[0])
                 out.append(entry[0])
         return out
 
     async def set_many(self, items: Sequence[tuple[str, bytes]]) -> None:
-        now = self._clock()
-        expires = now + self._ttl_s if self._ttl_s is not None else None
         with self._lock:
             for key, value in items:
                 value = bytes(value)
@@ -77,26 +107,17 @@ class MemoryCache:
                 ):
                     self._stats.oversize += 1
                     continue
-                if key in self._data:
-                    self._drop(key)
-                self._data[key] = (value, expires, size)
-                self._bytes += size
+                self._data[key] = (value, size)  # evicts least recently used entries to fit
                 self._stats.sets += 1
                 self._stats.bytes_written += len(value)
-                while self._bytes > self._max_bytes:
-                    oldest = next(iter(self._data))
-                    self._drop(oldest)
-                    self._stats.evictions += 1
-
-    def _drop(self, key: str) -> None:
-        _, _, size = self._data.pop(key)
-        self._bytes -= size
 
     def stats(self) -> CacheStats:
         with self._lock:
+            self._stats.evictions = self._data.evictions
             return self._stats.snapshot()
 
     async def close(self) -> None:
         with self._lock:
-            self._data.clear()
-            self._bytes = 0
+            evicted = self._data.evictions
+            self._data.clear()  # older cachetools clear by popitem: those are no evictions
+            self._data.evictions = evicted

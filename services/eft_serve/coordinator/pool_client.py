@@ -2,7 +2,7 @@
 
 Owns the protocol and `ColocatedRole` (a role whose LoRA adapter is served inside another pool).
 Implementations: `transport.inprocess.InProcessPool` (an engine in this
-process), `transport.grpc_pool.GrpcPoolClient` (plain gRPC), `serve.pool_handle.ServePoolClient`
+process), `testing.grpc_pool.GrpcPoolClient` (plain gRPC, tests), `serve.pool_handle.ServePoolClient`
 (Ray Serve handle). Implementations raise `eft_serve.errors.EftError` subclasses only.
 """
 

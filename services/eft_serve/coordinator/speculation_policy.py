@@ -72,11 +72,9 @@ class SpeculationPolicy:
         if self._draft_s is None or self._verify_s is None:
             return self.size  # no block measured yet: one tells what drafting costs here
         best = self.best_block()
-        if best == 0 and not (not self._speculating and self._blind):
-            return 0
-        if not self._speculating:
-            self._speculating, self._blocks_since_resume = True, 0
-        return max(1, min(self.size, best))
+        if best == 0 and (self._speculating or not self._blind):
+            return 0  # a drafter of the recipe resumes when its plain-step agreement says so
+        return max(1, min(self.size, best))  # (a blind drafter probes once the wait is over)
 
     def best_block(self) -> int:
         """The k with the highest expected rate, or 0 when no k beats a plain step."""
@@ -117,6 +115,8 @@ class SpeculationPolicy:
         self._steps += 1
         if not self._adaptive or drafted == 0:
             return
+        if not self._speculating:  # resumed (or probing) after a fall-back
+            self._speculating, self._blocks_since_resume = True, 0
         # The drafted tokens up to and including the first rejected one were each tested.
         self._observe(accepted, accepted + (1 if accepted < drafted else 0))
         self._draft_s = _ema(self._draft_s, draft_s / drafted)

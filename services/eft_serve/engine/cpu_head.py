@@ -1,14 +1,10 @@
 """The output head (``lm_head``) on CPU for decode-sized batches: same weights, a faster kernel.
 
-Owns one measured workaround. A decode step feeds one position per row, so the head multiplies a
-few rows ``x`` (``[M, d]``) by the ``[V, d]`` vocabulary matrix, and on CPU that matrix is most of
-the bytes a step reads (GPT-2: 50,257 × 768 floats = 154 MB, a third of the 12-layer model; 80 %
-of a 4 × 256 model). ``F.linear(x, W)`` (``x @ Wᵀ``) takes MKL's slowest path there: measured on
-this project's CPU box, one thread, float32, d = 768 (d = 256):
-
-    rows M             1            2            3            4            8
-    F.linear       11.7 (6.0)   26.2 (12.1)  38.4 (18.2)  23.5 (9.7)   26.6 (10.7) ms
-    (W @ xᵀ)ᵀ      11.7 (6.0)    7.7 (2.5)   11.4 (3.6)   11.9 (3.9)   28.0 (6.2)  ms
+Owns one workaround of a slow CPU kernel. A decode step feeds one position per row, so the head
+multiplies a few rows ``x`` (``[M, d]``) by the ``[V, d]`` vocabulary matrix, and on CPU that
+matrix is most of the bytes a step reads (GPT-2: 50,257 × 768 floats = 154 MB, a third of the
+12-layer model). ``F.linear(x, W)`` (``x @ Wᵀ``) takes MKL's slowest path there, two to three
+times slower than ``(W @ xᵀ)ᵀ`` at 2-4 rows (the timings: docs/benchmarks.md#why-the-engines-work-this-way).
 
 ``W @ xᵀ`` with two or more columns streams ``W`` once at memory speed; with one column it falls
 back to the slow matrix-vector path, so a single row is fed twice (the second copy's answer is
@@ -29,8 +25,8 @@ import torch.nn.functional as F  # noqa: N812 (the usual alias)
 
 __all__ = ["FEW_ROWS", "CpuDecodeHead", "enable_cpu_decode_head"]
 
-# Up to this many rows the transposed product wins at both widths measured (see the table; at
-# d = 768 and 8 rows the two are within noise, at d = 256 the product is 1.7× faster).
+# Up to this many rows the transposed product is at least as fast at both model widths timed
+# (d = 768: within noise at 8 rows; d = 256: faster).
 FEW_ROWS = 8
 
 

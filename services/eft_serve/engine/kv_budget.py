@@ -1,6 +1,6 @@
 """How many bytes of KV a replica may keep when the config does not say (``kv_cache_bytes: null``).
 
-The rule (README "Configuration"), applied once when the engine loads, after its weights are
+The rule (docs/configuration.md, `pools.<role>.kv_cache_bytes`), applied once when the engine loads, after its weights are
 in memory:
 
 * ``replica.memory_bytes`` set (the replica's Ray memory reservation, a pod's share): half of

@@ -52,7 +52,8 @@ def restrict_to_support(logprobs: np.ndarray, support: int) -> np.ndarray:
     head = np.asarray(logprobs, dtype=np.float64)[..., :support]
     peak = head.max(axis=-1, keepdims=True)
     norm = peak + np.log(np.exp(head - peak).sum(axis=-1, keepdims=True))
-    return (head - norm).astype(np.float32)
+    out: np.ndarray = (head - norm).astype(np.float32)
+    return out
 
 
 def validate_logprob_top_k(logprob_top_k: int) -> None:

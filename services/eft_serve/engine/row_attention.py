@@ -8,11 +8,15 @@ function ``eft_rows`` runs ``scaled_dot_product_attention`` per row on a view of
 first ``start + new`` positions. Nothing is gathered into a padded ``[B, H, P, D]`` past and no
 ``torch.cat`` re-copies the past: a decode step moves O(new tokens) of KV, not O(prefix).
 
-Without a row context (an ordinary forward) ``eft_rows`` is exactly transformers' ``sdpa``
-attention and mask, so the model behaves as loaded. ``enable_row_attention`` switches a model to it
-only when it uses ``sdpa`` (the transformers default), and ``row_attention_matches`` checks on a
-probe that the row path reproduces the plain forward; the engine falls back to gathering the past
-otherwise. Does NOT know: which sequences exist, budgets, eviction, or what the logits mean.
+Sliding-window layers (Mistral, Gemma-2's alternate layers) attend to their window of the buffer
+(the kernel records which window each layer applied, for the engine's probe); Gemma-2's attention
+soft-capping is computed as its eager attention computes it. Without a row context (an ordinary
+forward) ``eft_rows`` is exactly transformers' ``sdpa`` attention and mask, and ``eft_rows_eager``
+the model's own eager attention, so the model behaves as loaded. ``enable_row_attention`` switches a
+model on ``sdpa`` (the transformers default), or on ``eager`` because its class cannot run sdpa;
+the engine's load-time probe (``HFEngine._enable_rows``) checks that the row path reproduces the
+plain forward and falls back to gathering the past otherwise. Does NOT know: which sequences
+exist, budgets, eviction, or what the logits mean.
 """
 
 from __future__ import annotations
@@ -179,13 +183,18 @@ def _register() -> None:
 
 def enable_row_attention(model: Any) -> bool:
     """Switch ``model`` to the row kernel: ``eft_rows`` from ``sdpa``, ``eft_rows_eager`` from
-    ``eager`` (each the same as the model's own without a row context). False if the model runs
-    another kernel (flash, ...), its eager attention is not transformers' module-level function,
-    or it refuses the switch."""
+    ``eager`` (each the same as the model's own without a row context). ``eager`` only for model
+    classes that cannot run sdpa (Gemma-2: soft-capping); a model put on eager by choice stays off
+    the row kernel (the engine gathers the past through its eager attention). False also if the
+    model runs another kernel (flash, ...) or refuses the switch."""
     current = getattr(model.config, "_attn_implementation", None)
     if current in ("sdpa", ROW_ATTENTION):
         target = ROW_ATTENTION
-    elif current in ("eager", ROW_ATTENTION_EAGER) and _has_module_eager(model):
+    elif (
+        current in ("eager", ROW_ATTENTION_EAGER)
+        and not getattr(model, "_supports_sdpa", True)
+        and _has_module_eager(model)
+    ):
         target = ROW_ATTENTION_EAGER
     else:
         return False

@@ -9,12 +9,12 @@ engine `ValueError` (bad ids, too long) becomes INVALID_ARGUMENT naming the pool
 call frees the engine only when its worker thread ends. `probe` is the replica health check (a
 1-token forward under a timeout). Knows nothing of transports, protobuf or Ray.
 
-KV admission: before a call joins the queue, an engine that keeps KV per sequence (`admit`,
-HFEngine) is asked whether the call's sequences fit its KV budget without evicting a running
-sequence. If not, the call waits here (polling, backing off to 0.25 s) until running sequences go
-idle, for at most `admission_timeout_s` and never past its deadline, then fails with
-RESOURCE_EXHAUSTED naming the pool and what to change. Nothing thrashes: a waiting call holds no
-KV. Engines without `admit` (fakes, vLLM with its own scheduler) are not asked.
+KV admission: before a call joins the queue, the engine is asked (`LogprobEngine.admit`) whether
+the call's sequences fit its KV budget without evicting a running sequence. If not, the call
+waits here (polling, backing off to 0.25 s) until running sequences go idle, for at most
+`admission_timeout_s` and never past its deadline, then fails with RESOURCE_EXHAUSTED naming the
+pool and what to change. Nothing thrashes: a waiting call holds no KV. Engines without a KV budget
+of their own (fakes, vLLM with its own scheduler) answer "everything fits" (`EngineBase`).
 
 An engine that batches concurrent calls itself (`schedules_concurrent_calls = True`: vLLM's
 continuous batching) is not serialised here: its calls run side by side in worker threads so its
@@ -78,7 +78,7 @@ class EngineRunner:
             policy=batching,
             observe_wait=self._observe_wait,
         )
-        self._concurrent = bool(getattr(engine, "schedules_concurrent_calls", False))
+        self._concurrent = engine.schedules_concurrent_calls
         self._executor: ThreadPoolExecutor | None = None
 
     @property
@@ -110,10 +110,9 @@ class EngineRunner:
     async def admit(self, demands: Sequence[tuple[str, int]], deadline: float | None = None) -> None:
         """Wait until every `(sequence_id, positions)` fits the engine's KV budget (see the module
         docstring); ResourceExhausted after `admission_timeout_s` or at the deadline."""
-        check = getattr(self.engine, "admit", None)
-        if check is None or not demands:
+        if not demands:
             return
-        verdict = check(demands)
+        verdict = self.engine.admit(demands)
         if verdict.ok:
             return
         self.admission_waits += 1
@@ -132,7 +131,7 @@ class EngineRunner:
                 )
             await asyncio.sleep(min(delay, left))
             delay = min(delay * 2, 0.25)
-            verdict = check(demands)
+            verdict = self.engine.admit(demands)
             if verdict.ok:
                 return
 

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from eft_serve.engine.kv_cache import KVCacheStats
+from eft_serve.engine.types import Admission
 
 __all__ = ["KVGeometry", "Admission", "Lease", "SequenceKVStore", "GROWTH_RESERVE"]
 
@@ -70,18 +71,6 @@ class KVGeometry:
         return torch.empty(
             (self.layers, 2, self.kv_heads, capacity, self.head_dim), dtype=self.dtype, device=self.device
         )
-
-
-@dataclass(frozen=True)
-class Admission:
-    """The answer of ``admit``: whether everything fits now, and the figures for a message."""
-
-    ok: bool
-    blocked: int = 0  # sequences that do not fit now
-    need_bytes: int = 0  # what the blocked ones need
-    running: int = 0  # running sequences
-    running_bytes: int = 0  # their reservations
-    max_bytes: int = 0
 
 
 @dataclass

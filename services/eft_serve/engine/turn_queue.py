@@ -9,14 +9,14 @@ engine is busy therefore share its next forward passes, whatever transport broug
 
 Companions: a pool whose streams decode together serves the same sequences every step, but
 they come back a few ms apart (each one's merge and round trip), so the queue otherwise splits
-them into alternating half-size turns (measured at 8 streams: 3.8 calls per large-base turn, 2.3
-per small-pool turn; a memory-bound small model pays ~10 ms a turn whatever its size). Before a
+them into alternating half-size turns, and a memory-bound model pays about the same per turn
+whatever its batch (docs/benchmarks.md#why-the-engines-work-this-way). Before a
 turn, the queue therefore waits up to `wait_s` for the sequences it expects back: those the last
 turn answered, and those seen within 1.5× their own interval between calls (so a stream whose
 prompt was just prefilled is waited for, and the next turn of prefills does not stall it). A sequence that stopped calling costs at most one such wait; a single
 stream never waits.
 
-Chunked prefill (`max_prefill_tokens`, engines that report `uncached_tokens`, i.e. HFEngine): a
+Chunked prefill (`max_prefill_tokens`, engines whose `uncached_tokens` answers, i.e. HFEngine): a
 turn with decoding calls in it feeds at most that many prompt positions beyond its decode rows (a
 turn of prefills only has nobody to protect and runs them whole). A call whose prefix is
 longer runs a chunk (its first uncached positions, written to the sequence's KV, the answer
@@ -25,9 +25,9 @@ prompt delays running streams by a chunk per step, not by the whole prefill. A c
 made no progress (its KV was not kept) runs whole next time.
 
 Why not Serve's `@serve.batch`: it closes a batch when its wait window ends, not when the engine
-frees, so under steady decoding every request that arrived alone became a batch of one and queued
-behind the others: measured at 8 concurrent streams, 122 of 130 large-base engine calls ran one
-request each (ITL ≈ 8 × the single-step time).
+frees, so under steady decoding a request that arrives alone becomes a batch of one and queues
+behind the others: nearly every engine call runs one request, and the inter-token latency grows
+with the number of streams.
 
 Rules: first come, first served (a later call joins an earlier turn, never the reverse); a caller
 cancelled while queued never runs; a running engine call is never interrupted (its thread ends, the
@@ -262,9 +262,9 @@ class TurnQueue:
     def _plan_prefill(self, live: list[_Work], retry: bool) -> tuple[list[_Work], list[SequenceQuery], list[_Work]]:
         """Split a logprobs turn under the prefill budget: the calls that run whole, plus chunk
         queries for calls that go back to the head of the queue (see the module docstring)."""
-        uncached_of = getattr(self.engine, "uncached_tokens", None)
+        uncached_of = self.engine.uncached_tokens
         # A lone call has no decoder beside it to protect: skip the per-step prefix comparison.
-        if self.policy.max_prefill_tokens is None or uncached_of is None or retry or len(live) < 2:
+        if self.policy.max_prefill_tokens is None or retry or len(live) < 2:
             return live, [], []
         budget = self.policy.max_prefill_tokens
         whole: list[_Work] = []

@@ -109,8 +109,32 @@ class DraftedSequence:
     scores: SequenceResult | None = None
 
 
+@dataclass(frozen=True)
+class Admission:
+    """The answer of ``LogprobEngine.admit``: whether everything fits now, and the figures for a message."""
+
+    ok: bool
+    blocked: int = 0  # sequences that do not fit now
+    need_bytes: int = 0  # what the blocked ones need
+    running: int = 0  # running sequences
+    running_bytes: int = 0  # their reservations
+    max_bytes: int = 0
+
+
+FITS = Admission(ok=True)
+
+
 class LogprobEngine(Protocol):
-    """What every engine (real or fake) offers. Synchronous; callers run it off their event loop."""
+    """What every engine (real or fake) offers. Synchronous; callers run it off their event loop.
+
+    The first three are what an engine is; the rest are optional capabilities that the runner
+    and the turn queue (`engine.runner`, `engine.turn_queue`) adapt to. `EngineBase` gives each
+    its "not offered" default, so an engine declares only what it does differently.
+    """
+
+    # The engine batches concurrent calls itself (vLLM's continuous batching): the runner runs
+    # them side by side instead of one turn at a time through its `TurnQueue`.
+    schedules_concurrent_calls: bool
 
     @property
     def info(self) -> ModelInfo: ...
@@ -118,3 +142,28 @@ class LogprobEngine(Protocol):
     def next_token_logprobs(self, queries: Sequence[SequenceQuery], logprob_top_k: int) -> list[SequenceResult]: ...
 
     def draft(self, queries: Sequence[DraftQuery]) -> list[list[int]]: ...
+
+    def admit(self, demands: Sequence[tuple[str, int]]) -> Admission:
+        """Whether every ``(kv sequence id, positions)`` fits the engine's KV budget now without
+        evicting a running sequence (the fitting ones are then held for the call). Never waits:
+        the runner polls until room frees or the call's time is up."""
+        ...
+
+    def uncached_tokens(self, query: SequenceQuery) -> int | None:
+        """Positions a call for ``query`` would feed now (its prefix not yet in the sequence's KV);
+        None when the engine keeps no KV for it. The turn queue chunks long prefills by it."""
+        ...
+
+
+class EngineBase:
+    """The defaults of `LogprobEngine`'s optional capabilities, for engines to inherit: no KV
+    budget of its own (everything fits), no per-sequence KV to chunk prefills by, and one call at
+    a time (the runner's turn queue batches them)."""
+
+    schedules_concurrent_calls: bool = False
+
+    def admit(self, demands: Sequence[tuple[str, int]]) -> Admission:
+        return FITS
+
+    def uncached_tokens(self, query: SequenceQuery) -> int | None:
+        return None

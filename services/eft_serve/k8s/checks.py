@@ -25,11 +25,19 @@ def check_settings(cfg: EftConfig, s: StackSettings) -> None:
     Unset GPU counts are derived first (`with_derived_gpus`); an explicit count must suffice."""
     s = with_derived_gpus(cfg, s)
     problems: list[str] = []
-    if set(cfg.pools) != set(s.pools):
-        problems.append(f"settings pools {sorted(s.pools)} must match the config's pools {sorted(cfg.pools)}")
+    deployed = cfg.deployed_pools()  # a co-located LoRA role has no pods: its adapter rides in its base's
+    if set(deployed) != set(s.pools):
+        colocated = sorted(set(cfg.pools) - set(deployed))
+        problems.append(
+            f"settings pools {sorted(s.pools)} must match the config's pools {sorted(deployed)}"
+            + (f" (co-located {colocated} run in their base's pods: no settings of their own)" if colocated else "")
+        )
     coord_resource = cfg.coordinator.replica.node_group_resource
     seen: dict[str, str] = {}
     for role, pool in cfg.pools.items():
+        if role not in deployed:
+            problems += _check_model_volume(role, pool, s)  # its base's pods load the adapter
+            continue
         pod = s.pools.get(role)
         res = pool.replica.node_group_resource
         if not res:
@@ -95,6 +103,11 @@ def _check_pool_pod(role: str, pool: PoolConfig, pod: PodSettings, s: StackSetti
             f"pools.{role}: one replica ({r.num_cpus} CPU, {r.num_gpus} GPU) does not fit a pod "
             f"({pod.ray_num_cpus()} Ray CPUs, {pod.gpus} GPU, {pod.memory})"
         )
+    return problems + _check_model_volume(role, pool, s)
+
+
+def _check_model_volume(role: str, pool: PoolConfig, s: StackSettings) -> list[str]:
+    problems: list[str] = []
     if not pool.model.startswith(DEMO_SCHEME):
         mount = s.model_volume.mount_path.rstrip("/") + "/" if s.model_volume else None
         if mount is None or not pool.model.startswith(mount):

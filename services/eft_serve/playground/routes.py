@@ -20,6 +20,8 @@ PAGE = "/playground"
 # name -> media type: the only files served.
 FILES = {
     "index.html": "text/html; charset=utf-8",
+    "api.js": "text/javascript; charset=utf-8",
+    "tokens.js": "text/javascript; charset=utf-8",
     "playground.js": "text/javascript; charset=utf-8",
     "playground.css": "text/css; charset=utf-8",
 }
@@ -45,7 +47,7 @@ def static_response(name: str) -> Response:
 
 
 def mount_playground(app: FastAPI) -> None:
-    """Add `GET /playground` (and `/playground/`, and its two assets) to `app`."""
+    """Add `GET /playground` (and `/playground/`, and its assets) to `app`."""
 
     @app.get(PAGE, include_in_schema=False)
     async def page() -> Response:

@@ -1,6 +1,6 @@
 """Prometheus metrics of the service, exported through Ray Serve's metrics API (Ray's metrics agent).
 
-Owns every metric's name, type, labels and buckets (README.md#metrics; the Grafana dashboard
+Owns every metric's name, type, labels and buckets (docs/operations.md#metrics; the Grafana dashboard
 `k8s/grafana/eft-serve.json` reads them, and a unit test checks it names only these):
 `ServeMetrics` is the coordinator replica's `Telemetry` (requests, tokens, latencies, pool calls,
 speculative acceptance, in-flight requests), `PoolWireMetrics` its Serve calls to the pools

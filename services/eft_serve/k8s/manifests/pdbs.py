@@ -45,7 +45,7 @@ def disruption_budgets(cfg: EftConfig, s: StackSettings) -> list[dict[str, Any]]
     out = []
     if spares_a_pod(cfg.coordinator.replica, s.coordinator):
         out.append(pdb(COORDINATOR_GROUP, coordinator_labels(s)))
-    for role, pool in cfg.pools.items():
+    for role, pool in cfg.deployed_pools().items():  # co-located LoRA roles have no pods of their own
         if spares_a_pod(pool.replica, s.pools[role]):
             out.append(pdb(group_name(role), selector_labels(s, "ray-worker", role)))
     return out

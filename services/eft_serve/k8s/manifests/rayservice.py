@@ -236,7 +236,7 @@ def rayservice(cfg: EftConfig, s: StackSettings, source: str) -> dict[str, Any]:
             ray_ports,
             selector_labels(s, "ray-worker", role),
         )
-        for role, pool in cfg.pools.items()
+        for role, pool in cfg.deployed_pools().items()  # a co-located LoRA role rides in its base's pods
     ]
     header = f"# Generated from {source} by {RENDER_MODULE}; do not edit by hand.\n"
     cluster: dict[str, Any] = {"rayVersion": s.ray_version}

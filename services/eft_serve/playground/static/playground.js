@@ -7,70 +7,10 @@
   const $ = (id) => document.getElementById(id);
   const SWEEP_BETAS = [0, 0.5, 1, 1.5, 2];
   const ALTERNATIVES = 5; // top alternatives asked per token (completions allow at most 5)
-  const FLOOR = -9999; // the API's stand-in for log 0 (JSON has no -inf)
-  const STATUS = {
-    400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-    429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable", 504: "Gateway Timeout",
-  };
   const state = { models: {}, defaultRecipe: null, controllers: new Set(), pinned: null, shown: null };
+  const { call, stream } = window.EftApi; // api.js
+  const { tokensOf, known, delta, colour, visible, fmt, el, table } = window.EftTokens; // tokens.js
 
-  // ---- talking to the API ------------------------------------------------------------------
-
-  class ApiError extends Error {
-    constructor(message, status) { super(message); this.status = status; }
-  }
-
-  function headers() {
-    const h = { "Content-Type": "application/json" };
-    const key = $("key").value.trim();
-    if (key) h.Authorization = "Bearer " + key;
-    return h;
-  }
-
-  async function errorOf(resp) {
-    let message = `${resp.status} ${STATUS[resp.status] || resp.statusText || "error"}`;
-    try {
-      const body = await resp.json();
-      if (body && body.error) {
-        message += ": " + body.error.message + (body.error.param ? ` (param: ${body.error.param})` : "");
-      }
-    } catch (_) { /* not JSON: the status says it */ }
-    if (resp.status === 401) message += " — enter a valid API key above";
-    return new ApiError(message, resp.status);
-  }
-
-  async function call(method, path, body, signal) {
-    const resp = await fetch(path, { method, headers: headers(), body: body && JSON.stringify(body), signal });
-    if (!resp.ok) throw await errorOf(resp);
-    return resp;
-  }
-
-  // Server-sent events: `data: {...}` blocks, `data: [DONE]` last; an error after the 200 arrives
-  // as a `data: {"error": ...}` event.
-  async function stream(path, body, onEvent, signal) {
-    const resp = await call("POST", path, body, signal);
-    const reader = resp.body.getReader();
-    const decoder = new TextDecoder();
-    let buf = "";
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) return;
-      buf += decoder.decode(value, { stream: true });
-      let cut;
-      while ((cut = buf.indexOf("\n\n")) >= 0) {
-        const block = buf.slice(0, cut);
-        buf = buf.slice(cut + 2);
-        for (const line of block.split("\n")) {
-          if (!line.startsWith("data:")) continue;
-          const data = line.slice(5).trim();
-          if (data === "[DONE]") return;
-          const event = JSON.parse(data);
-          if (event.error) throw new ApiError("stream failed: " + event.error.message, 0);
-          onEvent(event);
-        }
-      }
-    }
-  }
 
   // ---- controls ----------------------------------------------------------------------------
 
@@ -325,43 +265,6 @@
     }
   }
 
-  // Normalised tokens of a choice's `logprobs`: completions' parallel arrays or chat's `content`.
-  function tokensOf(lp) {
-    if (!lp) return [];
-    if (lp.content) {
-      return lp.content.map((e) => ({
-        text: e.token, lp: e.logprob, top: (e.top_logprobs || []).map((a) => [a.token, a.logprob]), models: e.model_logprobs || null,
-      }));
-    }
-    return (lp.tokens || []).map((text, i) => ({
-      text,
-      lp: lp.token_logprobs[i],
-      top: Object.entries((lp.top_logprobs || [])[i] || {}).sort((a, b) => b[1] - a[1]),
-      models: lp.model_logprobs ? lp.model_logprobs[i] : null,
-    }));
-  }
-
-  function known(x) { return typeof x === "number" && x > FLOOR; }
-
-  // log p_EFT − log p_base of the span's tokens: what the expert delta did, after renormalising.
-  function delta(info, base) {
-    let d = 0;
-    for (const t of info.tokens) {
-      if (!t.models || !known(t.lp) || !known(t.models[base])) return NaN;
-      d += t.lp - t.models[base];
-    }
-    return info.tokens.length ? d : NaN;
-  }
-
-  function colour(span, d) {
-    span.dataset.delta = Number.isFinite(d) ? d.toFixed(3) : "";
-    if (!Number.isFinite(d)) { span.classList.add("attr-unknown"); return; }
-    if (Math.abs(d) < 0.05) { span.classList.add("attr-zero"); return; }
-    const a = 0.15 + 0.6 * Math.min(1, Math.abs(d) / 3);
-    span.classList.add(d > 0 ? "attr-up" : "attr-down");
-    span.style.backgroundColor = d > 0 ? `rgba(37, 99, 235, ${a.toFixed(2)})` : `rgba(234, 88, 12, ${a.toFixed(2)})`;
-  }
-
   // ---- running -------------------------------------------------------------------------------
 
   function busy(on) {
@@ -416,29 +319,6 @@
 
   // ---- the token inspector (hover; click pins) ---------------------------------------------
 
-  function visible(text) { return text.replace(/ /g, "␣").replace(/\n/g, "⏎"); }
-  function fmt(lp) { return known(lp) ? `${lp.toFixed(2)} (${(100 * Math.exp(lp)).toFixed(1)}%)` : "—"; }
-
-  function el(tag, text, cls) {
-    const e = document.createElement(tag);
-    if (text !== undefined) e.textContent = text;
-    if (cls) e.className = cls;
-    return e;
-  }
-
-  function table(title, rows, chosen) {
-    const box = el("div", undefined, "alts");
-    box.append(el("div", title, "alts-title"));
-    const t = el("table");
-    for (const [text, lp] of rows) {
-      const tr = el("tr", undefined, text === chosen ? "chosen" : "");
-      tr.append(el("td", visible(text), "alt-text"), el("td", fmt(lp), "alt-lp"));
-      t.append(tr);
-    }
-    box.append(t);
-    return box;
-  }
-
   function showTip(span) {
     const info = span.paneInfo;
     if (!info) return;
@@ -466,20 +346,21 @@
           tip.append(el("div", `expert term β·Σw(log p_expert − log p_${s.reference}) = ${term.toFixed(2)}`, "muted"));
         }
       }
-      tip.append(table(pane.eft ? "top alternatives, merged" : "top alternatives", t.top, t.text));
     }
-    if (pane.eft) tip.append(perModel(info));
+    const grid = el("div", undefined, "alts-grid");
+    if (t) grid.append(table(pane.eft ? "merged (EFT)" : "top alternatives", t.top, t.text));
+    if (pane.eft) perModel(info, grid);
+    tip.append(grid);
     place(tip, span);
   }
 
   // Each model's own top alternatives at this token's prefix: one-token greedy calls of the
   // single-model recipes (asked on hover, kept per token).
-  function perModel(info) {
-    const box = el("div", undefined, "per-model");
+  function perModel(info, box) {
     const pane = info.pane;
     if (pane.settings.mode === "chat") {
       box.append(el("div", "per-model alternatives: completion mode only (each model renders a chat in its own format)", "muted"));
-      return box;
+      return;
     }
     if (!info.models) {
       info.models = {};
@@ -498,10 +379,9 @@
       }
     }
     for (const [role, got] of Object.entries(info.models)) {
-      if (got.top) box.append(table(`top alternatives, ${role} alone`, got.top, info.text));
+      if (got.top) box.append(table(`${role} alone`, got.top, info.text));
       else box.append(el("div", `${role}: ${got.loading ? "loading…" : got.error}`, got.error ? "muted error" : "muted"));
     }
-    return box;
   }
 
   function refreshTip() {

@@ -1,7 +1,8 @@
 """Model pools over plain grpc.aio: a servicer over `PoolRpc` and a `PoolClient` over a channel.
 
-Owns gRPC specifics only (status codes both ways, per-call timeouts). Used for pools outside
-Ray (integration tests, a bare-metal pool) — inside Ray Serve, `serve.pool_handle` is the client.
+Owns gRPC specifics only (status codes both ways, per-call timeouts). For tests: pools outside Ray
+over real gRPC on loopback (`testing.grpc_coordinator.start_pool_server`); the service's client of
+a pool is `serve.pool_handle` (Ray Serve).
 Errors leave servicer methods through the shared `transport.error_boundary`.
 """
 

@@ -1,10 +1,12 @@
-"""The client-facing `eft.v1.EftService` over plain grpc.aio, with health and reflection.
+"""Test servers: the client-facing `eft.v1.EftService` and a `ModelPool` over plain grpc.aio, no Ray.
 
-Owns the grpc.aio servicer (status codes via `context.abort`) and a server factory bound to
-loopback by default; health and reflection need no API key. Health follows the coordinator's
-cached pool probe (`EftCoordinator.health`): NOT_SERVING while any pool is unreachable. Inside Ray Serve the proxy plays this role (`serve.coordinator_deployment`);
-this server runs the same `CoordinatorRpc` without Ray (integration tests, a Ray-less deployment).
-Errors leave servicer methods through the shared `transport.error_boundary`.
+Owns a grpc.aio servicer over `CoordinatorRpc` (status codes via `context.abort`) and server
+factories bound to loopback by default; health and reflection need no API key. Health follows the
+coordinator's cached pool probe (`EftCoordinator.health`): NOT_SERVING while any pool is
+unreachable. The service itself runs behind Ray Serve's gRPC proxy (`serve.coordinator_deployment`);
+these servers run the same `CoordinatorRpc` / `PoolRpc` bodies over real gRPC on loopback so the
+integration tests exercise the wire without a Ray cluster. Errors leave servicer methods through
+the shared `transport.error_boundary`.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ from grpc_reflection.v1alpha import reflection
 
 from eft_serve.coordinator.health import HealthReport
 from eft_serve.proto_gen.eft.v1 import eft_pb2, eft_pb2_grpc, pool_pb2, pool_pb2_grpc
+from eft_serve.testing.grpc_pool import PoolServicer
 from eft_serve.transport.coordinator_rpc import CoordinatorRpc
 from eft_serve.transport.error_boundary import abort_grpc_aio, error_boundary
-from eft_serve.transport.grpc_pool import PoolServicer
 from eft_serve.transport.pool_rpc import PoolRpc
 from eft_serve.transport.status import health_status
 
