@@ -11,6 +11,7 @@ find out (weights that do not load, an adapter over the wrong base) arrives thro
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -149,3 +150,17 @@ def preflight(cfg: EftConfig, log: Callable[[str], None] = print) -> None:
         paths[role] = path
     if len(paths) > 1:
         _fingerprints(cfg, paths)
+    _check_adapters(cfg)
+
+
+def _check_adapters(cfg: EftConfig) -> None:
+    """A LoRA adapter whose base no pool serves (or another base's weights): refused here."""
+    from eft_serve.adapters import lora_links
+    from eft_serve.errors import EftError
+
+    try:
+        lora_links(cfg)
+    except EftError as e:
+        # The adapters' messages name `pools.<role>`; a refusal line names `pool '<role>'`.
+        found = re.match(r"pools\.([^.:\s]+)[.:]?\s*", e.message)
+        raise StartupError(f"pool {found.group(1)!r}: {e.message[found.end() :]}" if found else e.message) from e

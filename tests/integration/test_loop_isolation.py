@@ -140,8 +140,11 @@ async def test_tokenizer_backlog_is_bounded_and_released() -> None:
     coord = slow_coordinator(tok, tokenizer_backlog_chars=len(LONG) + 100)
     await coord.start()
     first = asyncio.create_task(coord.generate(GenerationRequest(prompt=LONG, max_new_tokens=4)))
-    while not tok.active:
+    for _ in range(400):  # bounded: on the loop the encode would be over before this runs
+        if tok.active:
+            break
         await asyncio.sleep(0.005)
+    assert tok.active, "the long prompt is not being tokenized on a worker thread"
     with pytest.raises(ResourceExhausted, match="already tokenizing"):
         await coord.generate(GenerationRequest(prompt=LONG, max_new_tokens=4))
     # Short prompts never wait for the pool (and never count against it).

@@ -127,3 +127,24 @@ def test_eft_serve_prints_one_line_and_exits_2(tmp_path) -> None:
     errors = [line for line in proc.stderr.splitlines() if line.strip()]
     assert errors == [f"error: pool 'small_ft': model directory {tmp_path / 'missing'} does not exist"]
     assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_an_adapter_over_another_base_is_refused_naming_the_pool(tmp_path, family) -> None:
+    from eft_serve.testing.lora_fixtures import make_lora_adapter
+
+    other = build_arch_family("llama", tmp_path / "other", seed=5)
+    adapter = make_lora_adapter(other.paths["small_base"], tmp_path / "adapter")
+    msg = _refusal(
+        large_base=str(family.paths["large_base"]),
+        small_base=str(family.paths["small_base"]),
+        small_ft=str(adapter),
+    )
+    assert msg.startswith("pool 'small_ft': LoRA adapter ") and "\n" not in msg, msg
+    # Over its own base it passes.
+    preflight(
+        _cfg(
+            large_base=str(family.paths["large_base"]),
+            small_base=str(other.paths["small_base"]),
+            small_ft=str(adapter),
+        )
+    )
