@@ -11,14 +11,21 @@ greedy decisions are rarely near ties.
 Tolerances as in `test_engine_contract.py`: greedy tokens must match the reference wherever the
 top-2 gap of the exact merged scores exceeds NOISE = 1e-3; a near tie ends that sequence's
 comparison.
+
+LoRA on vLLM: a fine-tune as a pool of its own (merged on disk), and co-located (the small base's
+vLLM pool serves the adapter per request, `LoRARequest`). vLLM has no LoRA layers for GPT-2, so the
+co-located tests use a tiny Llama family (`testing.arch_families`: 32-dim heads, padded heads)
+with a q/v-projection adapter, and ONE vLLM engine load for both.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
@@ -153,3 +160,122 @@ def test_a_lora_fine_tune_as_its_own_vllm_pool_equals_the_hf_merge(paths, tmp_pa
             assert float(abs(w_lp - b_lp).max()) > 0.05  # the adapter changes the model
     finally:
         vllm.close()  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="module")
+def colocated(tmp_path_factory) -> Iterator[dict]:
+    """A Llama family; small_base on vLLM hosting a co-located adapter; HF engines to compare with."""
+    from eft_serve.engine.factory import load_engine
+    from eft_serve.testing.arch_families import build_arch_family, demo_tokenizer
+    from eft_serve.testing.lora_fixtures import make_lora_adapter, merged_model_dir
+
+    tokenizer = demo_tokenizer()
+    root = tmp_path_factory.mktemp("vllm_colocated")
+    fam = build_arch_family("llama", root / "family", tokenizer=tokenizer)
+    base = fam.paths["small_base"]
+    # q/v projections at rank 8: modules and a rank vLLM's LoRA layers support.
+    adapter = make_lora_adapter(base, root / "adapter", seed=3, rank=8, target_modules=["q_proj", "v_proj"], std=0.2)
+    host = load_engine("vllm", base, name="small_base", adapters={"small_ft": adapter}, vllm=VLLMConfig(max_num_seqs=8))
+    try:
+        yield {
+            "family": fam,
+            "tokenizer": tokenizer,
+            "merged": merged_model_dir(base, adapter, root / "merged"),
+            "host": host,
+            "hf_merged": load_engine("hf", base, name="small_ft", device="cpu", merge_adapter=adapter),
+            "hf_base": load_engine("hf", base, name="small_base", device="cpu"),
+            "hf_large": load_engine("hf", fam.paths["large_base"], name="large_base", device="cpu"),
+        }
+    finally:
+        host.close()  # type: ignore[attr-defined]
+
+
+def test_a_vllm_host_answers_base_and_adapter_rows_in_one_call(colocated) -> None:
+    from eft_serve.engine.types import DraftQuery, SequenceQuery
+
+    host, merged, plain = colocated["host"], colocated["hf_merged"], colocated["hf_base"]
+    n_tok = colocated["family"].tokenizer_size
+    assert host.info.extra["engine"] == "vllm"
+    # The adapter's identity is the one the HF engine gives base + adapter (cache keys agree).
+    assert host.info.adapters == {"small_ft": merged.info.model_fingerprint}
+    assert host.info.model_fingerprint == plain.info.model_fingerprint != merged.info.model_fingerprint
+    rng = np.random.default_rng(5)
+    # 40 tokens: longer than a 32-token KV block, so the second call reads the prefix cache,
+    # which must keep the base's and the adapter's KV apart.
+    prompts = [[int(x) for x in rng.integers(1, n_tok, n)] for n in (6, 40, 40)]
+    queries = [
+        SequenceQuery(prompts[0]),
+        SequenceQuery(prompts[0], adapter="small_ft"),
+        SequenceQuery(prompts[1], num_positions=3, adapter="small_ft"),
+        SequenceQuery(prompts[1], num_positions=3),
+        SequenceQuery(prompts[2], adapter="small_ft"),
+    ]
+    # What each row should get: the plain base, or the HF engine's in-memory merge (asked plainly).
+    want = {}
+    for engine, rows in ((plain, [q for q in queries if not q.adapter]), (merged, [q for q in queries if q.adapter])):
+        want.update(zip(map(id, rows), engine.next_token_logprobs([replace(q, adapter="") for q in rows], 0)))
+    for _ in range(2):  # cold, then with the prefix cache warm
+        for q, g in zip(queries, host.next_token_logprobs(queries, 0)):
+            w = want[id(q)]
+            assert len(g.positions) == len(w.positions) == q.num_positions
+            for gp, wp in zip(g.positions, w.positions):
+                assert gp.full_logprobs.shape == (n_tok,)
+                assert float(np.abs(gp.full_logprobs - wp.full_logprobs).max()) < 2e-3, q
+    # The adapter changes the model, so a base row answered by it (or the reverse) would be seen.
+    b, a = (r.positions[0].full_logprobs for r in host.next_token_logprobs(queries[:2], 0))
+    assert float(np.abs(a - b).max()) > 0.05
+    drafts = [DraftQuery(prompts[1], 5, adapter="small_ft"), DraftQuery(prompts[1], 5)]
+    assert host.draft(drafts) == [merged.draft([replace(drafts[0], adapter="")])[0], plain.draft(drafts[1:])[0]]
+    with pytest.raises(ValueError, match="unknown adapter 'nope'"):
+        host.next_token_logprobs([SequenceQuery(prompts[0], adapter="nope")], 0)
+    with pytest.raises(ValueError, match="unknown adapter 'nope'"):
+        host.draft([DraftQuery(prompts[0], 2, adapter="nope")])
+
+
+async def test_exact_upscaling_with_an_adapter_colocated_on_vllm_matches_reference(colocated) -> None:
+    from eft_serve.coordinator.pool_client import ColocatedRole
+    from eft_serve.coordinator.request import SpeculativeOptions
+
+    fam, tokenizer = colocated["family"], colocated["tokenizer"]
+    small = InProcessPool(colocated["host"], "small_base")
+    pools = {
+        "large_base": InProcessPool(colocated["hf_large"], "large_base"),
+        "small_base": small,
+        "small_ft": ColocatedRole("small_ft", small),
+    }
+    recipes = demo_config().recipes
+    coord = EftCoordinator(pools, recipes, tokenizer, CoordinatorConfig(max_new_tokens_cap=64))
+    coefficients = resolve_recipe(recipes, "upscale", beta=1.0).coefficients()
+    n_tok = fam.tokenizer_size
+    reference = ReferenceEFT({**fam.paths, "small_ft": colocated["merged"]}, coefficients, support=n_tok)
+    # The plain base as the expert: up-scaling is then the large base alone.
+    plain = ReferenceEFT({**fam.paths, "small_ft": fam.paths["small_base"]}, coefficients, support=n_tok)
+    await coord.start()
+    try:
+        compared = moved = 0
+        for prompt in ("Where does the old dragon live? It lives in", "Q: Who guards the bridge at night?\nA:"):
+            ids = tokenizer.encode(prompt)
+            expected, _ = reference.greedy(ids, TOKENS)
+            moved += expected != plain.greedy(ids, TOKENS)[0]
+            for speculative in (False, True):  # drafts by the expert: the adapter on the vLLM host
+                stream = await coord.generate(
+                    GenerationRequest(
+                        prompt=prompt,
+                        merge=MergeOptions(recipe="upscale", beta=1.0, logprob_top_k=0),
+                        temperature=0,
+                        max_new_tokens=TOKENS,
+                        ignore_eos=True,
+                        speculative=SpeculativeOptions(enabled=speculative),
+                    )
+                )
+                chunks = [c async for c in stream]
+                got = [t.token_id for c in chunks for t in c.tokens]
+                assert len(got) == TOKENS
+                compared += agreed_tokens(got, expected, reference, ids, NOISE, prompt)
+                if not speculative:
+                    # The small base's and the adapter's queries share one call to the vLLM host.
+                    assert chunks[-1].usage.fetch.pool_calls == 2 * TOKENS
+        assert moved >= 1, "the adapter changed no greedy output: the test would not see it ignored"
+        assert compared >= 3 * TOKENS
+    finally:
+        await coord.stop()

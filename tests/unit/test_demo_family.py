@@ -1,7 +1,7 @@
 """The built-in demo family: the synthetic world, the shared tokenizer, training, the cached build.
 
-Everything is fast except the one family build, done once per session (and cached across runs)
-by the `demo_family` fixture of tests/conftest.py.
+Everything here is fast and trains nothing (builds are faked); the trained family's own checks are
+in tests/integration/test_demo_family_models.py.
 """
 
 from __future__ import annotations
@@ -246,66 +246,3 @@ def test_build_spec_hash_and_marker_are_stable() -> None:
         BUILD_SPEC.sha256() == build_spec_hash() == "335a76e3c2bec266def928dd804ad0866a491898ccdb7e0e39ae928169ef23a3"
     )
     assert fam_mod._marker(0) == {"format_version": 1, "recipe": build_spec_hash(), "seed": 0}
-
-
-# ---- the real family (built once per session by tests/conftest.py's `demo_family`) ------------
-
-
-@pytest.fixture(scope="module")
-def loaded(demo_family):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    toks = {r: AutoTokenizer.from_pretrained(str(p)) for r, p in demo_family.paths.items()}
-    models = {r: AutoModelForCausalLM.from_pretrained(str(p)).eval() for r, p in demo_family.paths.items()}
-    return toks, models
-
-
-def test_family_layout_and_fingerprint(demo_family) -> None:
-    assert set(demo_family.paths) == set(fam_mod.ROLES)
-    assert (demo_family.root / fam_mod.MARKER).is_file()
-    fp = demo_family.fingerprint()
-    assert fp["seed"] == demo_family.seed and fp["format_version"] == fam_mod.FORMAT_VERSION
-    for role, path in demo_family.paths.items():
-        assert list(path.glob("*.safetensors")), role
-        assert fp["roles"][role]["sha256"] == fam_mod.weights_sha256(path)
-    assert len({fp["roles"][r]["sha256"] for r in fam_mod.ROLES}) == len(fam_mod.ROLES)
-    # Cached: a second call does not rebuild.
-    again = fam_mod.ensure_demo_family(demo_family.root, seed=demo_family.seed)
-    assert again.paths == demo_family.paths
-
-
-def test_all_roles_load_and_share_one_vocab(demo_family, loaded) -> None:
-    toks, models = loaded
-    vocab = toks["small_base"].get_vocab()
-    tok_json = (demo_family.paths["small_base"] / "tokenizer.json").read_bytes()
-    for role in fam_mod.ROLES:
-        assert toks[role].get_vocab() == vocab
-        assert (demo_family.paths[role] / "tokenizer.json").read_bytes() == tok_json
-        cfg = models[role].config
-        assert cfg.vocab_size == len(vocab) and cfg.eos_token_id == toks[role].eos_token_id
-        assert cfg.n_positions == 256
-    small, large = models["small_base"].config, models["large_base"].config
-    for role in ("small_ft", "small_ft_b"):
-        c = models[role].config
-        assert (c.n_layer, c.n_embd, c.n_head) == (small.n_layer, small.n_embd, small.n_head)
-    assert models["large_ft"].config.n_embd == large.n_embd
-    assert large.n_layer > small.n_layer and large.n_embd > small.n_embd
-
-
-def test_large_base_knows_more_and_upscaling_combines_knowledge_with_style(demo_family, loaded) -> None:
-    from eft_serve.demo.train import evaluate
-
-    toks, m = loaded
-    tok, world = toks["small_base"], demo_family.world
-    r = {
-        role: evaluate([(m[role], 1.0)], tok, world) for role in ("small_base", "large_base", "small_ft", "small_ft_b")
-    }
-    up_a = evaluate([(m["large_base"], 1.0), (m["small_ft"], 1.0), (m["small_base"], -1.0)], tok, world)
-    # Knowledge: the large base memorised the held-out facts, the small base did not.
-    assert r["large_base"]["accuracy"] >= 0.8 > 0.5 >= r["small_base"]["accuracy"]
-    assert r["large_base"]["style_plain"] >= 0.9 and r["small_base"]["style_plain"] >= 0.9
-    # Behaviour: the small experts have their styles (but the small model's knowledge).
-    assert r["small_ft"]["style_a"] >= 0.9 and r["small_ft_b"]["style_b"] >= 0.9
-    assert r["small_ft"]["accuracy"] <= 0.5
-    # Up-scaling: large knowledge in style A.
-    assert up_a["style_a"] >= 0.9 and up_a["accuracy"] >= 0.8

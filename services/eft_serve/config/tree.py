@@ -33,15 +33,11 @@ def _check_lora_links(pools: dict[str, PoolConfig]) -> None:
                 )
         if pool.colocate_with is None:
             continue  # a pool of its own: either engine (vLLM loads base + adapter merged on disk)
+        # Co-located: either engine too (hf: peft mixed-adapter rows; vllm: a LoRARequest per query).
         if pool.base_pool not in (None, pool.colocate_with):
             raise ValueError(
                 f"pools.{role}: colocate_with {pool.colocate_with!r} must be the adapter's base_pool "
                 f"({pool.base_pool!r}); an adapter is served inside its base's pool"
-            )
-        if pools[pool.colocate_with].engine != "hf":
-            raise ValueError(
-                f"pools.{role}.colocate_with {pool.colocate_with!r}: co-located adapters run on the hf engine "
-                f"for now; set pools.{pool.colocate_with}.engine: hf, or drop colocate_with (a pool of its own)"
             )
 
 

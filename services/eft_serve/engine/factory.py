@@ -35,13 +35,10 @@ def load_engine(
     """Load one engine. ``device``, ``kv_cache_bytes``, ``memory_bytes`` and ``torch_threads`` apply
     to `hf` (vLLM places itself, sizes its paged KV from ``vllm`` and runs its own threads).
     LoRA (`engine.lora`): ``merge_adapter`` is an adapter over ``model_dir`` merged in (vLLM: into a
-    private checkpoint directory); ``adapters`` (name -> adapter directory, `hf` only) are served
-    beside the base, picked per query."""
-    if kind != "hf" and adapters:
-        raise ValueError(
-            f"co-located LoRA adapters run on the hf engine; engine {kind!r} serves an adapter as a pool of "
-            f"its own (drop colocate_with)"
-        )
+    private checkpoint directory); ``adapters`` (name -> adapter directory) are served beside the
+    base, picked per query (vLLM: one ``LoRARequest`` per adapter)."""
+    if merge_adapter is not None and adapters:
+        raise ValueError("a pool either merges one adapter or co-locates adapters, not both")
     if kind == "hf":
         from eft_serve.engine.hf_engine import HFEngine
 
@@ -78,5 +75,6 @@ def load_engine(
             options=vllm,
             trust_remote_code=trust_remote_code,
             model_fingerprint=fingerprint,
+            adapters=adapters,
         )
     raise ValueError(f"unknown engine {kind!r}; expected 'hf' or 'vllm'")

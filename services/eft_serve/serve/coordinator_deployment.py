@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -114,6 +115,9 @@ class CoordinatorDeployment:
                 await asyncio.sleep(1.0)
         self._rpc = CoordinatorRpc(self._coordinator, gate, telemetry)
         self._openai = OpenAIApi(self._coordinator, gate, telemetry) if cfg.http.openai else None
+        # What start-up built lives as long as the replica: keep it out of the collector's full
+        # passes, which otherwise stall every stream on this loop for their whole duration.
+        gc.freeze()
 
     def __serve_build_asgi_app__(self) -> Any:
         # Called by Serve after __init__: the OpenAI-compatible routes over this replica's coordinator.

@@ -13,6 +13,7 @@ under `health_check_timeout_s`, so a hung engine gets its replica restarted. Err
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 from ray import serve
@@ -72,6 +73,8 @@ class ModelPoolDeployment:
         self._rpc = PoolRpc(engine, role, batching=batching)
         self._rpc.runner.queue_wait_observer = PoolMetrics(role).queue_wait
         self._health_check_timeout_s = cfg.health_check_timeout_s
+        # The loaded model's object graph lives as long as the replica: out of full GC passes.
+        gc.freeze()
 
     async def NextTokenLogprobs(self, request: bytes) -> bytes:  # noqa: N802 (mirrors the RPC)
         msg = pool_pb2.NextTokenLogprobsRequest.FromString(request)
