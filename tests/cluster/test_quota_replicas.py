@@ -93,8 +93,9 @@ async def _await_logged(cluster, rids: set[str]) -> dict[str, tuple[str, dict]]:
     return found
 
 
-async def test_a_key_gets_exactly_n_streams_across_both_replicas(quota_app) -> None:
-    attempts = 12
+async def _wave(quota_app, attempts: int) -> Counter:
+    """`attempts` concurrent streams under one key limited to STREAMS: exactly STREAMS are admitted
+    in all (each still open when the last refusal came); returns how many each replica took."""
     rids = [f"q-streams-{uuid.uuid4().hex[:8]}-{i}" for i in range(attempts)]
     async with grpc.aio.insecure_channel(quota_app["address"]) as channel:
         stub = eft_pb2_grpc.EftServiceStub(channel)
@@ -126,12 +127,23 @@ async def test_a_key_gets_exactly_n_streams_across_both_replicas(quota_app) -> N
 
     found = await _await_logged(quota_app["cluster"], set(rids))
     assert set(found) == set(rids), f"access log lines missing for {set(rids) - set(found)}"
-    per_replica = Counter(name for name, _ in found.values())
-    assert len(per_replica) == 2, per_replica  # both replicas took calls ...
-    # ... each at least STREAMS of them: per-replica limits would have admitted STREAMS on each.
-    assert min(per_replica.values()) >= STREAMS, per_replica
     statuses = Counter(entry["status"] for _, entry in found.values())
     assert statuses == {"OK": STREAMS, "RESOURCE_EXHAUSTED": attempts - STREAMS}, statuses
+    return Counter(name for name, _ in found.values())
+
+
+async def test_a_key_gets_exactly_n_streams_across_both_replicas(quota_app) -> None:
+    # The proxy picks replicas itself (power of two choices), so a wave may land mostly on one;
+    # every wave must admit exactly STREAMS, and some wave must have given each replica at least
+    # STREAMS attempts — where per-replica limits would have admitted STREAMS on each.
+    splits = []
+    for _ in range(4):
+        per_replica = await _wave(quota_app, attempts=12)
+        splits.append(dict(per_replica))
+        if len(per_replica) == 2 and min(per_replica.values()) >= STREAMS:
+            break
+    else:
+        raise AssertionError(f"no wave reached both replicas with >= {STREAMS} attempts each: {splits}")
 
 
 async def test_a_token_bucket_is_spent_once_across_both_replicas(quota_app) -> None:

@@ -161,6 +161,7 @@ class SharedQuotaLimiter:
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
+        self._closing = False
 
     # ---- admission ------------------------------------------------------------------------
 
@@ -245,7 +246,7 @@ class SharedQuotaLimiter:
     def _start(self) -> None:
         loop = asyncio.get_running_loop()
         if self._task is None or self._task.done() or self._loop is not loop:
-            self._loop, self._wake = loop, asyncio.Event()
+            self._loop, self._wake, self._closing = loop, asyncio.Event(), False
             self._task = loop.create_task(self._run(), name="eft-quota-sync")
 
     def _poke(self) -> None:
@@ -257,7 +258,9 @@ class SharedQuotaLimiter:
     async def _run(self) -> None:
         assert self._wake is not None
         last_refresh = self._clock()
-        while True:
+        # The flag, not cancellation alone, ends the loop: Python 3.11's wait_for can swallow a
+        # cancel that arrives as the wake-up completes, and close() would then wait forever.
+        while not self._closing:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._flush_s)
             self._wake.clear()
@@ -303,9 +306,9 @@ class SharedQuotaLimiter:
         """Stop the background task (after sending what is queued) and close the store."""
         task, self._task = self._task, None
         if task is not None:
+            self._closing = True
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await asyncio.wait([task], timeout=max(2 * self._flush_s, 1.0))
         with contextlib.suppress(Exception):
             await self.flush()
         await self._store.close()
