@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 from eft_serve.demo import family as fam_mod
+from eft_serve.demo.world import World
 
 # ---- the real family (built once per session by tests/conftest.py's `demo_family`) ------------
 
@@ -72,3 +73,31 @@ def test_large_base_knows_more_and_upscaling_combines_knowledge_with_style(demo_
     assert r["small_ft"]["accuracy"] <= 0.5
     # Up-scaling: large knowledge in style A.
     assert up_a["style_a"] >= 0.9 and up_a["accuracy"] >= 0.8
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from eft_serve.demo.tokenizer import train_tokenizer
+
+    return train_tokenizer(World.from_seed(0))
+
+
+def test_training_is_bit_reproducible_and_restores_threads(tokenizer) -> None:
+    import torch
+
+    from eft_serve.demo import train
+
+    w = World.from_seed(0)
+    spec = train.ModelSpec(n_layer=1, n_embd=32, n_head=2)
+    cfg = train.PretrainConfig(epochs=1, lr=3e-3, batch_size=16, warmup_steps=5)
+    threads = torch.get_num_threads()
+    m1, s1 = train.pretrain(w, tokenizer, spec, cfg, seed=7)
+    assert torch.get_num_threads() == threads
+    m2, _ = train.pretrain(w, tokenizer, spec, cfg, seed=7)
+    f1, _ = train.finetune(m1, w, tokenizer, "a", train.FinetuneConfig(epochs=1), seed=3)
+    f2, _ = train.finetune(m2, w, tokenizer, "a", train.FinetuneConfig(epochs=1), seed=3)
+    for a, b in ((m1, m2), (f1, f2)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert s1.steps > 0 and s1.final_loss < 7
+    assert any(not torch.equal(m1.state_dict()[k], f1.state_dict()[k]) for k in m1.state_dict())
