@@ -49,6 +49,10 @@ CONTEXT = 1024
 SHAPES = {"large_base": (12, 768, 12, 0), "small_base": (4, 256, 4, 1), "small_ft": (4, 256, 4, 2)}
 OLD_DEFAULT = 64 * 2**20
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_engine_report import RssSampler, table  # noqa: E402  (sibling script modules)
+from bench_engine_steps import contention, step_cost  # noqa: E402
+
 
 def build_family() -> dict[str, str]:
     """Random GPT-2 family + a local word-level tokenizer (``t0`` … ``t50255``, ``<eos>``)."""
@@ -87,35 +91,6 @@ def prompt(i: int, n: int, run: str = "") -> str:
 
     rng = random.Random(f"{run}/{i}")
     return " ".join(f"t{rng.randrange(VOCAB - 1)}" for _ in range(n))
-
-
-class RssSampler:
-    """Peak RSS per pool role, from the Serve replica processes ("ServeReplica:pool-<role>")."""
-
-    def __init__(self, roles: list[str]) -> None:
-        self.roles = roles
-        self.peak = dict.fromkeys(roles, 0)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        import psutil
-
-        while not self._stop.is_set():
-            for p in psutil.process_iter(["cmdline", "memory_info"]):
-                cmd = " ".join(p.info["cmdline"] or [])
-                for role in self.roles:
-                    if f"ServeReplica:pool-{role}" in cmd and p.info["memory_info"] is not None:
-                        self.peak[role] = max(self.peak[role], p.info["memory_info"].rss)
-            self._stop.wait(0.5)
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def percentile_ms(sorted_s: list[float], q: float) -> float:
@@ -340,79 +315,6 @@ def run_before_in_child(
     return result
 
 
-def step_cost(paths: dict[str, str], batch: int, steps: int, prompt_tokens: int) -> dict[str, float]:
-    """In-process, no stack: ms per batched decode step of the large model, row layout vs gather
-    layout (same engine, same budget; gather = the padded-past copy the row layout removes)."""
-    import numpy as np
-
-    from eft_serve.engine.hf_engine import HFEngine
-    from eft_serve.engine.types import SequenceQuery
-
-    out: dict[str, float] = {}
-    for layout, attn in (("rows", None), ("gather", "eager")):
-        eng = HFEngine.load(paths["large_base"], name=layout, device="cpu", attn_implementation=attn)
-        assert eng.kv_layout == layout, eng.kv_layout
-        rng = np.random.default_rng(0)
-        seqs = [rng.integers(0, VOCAB - 1, size=prompt_tokens).tolist() for _ in range(batch)]
-        eng.next_token_logprobs([SequenceQuery(q, sequence_id=f"s{i}") for i, q in enumerate(seqs)], 20)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            seqs = [q + [int(rng.integers(0, VOCAB - 1))] for q in seqs]
-            eng.next_token_logprobs([SequenceQuery(q, sequence_id=f"s{i}") for i, q in enumerate(seqs)], 20)
-        out[layout] = 1000 * (time.perf_counter() - t0) / steps
-        out[f"{layout}_gathered_tokens_per_step"] = eng.counters.gathered_tokens / steps
-    return out
-
-
-def _step_loop(path: str, steps: int, prompt_tokens: int, ready: Any, go: Any, out: Any) -> None:
-    """Child process: one HF engine decoding one sequence for `steps` steps; puts ms per step."""
-    import numpy as np
-
-    from eft_serve.engine.hf_engine import HFEngine
-    from eft_serve.engine.types import SequenceQuery
-
-    eng = HFEngine.load(path, name=Path(path).name, device="cpu")
-    rng = np.random.default_rng(0)
-    seq = rng.integers(0, VOCAB - 1, size=prompt_tokens).tolist()
-    eng.next_token_logprobs([SequenceQuery(seq, sequence_id="s")], 20)
-    ready.put(1)
-    go.wait()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        seq.append(int(rng.integers(0, VOCAB - 1)))
-        eng.next_token_logprobs([SequenceQuery(seq, sequence_id="s")], 20)
-    out.put((Path(path).name, 1000 * (time.perf_counter() - t0) / steps))
-
-
-def contention(paths: dict[str, str], steps: int, prompt_tokens: int) -> list[dict[str, float]]:
-    """The large base's decode step (one thread, batch 1) alone, then while the small engines
-    decode in other processes at the same time: what sharing this machine costs the large pool."""
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    rows = []
-    for others in ([], ["small_base"], ["small_base", "small_ft"]):
-        ready, out, go = ctx.Queue(), ctx.Queue(), ctx.Event()
-        roles = ["large_base", *others]
-        # The small engines run 4x the steps, so they keep running while the large one is timed.
-        procs = [
-            ctx.Process(
-                target=_step_loop,
-                args=(paths[r], steps * (1 if r == "large_base" else 4), prompt_tokens, ready, go, out),
-            )
-            for r in roles
-        ]
-        for proc in procs:
-            proc.start()
-        for _ in procs:
-            ready.get(timeout=300)
-        go.set()
-        for proc in procs:
-            proc.join()
-        rows.append(dict(out.get() for _ in procs))
-    return rows
-
-
 def vllm_note(engines: list[str]) -> str | None:
     if "vllm" not in engines:
         return None
@@ -425,45 +327,6 @@ def vllm_note(engines: list[str]) -> str | None:
     except Exception as e:
         return f"vllm skipped: `import vllm` failed ({type(e).__name__}: {e})"
     return None
-
-
-def table(configs: list[dict], streams: list[int]) -> str:
-    lines = [
-        "| config | recipe | streams | tok/s | decode tok/s | TTFT p50 s | ITL p50 ms | ITL p99 ms | errors |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for c in configs:
-        for r in c["runs"]:
-            lines.append(
-                f"| {c['label']} | {r['recipe']} | {r['streams']} | {r['tok_s']:.2f} | {r['decode_tok_s']:.2f} | "
-                f"{r.get('ttft_p50_s', float('nan')):.1f} | "
-                f"{r['itl_p50_ms']:.0f} | {r['itl_p99_ms']:.0f} | {len(r['errors'])} |"
-            )
-    lines += [
-        "",
-        "| config | peak RSS large_base | small_base | small_ft | EFT ÷ large base per token: ITL p50 | "
-        "by tok/s | by decode tok/s |",
-        "|---|---:|---:|---:|---|---|---|",
-    ]
-    for c in configs:
-        by = {(r["recipe"], r["streams"]): r for r in c["runs"]}
-        ratios: dict[str, list[str]] = {"itl": [], "tok": [], "decode": []}
-        for n in streams:
-            if n in (1, 8) and ("upscale", n) in by and ("large_base", n) in by:
-                base, eft = by[("large_base", n)], by[("upscale", n)]
-                # At equal concurrency throughput is streams / ITL, so the ITL ratio is the cost
-                # ratio per token in steady decoding; tok/s includes prefill, decode tok/s
-                # counts from the first stream's first token (prefill stalls land in it).
-                ratios["itl"].append(f"{n}: {eft['itl_p50_ms'] / max(1e-9, base['itl_p50_ms']):.2f}")
-                ratios["tok"].append(f"{n}: {base['tok_s'] / max(1e-9, eft['tok_s']):.2f}")
-                ratios["decode"].append(f"{n}: {base['decode_tok_s'] / max(1e-9, eft['decode_tok_s']):.2f}")
-        rss = c["peak_rss"]
-        lines.append(
-            f"| {c['label']} | {rss.get('large_base', 0) / 2**30:.2f} GiB | {rss.get('small_base', 0) / 2**30:.2f} GiB | "
-            f"{rss.get('small_ft', 0) / 2**30:.2f} GiB | {', '.join(ratios['itl'])} | {', '.join(ratios['tok'])} | "
-            f"{', '.join(ratios['decode'])} |"
-        )
-    return "\n".join(lines)
 
 
 def main() -> None:
