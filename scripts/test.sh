@@ -32,5 +32,8 @@ fi
 case $part in
 lint) exit 0 ;;
 all) exec .venv/bin/python -m pytest -q -rs "$@" ;;
+# Unit tests are independent of each other: one worker per core (pytest-xdist) keeps them near
+# half a minute. Integration and cluster tests share session servers and run in one process.
+unit) exec .venv/bin/python -m pytest -q -rs -n "$(nproc)" tests/unit "$@" ;;
 *) exec .venv/bin/python -m pytest -q -rs "tests/$part" "$@" ;;
 esac
