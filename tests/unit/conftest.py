@@ -6,7 +6,20 @@ here, pointing at the random-weight families that build in milliseconds.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+
+
+@pytest.fixture(scope="session")
+def kuberay_dir() -> Path:
+    """The KubeRay CRD schemas the offline manifest validation reads (bundled with the package)."""
+    from eft_serve.k8s.validate import kuberay_schema_dir
+
+    try:
+        return kuberay_schema_dir()
+    except FileNotFoundError as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.fixture(scope="session")

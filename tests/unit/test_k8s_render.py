@@ -15,6 +15,9 @@ from typing import Any
 
 import pytest
 import yaml
+from k8s_docs import load_docs as _docs
+from k8s_docs import one as _one
+from k8s_docs import problems as _problems
 
 from eft_serve.config import AutoscalingConfig, ReplicaConfig, demo_config, load_config
 from eft_serve.k8s.checks import check_settings
@@ -26,33 +29,10 @@ from eft_serve.k8s.quantities import parse_bytes, parse_cpu, parse_redis_bytes
 from eft_serve.k8s.settings import PodSettings, StackSettings
 from eft_serve.k8s.sizing import pod_counts
 from eft_serve.k8s.stack import render_stack
-from eft_serve.k8s.validate import kuberay_schema_dir, load_target, validate_documents
 from eft_serve.serve.app import serve_config
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGETS = ["base", "overlays/dev", "overlays/prod"]
-
-
-@pytest.fixture(scope="module")
-def kuberay_dir() -> Path:
-    try:
-        return kuberay_schema_dir()
-    except FileNotFoundError as exc:
-        pytest.fail(str(exc))
-
-
-def _docs(target: str) -> list[dict[str, Any]]:
-    return load_target(ROOT / "k8s" / target)
-
-
-def _one(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
-    found = [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
-    assert len(found) == 1, f"expected one {kind} {name or ''}, got {len(found)}"
-    return found[0]
-
-
-def _problems(docs: list[dict[str, Any]], kuberay_dir: Path) -> str:
-    return "\n".join(validate_documents(docs, kuberay_dir))
 
 
 # ---------------------------------------------------------------- generation
