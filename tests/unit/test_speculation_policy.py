@@ -71,6 +71,23 @@ def test_a_blind_drafter_probes_with_exponential_back_off() -> None:
     assert p.fallbacks == 7
 
 
+def test_a_verify_timed_cheaper_than_a_plain_step_does_not_keep_a_losing_drafter() -> None:
+    # On tiny or idle models the timings are noise: a verify may be measured at a fraction of a
+    # plain step. A drafter that never agrees must still fall back (CI once saw 53 one-token
+    # blocks in 60 tokens that way), because a verify really does a plain step's work.
+    p = policy()
+    sizes = []
+    for _ in range(60):
+        k = p.next_draft_size()
+        if k == 0:
+            p.record_plain(PLAIN_S, None)
+        else:
+            p.record_block(k, 0, DRAFT_S_PER_TOKEN * k, VERIFY_S / 10)
+        sizes.append(k)
+    blocks = sum(1 for k in sizes if k > 0)
+    assert p.fallbacks >= 2 and blocks <= 6, sizes
+
+
 def test_speculation_resumes_when_the_drafter_agrees_again() -> None:
     p = policy()
     for _ in range(10):

@@ -9,8 +9,9 @@ Owns the rules that keep speculation from ever being (much) slower than plain de
   draft call (d) and per verify call (v), and the drafter's per-token agreement α (decayed over
   recent tokens: every verified drafted token, and in plain steps the drafter's own greedy
   choice, which a drafter of the recipe has already scored, compared with the chosen token).
-  A block of k is expected to yield E(k) = 1 + α + … + α^k tokens in d·k + v seconds. The best k
-  must beat 1/p tokens per second, otherwise the stream decodes plainly.
+  A block of k is expected to yield E(k) = 1 + α + … + α^k tokens in d·k + max(v, p) seconds (a
+  verify call does at least a plain step's work). The best k must beat 1/p tokens per second,
+  otherwise the stream decodes plainly.
 * Block size: the smaller of that best k and a burst-aware size (start at 4, double after a fully
   kept block, shrink to what was kept + 1 after a rejection; cap ``max_draft_tokens``).
 * Back-off: after a fall-back the stream stays plain for a while (4 steps, doubled each time
@@ -82,10 +83,14 @@ class SpeculationPolicy:
             return self.size
         alpha = self.agreement
         best_k, best_rate = 0, 1.0 / self._plain_s
+        # A verify call runs every pool of a plain step over more positions, so it never really
+        # costs less than one; a cheaper measurement is timing noise (tiny or idle models) and must
+        # not make a drafter that never agrees look like a win.
+        verify_s = max(self._verify_s, self._plain_s)
         expected = 1.0
         for k in range(1, self._max + 1):
             expected += alpha**k
-            rate = expected / (self._draft_s * k + self._verify_s)
+            rate = expected / (self._draft_s * k + verify_s)
             if rate > best_rate:
                 best_k, best_rate = k, rate
         return best_k
