@@ -24,8 +24,10 @@ Configurations (one stack each, in one run):
     .venv/bin/python tests/bench/bench_engine.py [--quick] [--engines hf,vllm] [--streams 1,8,32]
                                                 [--step-cost | --contention | --arrivals]
                                                 [--tokens 48] [--no-before] [--baseline-ref REF]
+                                                [--repeats 5]
 
-``--quick``: 12 tokens a stream. Figures are noisy on a shared machine: compare the ratios
+``--quick``: 12 tokens a stream. ``--repeats N``: N rounds per stream count, the recipes alternating
+round by round; each row is the median round (one 32-token stream moves ±10 % run to run here). Figures are noisy on a shared machine: compare the ratios
 measured side by side in one run. Writes bench-out/engine.json.
 """
 
@@ -100,7 +102,7 @@ def percentile_ms(sorted_s: list[float], q: float) -> float:
     return 1000 * sorted_s[min(len(sorted_s) - 1, int(q * len(sorted_s)))]
 
 
-def drive(address: str, recipe: str, streams: int, tokens: int, prompt_tokens: int) -> dict[str, Any]:
+def drive(address: str, recipe: str, streams: int, tokens: int, prompt_tokens: int, run: str = "") -> dict[str, Any]:
     """``streams`` concurrent greedy streams; per-token arrival times → tok/s and ITL."""
     from eft_serve.client import EftClient
 
@@ -111,7 +113,7 @@ def drive(address: str, recipe: str, streams: int, tokens: int, prompt_tokens: i
         try:
             with EftClient(address, timeout=900) as client:
                 for msg in client.generate(
-                    prompt(i, prompt_tokens, f"{recipe}/{streams}"),
+                    prompt(i, prompt_tokens, f"{recipe}/{streams}{run}"),
                     recipe=recipe,
                     temperature=0,
                     max_new_tokens=tokens,
@@ -219,16 +221,32 @@ def measure_stack(
             pass  # warm up every pool
     with RssSampler(list(paths)) as rss:
         for n in streams:
-            for recipe in ("upscale", "large_base"):
-                r = drive(address, recipe, n, args.tokens, args.prompt_tokens)
-                print(
-                    f"[{label}] {recipe:>10s} × {n:2d}: {r['tok_s']:6.2f} tok/s "
-                    f"(decode {r['decode_tok_s']:6.2f}), ITL p50 {r['itl_p50_ms']:.0f} ms "
-                    f"p99 {r['itl_p99_ms']:.0f} ms, errors {len(r['errors'])}",
-                    flush=True,
-                )
-                runs.append(r)
+            rounds: dict[str, list[dict[str, Any]]] = {"upscale": [], "large_base": []}
+            # Rounds alternate the recipes, so a noisy neighbour's burst hits both alike.
+            for rep in range(args.repeats):
+                for recipe in rounds:
+                    r = drive(address, recipe, n, args.tokens, args.prompt_tokens, f"/r{rep}")
+                    print(
+                        f"[{label}] {recipe:>10s} × {n:2d} (round {rep + 1}): {r['tok_s']:6.2f} tok/s "
+                        f"(decode {r['decode_tok_s']:6.2f}), ITL p50 {r['itl_p50_ms']:.0f} ms "
+                        f"p99 {r['itl_p99_ms']:.0f} ms, errors {len(r['errors'])}",
+                        flush=True,
+                    )
+                    rounds[recipe].append(r)
+            runs += [median_run(rs) for rs in rounds.values()]
     return runs, dict(rss.peak)
+
+
+def median_run(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row for a recipe's rounds: the median of each figure, every round's errors."""
+    import statistics
+
+    row = dict(rounds[0])
+    for key in ("tok_s", "decode_tok_s", "itl_p50_ms", "itl_p99_ms", "ttft_p50_s", "wall_s", "tokens"):
+        row[key] = statistics.median(r[key] for r in rounds)
+    row["errors"] = [e for r in rounds for e in r["errors"]]
+    row["rounds"] = len(rounds)
+    return row
 
 
 def arrivals(paths: dict[str, str], chunk: int | None, args: argparse.Namespace) -> dict[str, Any]:
@@ -302,7 +320,16 @@ def run_before_in_child(
     env = dict(os.environ)
     env["PYTHONPATH"] = f"{head / 'services'}{os.pathsep}{head / 'clients' / 'python'}"
     out = OUT / f"engine_before_{sha}.json"
-    cmd = [sys.executable, __file__, "--child-before", str(out), "--tokens", str(args.tokens)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child-before",
+        str(out),
+        "--tokens",
+        str(args.tokens),
+        "--repeats",
+        str(args.repeats),
+    ]
     cmd += ["--prompt-tokens", str(args.prompt_tokens), "--child-label", f"{label} ({sha[:7]})"]
     if old_budget:
         cmd += ["--streams", ",".join(str(s) for s in args.streams if s <= 8)]
@@ -336,6 +363,9 @@ def main() -> None:
     ap.add_argument("--streams", default="1,8,32")
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--prompt-tokens", type=int, default=200)
+    ap.add_argument(
+        "--repeats", type=int, default=1, help="rounds per stream count (recipes alternate); rows are medians"
+    )
     ap.add_argument("--no-before", action="store_true", help="skip the HEAD (old engine) run")
     ap.add_argument("--no-64mib", action="store_true", help="skip this tree at the old 64 MiB budget")
     ap.add_argument("--step-cost", action="store_true", help="only the in-process rows-vs-gather step cost")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import grpc
 import psutil
@@ -17,6 +19,9 @@ from eft_serve.config import demo_config
 from eft_serve.core.recipe import resolve_recipe
 from eft_serve.proto_gen.eft.v1 import eft_pb2
 from eft_serve.reference import ReferenceEFT
+
+T = TypeVar("T")
+ROLES = ("large_base", "small_base", "small_ft")
 
 pytestmark = pytest.mark.cluster
 
@@ -116,18 +121,23 @@ def test_health_reflection_and_discovery(cluster_stack) -> None:
         assert score.total_logprob < 0 and len(score.tokens) >= 1
 
 
-def _replica_thread_cpus(role: str) -> dict[int, set[int]]:
-    """CPU masks of every thread of the pool's replica processes on this host, by thread id."""
-    masks: dict[int, set[int]] = {}
+def _replica_threads(role: str, read: Callable[[int], T]) -> dict[int, T]:
+    """`read(thread id)` for every thread of the pool's replica processes on this host."""
+    found: dict[int, T] = {}
     for proc in psutil.process_iter():
         try:
             if f"ServeReplica:pool-{role}" not in " ".join(proc.cmdline()):
                 continue
             for thread in proc.threads():
-                masks[thread.id] = set(os.sched_getaffinity(thread.id))
+                found[thread.id] = read(thread.id)
         except (psutil.Error, ProcessLookupError):
             continue  # a replica or thread that ended meanwhile
-    return masks
+    return found
+
+
+def _replica_thread_cpus(role: str) -> dict[int, set[int]]:
+    """CPU masks of every thread of the pool's replica processes on this host, by thread id."""
+    return _replica_threads(role, lambda tid: set(os.sched_getaffinity(tid)))
 
 
 def test_pool_replica_threads_run_on_its_cpu_affinity(cluster_stack) -> None:
@@ -140,6 +150,13 @@ def test_pool_replica_threads_run_on_its_cpu_affinity(cluster_stack) -> None:
         assert any(mask != {cpu} for mask in _replica_thread_cpus("small_base").values())
     with EftClient(cluster_stack["address"], timeout=60) as client:
         assert client.score("Q: ", "A").total_logprob < 0  # the pinned pool still serves
+
+
+def test_the_small_pools_run_batch_scheduled_and_the_large_base_does_not(cluster_stack) -> None:
+    # The demo's default (cpu_scheduling: batch on small pools), applied in each replica process.
+    policies = {role: set(_replica_threads(role, os.sched_getscheduler).values()) for role in ROLES}
+    assert policies["small_base"] == policies["small_ft"] == {os.SCHED_BATCH}, policies
+    assert policies["large_base"] == {os.SCHED_OTHER}, policies
 
 
 def test_pool_down_is_unavailable_then_recovers(cluster_stack) -> None:

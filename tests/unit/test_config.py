@@ -8,7 +8,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from eft_serve.config import EftConfig, ReplicaConfig, demo_config, load_config
+from eft_serve.config import EftConfig, PoolConfig, ReplicaConfig, demo_config, load_config
 from eft_serve.serve.app import render_serve_yaml, serve_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,6 +36,18 @@ def test_autoscaling_target_must_be_below_max_ongoing() -> None:
     opts = ok.deployment_options()
     assert opts["autoscaling_config"]["max_replicas"] == 3 and "num_replicas" not in opts
     assert opts["ray_actor_options"]["resources"] == {"pool_large_base": 0.001}
+
+
+def test_pools_leave_serves_per_call_access_log_off_unless_asked() -> None:
+    from eft_serve.serve.app import pool_deployment_options
+
+    assert pool_deployment_options(PoolConfig(model="demo:small_ft"))["logging_config"] == {"enable_access_log": False}
+    on = PoolConfig(model="demo:small_ft", replica={"serve_access_log": True})
+    assert pool_deployment_options(on)["logging_config"] == {"enable_access_log": True}
+    # The coordinator keeps Serve's default (one line per request) unless told.
+    assert "logging_config" not in demo_config().coordinator.replica.deployment_options()
+    quiet = ReplicaConfig(serve_access_log=False).deployment_options()
+    assert quiet["logging_config"] == {"enable_access_log": False}
 
 
 @pytest.mark.parametrize(("cpus", "match"), [([], "at least 1"), ([0, 0], "twice"), ([-1], "greater than")])

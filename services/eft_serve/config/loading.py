@@ -80,6 +80,11 @@ def demo_config(full_family: bool = False, with_chat: bool = False) -> EftConfig
     if with_chat:
         roles += ["small_chat"]
     pools = {role: PoolConfig(model=f"{DEMO_SCHEME}{role}") for role in roles}
+    for role, pool in pools.items():
+        if role.startswith("small"):
+            # One machine runs every pool here: the small engines never preempt the large
+            # base's forward, the longest step of a token (infra.cpu_scheduling).
+            pool.replica.cpu_scheduling = "batch"
     return EftConfig(pools=pools, recipes=_upscale_recipes(full_family, full_family, with_chat))
 
 

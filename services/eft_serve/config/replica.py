@@ -1,13 +1,13 @@
 """Serve replica options of one deployment (a pool or the coordinator) and their autoscaling.
 
 Owns what Ray Serve is told about a deployment's replicas (count or autoscaling, concurrency caps,
-Ray resources, CPU pinning) and its translation into `Deployment.options(...)`. Knows nothing of
+Ray resources, CPU pinning and scheduling) and its translation into `Deployment.options(...)`. Knows nothing of
 what the replicas run.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -68,6 +68,14 @@ class ReplicaConfig(StrictModel):
     cpu_affinity: list[Annotated[int, Field(ge=0)]] | None = Field(None, min_length=1)
     """Linux CPU ids every thread of each replica runs on (None: wherever the OS schedules). For
     CPU hosts that run several deployments: give the large base cores of its own (infra.cpu_affinity)."""
+    cpu_scheduling: Literal["normal", "batch"] = "normal"
+    """Linux scheduling policy of the replica's threads. `batch` (SCHED_BATCH): a waking thread
+    never preempts a running one (same CPU share, nothing pinned), for pools that share cores with
+    the large base; the demo's small pools use it (infra.cpu_scheduling). Ignored off Linux."""
+    serve_access_log: bool | None = None
+    """Ray Serve's own access-log line per call to this deployment. null = off for a pool (it is
+    called once per token per stream: on 2 cores the lines and their shipping cost ~1 ms of CPU
+    per call, docs/benchmarks.md) and Serve's default (on) for the coordinator, one line per request."""
 
     @field_validator("cpu_affinity")
     @classmethod
@@ -98,8 +106,9 @@ class ReplicaConfig(StrictModel):
             options["memory"] = self.memory_bytes
         return options
 
-    def deployment_options(self) -> dict[str, Any]:
-        """Keyword arguments for `Deployment.options(...)`."""
+    def deployment_options(self, access_log_default: bool | None = None) -> dict[str, Any]:
+        """Keyword arguments for `Deployment.options(...)`; `access_log_default`: the deployment
+        kind's default for `serve_access_log` (None = Serve's own)."""
         options: dict[str, Any] = {
             "max_ongoing_requests": self.max_ongoing_requests,
             "max_queued_requests": self.max_queued_requests,
@@ -121,4 +130,7 @@ class ReplicaConfig(StrictModel):
             }
         else:
             options["num_replicas"] = self.num_replicas
+        access_log = access_log_default if self.serve_access_log is None else self.serve_access_log
+        if access_log is not None:
+            options["logging_config"] = {"enable_access_log": access_log}
         return options

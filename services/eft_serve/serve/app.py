@@ -96,7 +96,8 @@ def pool_deployment_options(pool: PoolConfig) -> dict[str, Any]:
     tensor parallel) and, with `kv_affinity`, the router."""
     from eft_serve.serve.tensor_parallel import apply_tensor_parallel
 
-    options = apply_tensor_parallel(pool, pool.replica.deployment_options())
+    # Per-call access lines are off by default: a pool is called once per token per stream.
+    options = apply_tensor_parallel(pool, pool.replica.deployment_options(access_log_default=False))
     if pool.kv_affinity:
         options["request_router_config"] = {"request_router_class": KV_AFFINITY_ROUTER}
     return options

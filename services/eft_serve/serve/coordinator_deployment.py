@@ -33,11 +33,11 @@ from eft_serve.coordinator.pool_client import ColocatedRole, PoolClient
 from eft_serve.coordinator.service import EftCoordinator
 from eft_serve.coordinator.telemetry import FanOut, Telemetry
 from eft_serve.errors import FailedPrecondition, Unavailable
-from eft_serve.infra.cpu_affinity import pin_process_to_cpus
 from eft_serve.serve.metrics import CacheMetrics, PoolWireMetrics, QuotaMetrics, ServeMetrics
 from eft_serve.serve.names import COORDINATOR_DEPLOYMENT
 from eft_serve.serve.pool_handle import ServePoolClient
 from eft_serve.serve.quota_limiter import build_quota_limiter
+from eft_serve.serve.replica_cpu import apply_replica_cpu_settings
 from eft_serve.serve.startup_failure import marked
 from eft_serve.transport.coordinator_rpc import CoordinatorRpc
 from eft_serve.transport.error_boundary import error_boundary, set_on_serve_context
@@ -60,8 +60,7 @@ class CoordinatorDeployment:
         from eft_serve.cache.factory import build_next_token_cache
 
         cfg = EftConfig.model_validate(config)
-        if cfg.coordinator.replica.cpu_affinity is not None:
-            pin_process_to_cpus(cfg.coordinator.replica.cpu_affinity)
+        apply_replica_cpu_settings(cfg.coordinator.replica, "coordinator")
         # API keys (auth.enabled), loaded first so a bad keys file fails the replica at once;
         # checked in `CoordinatorRpc`, the same as on the plain grpc.aio server.
         # Quotas shared by all replicas through Redis when cache.url is set (auth.quota_store).

@@ -21,10 +21,10 @@ from ray import serve
 from eft_serve.config import PoolConfig
 from eft_serve.deadline import raise_if_expired
 from eft_serve.engine.turn_queue import TurnPolicy
-from eft_serve.infra.cpu_affinity import pin_process_to_cpus
 from eft_serve.proto_gen.eft.v1 import pool_pb2
 from eft_serve.serve.metrics import PoolMetrics
 from eft_serve.serve.names import POOL_DEPLOYMENT
+from eft_serve.serve.replica_cpu import apply_replica_cpu_settings
 from eft_serve.serve.startup_failure import marked
 from eft_serve.transport.pool_rpc import PoolRpc
 
@@ -36,9 +36,7 @@ class ModelPoolDeployment:
         from eft_serve.model_paths import resolve_model_path
 
         cfg = PoolConfig.model_validate(pool)
-        if cfg.replica.cpu_affinity is not None:
-            # Before the engine loads, so torch's threads start on these CPUs too.
-            pin_process_to_cpus(cfg.replica.cpu_affinity)
+        apply_replica_cpu_settings(cfg.replica, f"pool {role!r}")
         try:
             # LoRA (serve.app.pool_apps): an adapter pool loads its base and merges the adapter in;
             # a base pool with co-located adapters serves them beside its own rows.
