@@ -109,3 +109,14 @@ def test_local_ray_has_room_for_every_replica_at_full_scale() -> None:
     data = demo_config().model_dump()
     data["ray"]["num_cpus"] = 3
     assert local_num_cpus(EftConfig.model_validate(data)) == 3
+
+
+def test_a_partial_replica_keeps_the_pool_and_coordinator_defaults_it_leaves_out() -> None:
+    from eft_serve.config import CoordinatorConfig
+
+    pool = PoolConfig(model="demo:small_ft", replica={"num_replicas": 2})
+    assert pool.replica.num_replicas == 2
+    assert pool.replica.max_ongoing_requests == PoolConfig(model="demo:small_ft").replica.max_ongoing_requests == 64
+    coordinator = CoordinatorConfig(replica={"num_replicas": 3})
+    assert (coordinator.replica.num_cpus, coordinator.replica.max_ongoing_requests) == (0.5, 64)
+    assert PoolConfig(model="x", replica={"max_ongoing_requests": 8}).replica.max_ongoing_requests == 8

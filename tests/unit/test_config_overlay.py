@@ -73,13 +73,13 @@ def test_replace_takes_the_files_pools_and_recipes_whole(tmp_path: Path) -> None
     cfg = load_config(write(tmp_path, {**data, "replace": ["pools", "recipes"]}))
     assert set(cfg.pools) == {"big", "tiny"} and set(cfg.recipes) == {"big", "tiny"}
     assert cfg.coordinator.default_recipe == "big" and cfg.coordinator.max_new_tokens_cap == 512
-    # A dotted path replaces one subtree: the default pool's replica settings (64 calls in
-    # flight) are not inherited; ReplicaConfig's own defaults (16) apply.
-    one: dict[str, Any] = {"pools": {"large_base": {"replica": {"num_cpus": 2}}}}
-    assert load_config(write(tmp_path, one)).pools["large_base"].replica.max_ongoing_requests == 64
-    one["replace"] = ["pools.large_base.replica"]
-    replica = load_config(write(tmp_path, one)).pools["large_base"].replica
-    assert replica.max_ongoing_requests == 16 and replica.num_cpus == 2
+    # A dotted path replaces one subtree: the demo's settings of that small pool's replica
+    # (cpu_scheduling: batch) are not inherited; a pool replica's schema defaults apply.
+    one: dict[str, Any] = {"pools": {"small_base": {"replica": {"num_cpus": 2}}}}
+    assert load_config(write(tmp_path, one)).pools["small_base"].replica.cpu_scheduling == "batch"
+    one["replace"] = ["pools.small_base.replica"]
+    replica = load_config(write(tmp_path, one)).pools["small_base"].replica
+    assert replica.cpu_scheduling == "normal" and replica.num_cpus == 2 and replica.max_ongoing_requests == 64
 
 
 @pytest.mark.parametrize(

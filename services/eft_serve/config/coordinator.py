@@ -6,12 +6,15 @@ of the API doors in front of it (`config.frontends`) or of the pools it calls.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from eft_serve.config.replica import ReplicaConfig
 from eft_serve.strict_model import StrictModel
+
+# Replica options that differ from ReplicaConfig's own defaults here.
+_REPLICA_DEFAULTS: dict[str, Any] = {"num_cpus": 0.5, "max_ongoing_requests": 64}
 
 
 class SpeculativeConfig(StrictModel):
@@ -106,8 +109,15 @@ class CoordinatorConfig(StrictModel):
     """Server defaults of speculative up-scaling."""
     access_log: AccessLogConfig = Field(default_factory=AccessLogConfig)
     """The per-request JSON access log."""
-    replica: ReplicaConfig = Field(default_factory=lambda: ReplicaConfig(num_cpus=0.5, max_ongoing_requests=64))
+    replica: ReplicaConfig = Field(default_factory=lambda: ReplicaConfig(**_REPLICA_DEFAULTS))
     """Serve replica options of the coordinator."""
+
+    @field_validator("replica", mode="before")
+    @classmethod
+    def _replica_keys_over_these_defaults(cls, value: Any) -> Any:
+        # A partial `replica:` keeps these defaults for the keys it leaves out, so giving one key
+        # never silently resets another (e.g. max_ongoing_requests to ReplicaConfig's 16).
+        return {**_REPLICA_DEFAULTS, **value} if isinstance(value, dict) else value
 
     @model_validator(mode="after")
     def _timeouts(self) -> CoordinatorConfig:

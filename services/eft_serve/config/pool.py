@@ -7,13 +7,16 @@ the whole tree (`config.tree`).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from eft_serve.config.replica import ReplicaConfig
 from eft_serve.engine.vllm_config import VLLMConfig
 from eft_serve.strict_model import StrictModel
+
+# Replica options that differ from ReplicaConfig's own defaults here.
+_REPLICA_DEFAULTS: dict[str, Any] = {"max_ongoing_requests": 64}
 
 
 class PoolConfig(StrictModel):
@@ -60,7 +63,7 @@ class PoolConfig(StrictModel):
     health_check_timeout_s: float = Field(10.0, gt=0)
     """Serve's periodic replica health check runs a 1-token forward (queued fairly with requests);
     slower than this, or failing, and Serve restarts the replica."""
-    replica: ReplicaConfig = Field(default_factory=lambda: ReplicaConfig(max_ongoing_requests=64))
+    replica: ReplicaConfig = Field(default_factory=lambda: ReplicaConfig(**_REPLICA_DEFAULTS))
     """Serve replica options of this pool; its 64 calls in flight per replica are at least
     max_batch_size, or the router holds back batch-mates."""
     engine: Literal["hf", "vllm"] = "hf"
@@ -68,6 +71,13 @@ class PoolConfig(StrictModel):
     batching, prefix caching, tensor parallelism), options under `vllm`."""
     vllm: VLLMConfig = Field(default_factory=VLLMConfig)
     """vLLM engine options (used when `engine: vllm`)."""
+
+    @field_validator("replica", mode="before")
+    @classmethod
+    def _replica_keys_over_these_defaults(cls, value: Any) -> Any:
+        # A partial `replica:` keeps these defaults for the keys it leaves out, so giving one key
+        # never silently resets another (e.g. max_ongoing_requests to ReplicaConfig's 16).
+        return {**_REPLICA_DEFAULTS, **value} if isinstance(value, dict) else value
 
     @model_validator(mode="after")
     def _tensor_parallel_gpus(self) -> PoolConfig:
