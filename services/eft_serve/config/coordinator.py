@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from eft_serve.config.replica import ReplicaConfig
+from eft_serve.config.replica import ReplicaConfig, replica_with_defaults
 from eft_serve.strict_model import StrictModel
 
 # Replica options that differ from ReplicaConfig's own defaults here.
@@ -115,9 +115,7 @@ class CoordinatorConfig(StrictModel):
     @field_validator("replica", mode="before")
     @classmethod
     def _replica_keys_over_these_defaults(cls, value: Any) -> Any:
-        # A partial `replica:` keeps these defaults for the keys it leaves out, so giving one key
-        # never silently resets another (e.g. max_ongoing_requests to ReplicaConfig's 16).
-        return {**_REPLICA_DEFAULTS, **value} if isinstance(value, dict) else value
+        return replica_with_defaults(value, _REPLICA_DEFAULTS)
 
     @model_validator(mode="after")
     def _timeouts(self) -> CoordinatorConfig:

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from eft_serve.config.replica import ReplicaConfig
+from eft_serve.config.replica import ReplicaConfig, replica_with_defaults
 from eft_serve.engine.vllm_config import VLLMConfig
 from eft_serve.strict_model import StrictModel
 
@@ -75,9 +75,7 @@ class PoolConfig(StrictModel):
     @field_validator("replica", mode="before")
     @classmethod
     def _replica_keys_over_these_defaults(cls, value: Any) -> Any:
-        # A partial `replica:` keeps these defaults for the keys it leaves out, so giving one key
-        # never silently resets another (e.g. max_ongoing_requests to ReplicaConfig's 16).
-        return {**_REPLICA_DEFAULTS, **value} if isinstance(value, dict) else value
+        return replica_with_defaults(value, _REPLICA_DEFAULTS)
 
     @model_validator(mode="after")
     def _tensor_parallel_gpus(self) -> PoolConfig:

@@ -134,3 +134,10 @@ class ReplicaConfig(StrictModel):
         if access_log is not None:
             options["logging_config"] = {"enable_access_log": access_log}
         return options
+
+
+def replica_with_defaults(value: Any, defaults: dict[str, Any]) -> Any:
+    """A `replica:` mapping with `defaults` under the keys it leaves out (a `before` validator's
+    body for a deployment kind whose replica defaults differ from ReplicaConfig's own), so giving
+    one key never silently resets another (e.g. max_ongoing_requests to ReplicaConfig's 16)."""
+    return {**defaults, **value} if isinstance(value, dict) else value

@@ -16,7 +16,7 @@ import os
 from collections.abc import Collection
 from pathlib import Path
 
-__all__ = ["pin_process_to_cpus", "usable_cpus"]
+__all__ = ["pin_process_to_cpus", "thread_ids", "usable_cpus"]
 
 _CPUSET_FILES = ("/sys/fs/cgroup/cpuset.cpus.effective", "/sys/fs/cgroup/cpuset/cpuset.effective_cpus")
 
@@ -30,6 +30,14 @@ def _parse_cpu_list(text: str) -> set[int]:
         lo, _, hi = part.partition("-")
         cpus.update(range(int(lo), int(hi or lo) + 1))
     return cpus
+
+
+def thread_ids() -> list[int]:
+    """Every thread of this process now (``[0]``, the caller, where /proc is missing). The CPU
+    mask and the scheduling policy are per thread, and a thread started later inherits both from
+    its creator: setting them on each of these covers the whole process."""
+    tasks = Path("/proc/self/task")
+    return sorted(int(t.name) for t in tasks.iterdir()) if tasks.is_dir() else [0]
 
 
 def usable_cpus() -> set[int]:
@@ -62,10 +70,8 @@ def pin_process_to_cpus(cpus: Collection[int]) -> set[int]:
             f"cpu_affinity {sorted(wanted)} is not a non-empty subset of this host's usable CPUs "
             f"{sorted(usable)}; pick CPU ids from that set or leave cpu_affinity unset"
         )
-    # sched_setaffinity(0) pins only the calling thread: pin each existing thread; threads started
-    # later inherit their creator's mask.
-    tasks = Path("/proc/self/task")
-    for tid in sorted(int(t.name) for t in tasks.iterdir()) if tasks.is_dir() else [0]:
+    # sched_setaffinity(0) pins only the calling thread: pin each existing thread.
+    for tid in thread_ids():
         try:
             setaffinity(tid, wanted)
         except ProcessLookupError:

@@ -15,7 +15,8 @@ Does NOT know: Ray, configs, which pool this is.
 from __future__ import annotations
 
 import os
-from pathlib import Path
+
+from eft_serve.infra.cpu_affinity import thread_ids
 
 __all__ = ["use_batch_scheduling"]
 
@@ -27,9 +28,7 @@ def use_batch_scheduling() -> bool:
     policy = getattr(os, "SCHED_BATCH", None)
     if setscheduler is None or policy is None:
         return False
-    # Like sched_setaffinity, the policy is per thread and inherited by threads started later.
-    tasks = Path("/proc/self/task")
-    for tid in sorted(int(t.name) for t in tasks.iterdir()) if tasks.is_dir() else [0]:
+    for tid in thread_ids():
         try:
             setscheduler(tid, policy, os.sched_param(0))
         except ProcessLookupError:
