@@ -152,10 +152,10 @@ def test_pool_replica_threads_run_on_its_cpu_affinity(cluster_stack) -> None:
         assert client.score("Q: ", "A").total_logprob < 0  # the pinned pool still serves
 
 
-def test_the_small_pools_run_batch_scheduled_and_the_large_base_does_not(cluster_stack) -> None:
-    # The demo's default (cpu_scheduling: batch on small pools), applied in each replica process.
+def test_the_small_pools_run_idle_scheduled_and_the_large_base_does_not(cluster_stack) -> None:
+    # The demo's default (cpu_scheduling: idle on small pools), applied in each replica process.
     policies = {role: set(_replica_threads(role, os.sched_getscheduler).values()) for role in ROLES}
-    assert policies["small_base"] == policies["small_ft"] == {os.SCHED_BATCH}, policies
+    assert policies["small_base"] == policies["small_ft"] == {os.SCHED_IDLE}, policies
     assert policies["large_base"] == {os.SCHED_OTHER}, policies
 
 

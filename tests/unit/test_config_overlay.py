@@ -74,9 +74,9 @@ def test_replace_takes_the_files_pools_and_recipes_whole(tmp_path: Path) -> None
     assert set(cfg.pools) == {"big", "tiny"} and set(cfg.recipes) == {"big", "tiny"}
     assert cfg.coordinator.default_recipe == "big" and cfg.coordinator.max_new_tokens_cap == 512
     # A dotted path replaces one subtree: the demo's settings of that small pool's replica
-    # (cpu_scheduling: batch) are not inherited; a pool replica's schema defaults apply.
+    # (cpu_scheduling: idle) are not inherited; a pool replica's schema defaults apply.
     one: dict[str, Any] = {"pools": {"small_base": {"replica": {"num_cpus": 2}}}}
-    assert load_config(write(tmp_path, one)).pools["small_base"].replica.cpu_scheduling == "batch"
+    assert load_config(write(tmp_path, one)).pools["small_base"].replica.cpu_scheduling == "idle"
     one["replace"] = ["pools.small_base.replica"]
     replica = load_config(write(tmp_path, one)).pools["small_base"].replica
     assert replica.cpu_scheduling == "normal" and replica.num_cpus == 2 and replica.max_ongoing_requests == 64

@@ -82,9 +82,9 @@ def demo_config(full_family: bool = False, with_chat: bool = False) -> EftConfig
     pools = {role: PoolConfig(model=f"{DEMO_SCHEME}{role}") for role in roles}
     for role, pool in pools.items():
         if role.startswith("small"):
-            # One machine runs every pool here: the small engines never preempt the large
-            # base's forward, the longest step of a token (infra.cpu_scheduling).
-            pool.replica.cpu_scheduling = "batch"
+            # One machine runs every pool here: the small engines take only CPU time the large
+            # base's forward, the longest step of a token, leaves free (infra.cpu_scheduling).
+            pool.replica.cpu_scheduling = "idle"
     return EftConfig(pools=pools, recipes=_upscale_recipes(full_family, full_family, with_chat))
 
 

@@ -68,10 +68,11 @@ class ReplicaConfig(StrictModel):
     cpu_affinity: list[Annotated[int, Field(ge=0)]] | None = Field(None, min_length=1)
     """Linux CPU ids every thread of each replica runs on (None: wherever the OS schedules). For
     CPU hosts that run several deployments: give the large base cores of its own (infra.cpu_affinity)."""
-    cpu_scheduling: Literal["normal", "batch"] = "normal"
-    """Linux scheduling policy of the replica's threads. `batch` (SCHED_BATCH): a waking thread
-    never preempts a running one (same CPU share, nothing pinned), for pools that share cores with
-    the large base; the demo's small pools use it (infra.cpu_scheduling). Ignored off Linux."""
+    cpu_scheduling: Literal["normal", "batch", "idle"] = "normal"
+    """Linux scheduling policy of the replica's threads, for pools that share cores with the large
+    base (nothing pinned). `idle` (SCHED_IDLE): runs on CPU time no normal thread wants, so the
+    large base's forward keeps its core; the demo's small pools use it. `batch` (SCHED_BATCH): a
+    waking thread never preempts a running one, same CPU share (infra.cpu_scheduling). Ignored off Linux."""
     serve_access_log: bool | None = None
     """Ray Serve's own access-log line per call to this deployment. null = off for a pool (it is
     called once per token per stream: on 2 cores the lines and their shipping cost ~1 ms of CPU

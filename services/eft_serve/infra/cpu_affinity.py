@@ -32,12 +32,12 @@ def _parse_cpu_list(text: str) -> set[int]:
     return cpus
 
 
-def thread_ids() -> list[int]:
-    """Every thread of this process now (``[0]``, the caller, where /proc is missing). The CPU
+def thread_ids(pid: int = 0) -> list[int]:
+    """Every thread of process `pid` (0: this one) now (``[pid]`` where /proc is missing). The CPU
     mask and the scheduling policy are per thread, and a thread started later inherits both from
     its creator: setting them on each of these covers the whole process."""
-    tasks = Path("/proc/self/task")
-    return sorted(int(t.name) for t in tasks.iterdir()) if tasks.is_dir() else [0]
+    tasks = Path(f"/proc/{pid or 'self'}/task")
+    return sorted(int(t.name) for t in tasks.iterdir()) if tasks.is_dir() else [pid]
 
 
 def usable_cpus() -> set[int]:

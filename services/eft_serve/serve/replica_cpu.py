@@ -8,7 +8,7 @@ import logging
 
 from eft_serve.config import ReplicaConfig
 from eft_serve.infra.cpu_affinity import pin_process_to_cpus
-from eft_serve.infra.cpu_scheduling import use_batch_scheduling
+from eft_serve.infra.cpu_scheduling import use_scheduling_policy
 
 log = logging.getLogger("eft_serve")
 
@@ -16,5 +16,6 @@ log = logging.getLogger("eft_serve")
 def apply_replica_cpu_settings(replica: ReplicaConfig, name: str) -> None:
     if replica.cpu_affinity is not None:
         pin_process_to_cpus(replica.cpu_affinity)
-    if replica.cpu_scheduling == "batch" and not use_batch_scheduling():
-        log.warning("%s: cpu_scheduling 'batch' needs Linux (SCHED_BATCH); left at the OS default", name)
+    policy = replica.cpu_scheduling
+    if policy != "normal" and not use_scheduling_policy(policy):
+        log.warning("%s: cpu_scheduling %r needs Linux; left at the OS default", name, policy)
