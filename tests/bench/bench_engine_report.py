@@ -18,12 +18,15 @@ class RssSampler:
     def _run(self) -> None:
         import psutil
 
+        from eft_serve.testing.replica_processes import replica_processes
+
         while not self._stop.is_set():
-            for p in psutil.process_iter(["cmdline", "memory_info"]):
-                cmd = " ".join(p.info["cmdline"] or [])
-                for role in self.roles:
-                    if f"ServeReplica:pool-{role}" in cmd and p.info["memory_info"] is not None:
-                        self.peak[role] = max(self.peak[role], p.info["memory_info"].rss)
+            for role in self.roles:
+                for proc in replica_processes(role):
+                    try:
+                        self.peak[role] = max(self.peak[role], proc.memory_info().rss)
+                    except psutil.Error:
+                        continue  # a replica that ended meanwhile
             self._stop.wait(0.5)
 
     def __enter__(self) -> RssSampler:

@@ -30,22 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_engine as engine_bench
 
 
-def replica_pids(role: str) -> list[int]:
-    """PIDs of the Serve replica processes of pool `role` (their titles name it)."""
-    import psutil
-
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        if f"ServeReplica:pool-{role}" in " ".join(p.info["cmdline"] or []):
-            found.append(p.pid)
-    return found
-
-
 def set_policy(roles: list[str], policy: Any) -> None:
     from eft_serve.infra.cpu_scheduling import use_scheduling_policy
+    from eft_serve.testing.replica_processes import replica_processes
 
     for role in roles:
-        pids = replica_pids(role)
+        pids = [proc.pid for proc in replica_processes(role)]
         if not pids:
             raise SystemExit(f"no replica process of pool {role!r} found")
         for pid in pids:
@@ -59,17 +49,14 @@ def set_policy(roles: list[str], policy: Any) -> None:
 
 def ratios(eft: list[dict[str, Any]], large: list[dict[str, Any]]) -> dict[str, float]:
     """EFT's cost over the large base alone (>1: EFT slower), from rounds measured side by side."""
-
-    def med(rows: list[dict[str, Any]], key: str) -> float:
-        return statistics.median(r[key] for r in rows)
-
+    e, lg = engine_bench.median_run(eft), engine_bench.median_run(large)
     return {
-        "tok_s": med(large, "tok_s") / med(eft, "tok_s"),
-        "tok_s_paired": statistics.median(lg["tok_s"] / e["tok_s"] for e, lg in zip(eft, large)),
-        "decode_tok_s": med(large, "decode_tok_s") / med(eft, "decode_tok_s"),
-        "itl_p50": med(eft, "itl_p50_ms") / med(large, "itl_p50_ms"),
-        "eft_itl_p50_ms": med(eft, "itl_p50_ms"),
-        "large_itl_p50_ms": med(large, "itl_p50_ms"),
+        "tok_s": lg["tok_s"] / e["tok_s"],
+        "tok_s_paired": statistics.median(b["tok_s"] / a["tok_s"] for a, b in zip(eft, large)),
+        "decode_tok_s": lg["decode_tok_s"] / e["decode_tok_s"],
+        "itl_p50": e["itl_p50_ms"] / lg["itl_p50_ms"],
+        "eft_itl_p50_ms": e["itl_p50_ms"],
+        "large_itl_p50_ms": lg["itl_p50_ms"],
     }
 
 

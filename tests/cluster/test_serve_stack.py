@@ -19,6 +19,7 @@ from eft_serve.config import demo_config
 from eft_serve.core.recipe import resolve_recipe
 from eft_serve.proto_gen.eft.v1 import eft_pb2
 from eft_serve.reference import ReferenceEFT
+from eft_serve.testing.replica_processes import replica_processes
 
 T = TypeVar("T")
 ROLES = ("large_base", "small_base", "small_ft")
@@ -124,10 +125,8 @@ def test_health_reflection_and_discovery(cluster_stack) -> None:
 def _replica_threads(role: str, read: Callable[[int], T]) -> dict[int, T]:
     """`read(thread id)` for every thread of the pool's replica processes on this host."""
     found: dict[int, T] = {}
-    for proc in psutil.process_iter():
+    for proc in replica_processes(role):
         try:
-            if f"ServeReplica:pool-{role}" not in " ".join(proc.cmdline()):
-                continue
             for thread in proc.threads():
                 found[thread.id] = read(thread.id)
         except (psutil.Error, ProcessLookupError):
