@@ -6,7 +6,7 @@
 #   ./scripts/test.sh                    everything (what .ci/run runs)
 #   ./scripts/test.sh lint               the static checks only
 #   ./scripts/test.sh unit|integration|cluster [PYTEST ARGS]   one test directory, e.g. unit -k merge
-#   ./scripts/test.sh [PYTEST ARGS]      everything, with extra pytest arguments (as before)
+#   ./scripts/test.sh [PYTEST ARGS]      everything, with extra pytest arguments
 set -euo pipefail
 cd "$(dirname "$0")/.."
 part=all
@@ -32,8 +32,8 @@ fi
 case $part in
 lint) exit 0 ;;
 all) exec .venv/bin/python -m pytest -q -rs "$@" ;;
-# Unit tests are independent of each other: one worker per core (pytest-xdist) keeps them near
-# half a minute. Integration and cluster tests share session servers and run in one process.
+# Unit tests are independent of each other: one worker per core (pytest-xdist) keeps them under a
+# minute (the figure: docs/contributing.md). Integration and cluster tests share session servers and run in one process.
 unit) exec .venv/bin/python -m pytest -q -rs -n "$(nproc)" tests/unit "$@" ;;
 *) exec .venv/bin/python -m pytest -q -rs "tests/$part" "$@" ;;
 esac

@@ -63,3 +63,19 @@ def fake_coordinator(engines: dict[str, FakeEngine] | None = None, cache=None, *
     return EftCoordinator(
         pools, RECIPES, CharTokenizer(), config, cache=NextTokenCache(cache) if cache is not None else None
     )
+
+
+# The fakes' recipes plus one single-model recipe per role: the playground's columns.
+PLAYGROUND_RECIPES = {
+    **RECIPES,
+    "small_ft": RecipeConfig(description="the small fine-tune alone", base="small_ft"),
+    "small_base": RecipeConfig(description="the small base alone", base="small_base"),
+    "small_ft_b": RecipeConfig(base="small_ft_b"),
+}
+
+
+def playground_coordinator() -> tuple[EftCoordinator, dict[str, FakeEngine]]:
+    engines = fake_engines()
+    pools = {role: InProcessPool(e, role) for role, e in engines.items()}
+    config = CoordinatorConfig(max_new_tokens_cap=64, default_max_new_tokens=16, pool_call_retries=0)
+    return EftCoordinator(pools, PLAYGROUND_RECIPES, CharTokenizer(), config), engines

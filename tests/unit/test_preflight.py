@@ -96,6 +96,51 @@ def test_vllm_cpu_head_size(family) -> None:
     check_model_dir(pool, odd, cpu_only=False)  # GPU builds run it
 
 
+def _with_config(family, where: Path, **changes) -> Path:
+    """A copy of the family's large_base config.json (no weights: preflight loads none), changed."""
+    config = json.loads((family.paths["large_base"] / "config.json").read_text())
+    where.mkdir(parents=True, exist_ok=True)
+    (where / "config.json").write_text(json.dumps({**config, **changes}))
+    demo_tokenizer().save_pretrained(where)
+    return where
+
+
+def test_an_architecture_vllm_cannot_run_is_refused_before_serve_starts(tmp_path, family) -> None:
+    # XGLM: a transformers model (so the remote-code check passes) that vLLM 0.32 has neither in its
+    # registry nor can run through its Transformers backend (its attention is not swappable).
+    xglm = _with_config(family, tmp_path / "xglm", architectures=["XGLMForCausalLM"])
+    unknown = _with_config(family, tmp_path / "unknown", architectures=["NoSuchForCausalLM"])
+    cfg = _cfg(small_ft=str(xglm))
+    cfg.pools["small_ft"] = cfg.pools["small_ft"].model_copy(update={"engine": "vllm"})
+    with pytest.raises(StartupError) as err:
+        preflight(cfg)
+    msg = str(err.value)
+    assert msg.startswith("pool 'small_ft': vLLM ") and "\n" not in msg, msg
+    assert "cannot run architecture XGLMForCausalLM" in msg and msg.endswith("serve this model with engine: hf")
+    pool = cfg.pools["small_ft"]
+    with pytest.raises(ValueError, match="cannot run architecture NoSuchForCausalLM"):
+        check_model_dir(pool, unknown, cpu_only=False)  # not a kernel question: GPU builds refuse it too
+    # The same checkpoints on the hf engine are not vLLM's business.
+    check_model_dir(pool.model_copy(update={"engine": "hf"}), xglm, cpu_only=True)
+    # What vLLM's registry lists passes: natively (Llama) or through its Transformers backend
+    # (GPT-NeoX, which the registry maps there).
+    check_model_dir(pool, family.paths["large_base"], cpu_only=True)
+    neox = _with_config(family, tmp_path / "neox", architectures=["GPTNeoXForCausalLM"], model_type="gpt_neox")
+    check_model_dir(pool, neox, cpu_only=True)
+    # Not in the registry, but a transformers model whose attention vLLM's Transformers backend
+    # can swap: vLLM (model_impl: auto) falls back to that backend, so preflight does not refuse it.
+    codegen = _with_config(family, tmp_path / "codegen", architectures=["CodeGenForCausalLM"], model_type="codegen")
+    check_model_dir(pool, codegen, cpu_only=True)
+    # Code shipped with the checkpoint (granted): vLLM's Transformers backend runs it; not run here.
+    custom = _with_config(
+        family,
+        tmp_path / "custom",
+        architectures=["CustomForCausalLM"],
+        auto_map={"AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"},
+    )
+    check_model_dir(pool.model_copy(update={"trust_remote_code": True}), custom, cpu_only=True)
+
+
 def test_tokenizer_mismatch_names_both_pools_and_the_first_ids(tmp_path, family) -> None:
     other = build_arch_family("llama", tmp_path / "other", tokenizer=demo_tokenizer(seed=1))
     msg = _refusal(

@@ -1,9 +1,11 @@
-"""The one admission check of the client-facing API: metadata -> key -> permissions -> quota lease.
+"""The checks behind admission: metadata -> key, then key -> permissions -> quota lease.
 
 Owns reading `authorization: Bearer <key>` from call metadata (plain (name, value) pairs, as
 both grpc.aio and Ray Serve hand them over), the status of each refusal (UNAUTHENTICATED,
-PERMISSION_DENIED, RESOURCE_EXHAUSTED with a retry time) and its message. Knows nothing of
-gRPC or of what the call does: the transport says which recipe and whether exact mode is asked.
+PERMISSION_DENIED, RESOURCE_EXHAUSTED with a retry time) and its message. The order the two steps
+run in (authenticate once per request, `admit_key` per stream) belongs to `transport/admission.py`,
+which both doors go through. Knows nothing of gRPC or of what the call does: the caller
+says which recipe and whether exact mode is asked.
 """
 
 from __future__ import annotations
@@ -42,10 +44,6 @@ class Gate:
         if entry is None:
             raise Unauthenticated("unknown API key: check the key, or ask the operator for one (`eft keys add`)")
         return entry
-
-    async def admit(self, metadata: Metadata, recipe: str, exact: bool) -> Lease:
-        """`authenticate`, then `admit_key`: one call's whole check from its metadata."""
-        return await self.admit_key(self.authenticate(metadata), recipe, exact)
 
     async def admit_key(self, key: ApiKey, recipe: str, exact: bool) -> Lease:
         """Check an authenticated key's recipe and exact mode, take a quota lease (release it when

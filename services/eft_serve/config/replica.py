@@ -75,8 +75,8 @@ class ReplicaConfig(StrictModel):
     waking thread never preempts a running one, same CPU share (infra.cpu_scheduling). Ignored off Linux."""
     serve_access_log: bool | None = None
     """Ray Serve's own access-log line per call to this deployment. null = off for a pool (it is
-    called once per token per stream: on 2 cores the lines and their shipping cost ~1 ms of CPU
-    per call, docs/benchmarks.md) and Serve's default (on) for the coordinator, one line per request."""
+    called once per token per stream, and every line costs CPU to write and ship; docs/benchmarks.md)
+    and Serve's default (on) for the coordinator, one line per request."""
 
     @field_validator("cpu_affinity")
     @classmethod

@@ -15,7 +15,7 @@ nothing of validation (the plan is already checked), transports or how pools are
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,9 +49,15 @@ class DecodeContext:
     tokenizer: Any
     vocab_size: int
     max_context: int
-    eos_token_id: int
+    # Each role's stop ids (its EOS and its generation config's, `ModelInfo.stop_ids`): a stream
+    # ends at any stop id of a model in its recipe (a chat fine-tune's end-of-turn token too).
+    stop_ids: Mapping[str, frozenset[int]]
     # Where a step's merge and sampling run: off the loop when they touch a whole vocabulary.
     steps: StepWorkers = INLINE_STEPS
+
+    def stop_ids_of(self, roles: Sequence[str]) -> frozenset[int]:
+        """The ids that end a stream over `roles`: the union of their models' stop ids."""
+        return frozenset().union(*(self.stop_ids.get(role, frozenset()) for role in roles))
 
     def merge_entries(self, merge: MergePlan, positions: int) -> int:
         """How many (token, position) entries merging `positions` positions touches."""
@@ -196,7 +202,7 @@ async def _next_tokens(
             prefixes=prefixes,
         )
         seconds = time.perf_counter() - started
-        # Greedy is one argmax; sampling sorts the support (20 ms over 152k tokens): off the loop.
+        # Greedy is one argmax; sampling sorts the support (milliseconds at 150k tokens): off the loop.
         size = 0 if plan.sampling.greedy else len(dist.support)
         token = await ctx.steps.run(size, choose_token, dist, plan.sampling, len(prefix))
         if policy is not None and spec is not None:
@@ -255,6 +261,21 @@ def _drafter_agreed(dist: MergedDistribution, drafter: str, token: int) -> bool 
     return int(dist.support[int(np.argmax(own))]) == token
 
 
+def _model_tops(
+    ctx: DecodeContext, plan: GenerationPlan, dist: MergedDistribution, roles: Sequence[str]
+) -> dict[str, list[TopLogprob]]:
+    """Each model's own `top_logprobs` most likely tokens at this position, from what its pool sent.
+
+    In top-k mode at most `logprob_top_k` of them: past a model's top-k the merge holds only tail
+    estimates, which are not that model's numbers.
+    """
+    n = plan.top_logprobs if plan.merge.logprob_top_k == 0 else min(plan.top_logprobs, plan.merge.logprob_top_k)
+    return {
+        role: [TopLogprob(token_id=t, text=ctx.tokenizer.decode([t]), logprob=lp) for t, lp in dist.model_top(role, n)]
+        for role in roles
+    }
+
+
 async def decode(ctx: DecodeContext, plan: GenerationPlan, use_cache: bool) -> AsyncIterator[GenerationChunk]:
     """Stream one chunk per decoded token; the last chunk carries the finish reason and usage."""
     started = time.perf_counter()
@@ -269,6 +290,7 @@ async def decode(ctx: DecodeContext, plan: GenerationPlan, use_cache: bool) -> A
     prefixes = RolePrefixes.of_plan(plan)
     extra = prefixes.extra if prefixes else 0
     roles = plan.merge.recipe.roles
+    stop_ids = frozenset() if plan.sampling.ignore_eos else ctx.stop_ids_of(roles)
     finish: str | None = None
     generated = 0
     while finish is None:
@@ -303,7 +325,9 @@ async def decode(ctx: DecodeContext, plan: GenerationPlan, use_cache: bool) -> A
                 ]
             if plan.return_model_logprobs:
                 out.model_logprobs = {role: dist.model_logprob_of(role, token) for role in roles}
-            if token == ctx.eos_token_id and not plan.sampling.ignore_eos:
+                if plan.top_logprobs:
+                    out.model_top_logprobs = _model_tops(ctx, plan, dist, roles)
+            if token in stop_ids:
                 finish = "eos"
                 text = stops.feed(detok.flush()) + stops.flush()
                 yield GenerationChunk(text=text, tokens=[out])

@@ -80,6 +80,9 @@ class TokenOutput:
     model_logprobs: dict[str, float] = field(default_factory=dict)
     # The most likely tokens of the merged distribution this token was chosen from, descending.
     top_logprobs: list[TopLogprob] = field(default_factory=list)
+    # With return_model_logprobs and top_logprobs: each model's own most likely tokens at this
+    # position, descending, each `logprob` that model's (not the merge's).
+    model_top_logprobs: dict[str, list[TopLogprob]] = field(default_factory=dict)
 
 
 @dataclass

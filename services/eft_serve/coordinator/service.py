@@ -33,6 +33,7 @@ from eft_serve.coordinator.validate import ModelLimits, RequestValidator
 from eft_serve.coordinator.vocabulary import check_shared_vocabulary
 from eft_serve.coordinator.workers import CHAT_RENDER_CHARS, StepWorkers, TokenizerWorkers
 from eft_serve.core.merge import merge_position
+from eft_serve.engine.stop_tokens import token_ids_of
 from eft_serve.engine.types import ModelInfo, SequenceQuery
 from eft_serve.errors import FailedPrecondition, Unavailable
 
@@ -96,9 +97,10 @@ class EftCoordinator:
             telemetry=self._telemetry,
             retry_budget=RetryBudget(self._cfg.pool_call_retry_budget),
         )
-        eos = infos[self._recipes[self._cfg.default_recipe].base].eos_token_id
         self._validator = RequestValidator(self._recipes, self._cfg, self._tok, limits, self._tokenizers)
-        self._ctx = DecodeContext(fetcher, self._tok, limits.vocab_size, limits.max_context, eos, self._steps)
+        self._ctx = DecodeContext(
+            fetcher, self._tok, limits.vocab_size, limits.max_context, self._stop_ids(infos), self._steps
+        )
         self.infos = infos
         await self._prober.start()  # every pool just answered: SERVING until a probe says otherwise
 
@@ -148,9 +150,19 @@ class EftCoordinator:
         """What a request that does not set `logprob_top_k` gets (0 = exact)."""
         return self._cfg.default_logprob_top_k
 
-    @property
-    def eos_token_id(self) -> int:
-        return self._started()[1].eos_token_id
+    def _stop_ids(self, infos: Mapping[str, ModelInfo]) -> dict[str, frozenset[int]]:
+        """Each role's stop ids: its pool's (tokenizer EOS + generation config) and the EOS of the
+        role's own tokenizer here (a LoRA role's, which its host pool does not know)."""
+        out = {}
+        for role, info in infos.items():
+            own = _eos_ids(self._tokenizers.get(role))
+            out[role] = info.stop_ids() | own
+        return out
+
+    def stop_token_ids(self, recipe: str | None = None) -> frozenset[int]:
+        """The ids that end a stream of `recipe` (default: the default recipe) unless ignore_eos."""
+        ctx = self._started()[1]
+        return ctx.stop_ids_of(self._recipes[recipe or self._cfg.default_recipe].roles())
 
     def _cache_on(self, recipe_name: str) -> bool:
         return self.cache is not None and self.cache.enabled_for(recipe_name)
@@ -220,3 +232,7 @@ def _text_chars(req: GenerationRequest) -> int:
     if not req.messages:
         return len(req.prompt)
     return len(req.prompt) + CHAT_RENDER_CHARS + sum(len(m.content) + 16 for m in req.messages)
+
+
+def _eos_ids(tokenizer: Any) -> frozenset[int]:
+    return frozenset(token_ids_of(getattr(tokenizer, "eos_token_id", None)))

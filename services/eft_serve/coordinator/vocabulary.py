@@ -59,7 +59,9 @@ def check_shared_vocabulary(infos: Mapping[str, ModelInfo], tokenizers: Mapping[
                 shown = ", ".join(f"id {i}: {a!r} vs {b!r}" for i, a, b in diffs)
                 how = f"; first differing ids: {shown}"
             else:
-                how = "; their id-to-token maps agree, so special-token roles (BOS/EOS/PAD/UNK) differ"
+                # The fingerprint hashes only that map (special-token roles may differ): the pools
+                # computed it differently, e.g. replicas of different eft-serve versions.
+                how = "; their id-to-token maps agree here, so the pools hashed them differently (mixed versions?)"
         raise FailedPrecondition(
             f"pools do not share one tokenizer: {_describe(name, info)} differs from {_describe(ref_name, ref)}"
             f"{how}; every model merged token by token must use the same tokenizer"

@@ -3,17 +3,19 @@
 Owns two small thread pools and the rule for what leaves the loop (docs/latency-isolation.md):
 
 * `TokenizerWorkers`: request validation whenever it tokenizes more than a short plain prompt
-  (prompt encoding, chat rendering for every model of the recipe). Transformers' fast tokenizers
-  encode through `encode_batch`, which releases the GIL in Rust (measured: a 256 KiB prompt in a
-  thread stalls the loop ~10 ms, inline 150-300 ms), so threads are enough. The backlog is bounded
-  in characters of text: a request that would push it over the limit is refused
-  RESOURCE_EXHAUSTED at once instead of queueing behind seconds of tokenizing.
-* `StepWorkers`: a decoding step's merge and sampling when they touch many tokens (exact mode
-  over a real vocabulary: 4 ms to merge 3 × 152k logprobs, 20 ms to top-p sample them). A top-k
-  step (~0.1 ms) stays on the loop: a thread hop (~0.05 ms) would cost about what it saves.
+  (prompt encoding, chat rendering for every model of the recipe). Encoding a long prompt takes
+  far longer than a token's step, and transformers' fast tokenizers encode through `encode_batch`,
+  which releases the GIL in Rust, so a thread takes it off the loop. The backlog is bounded in
+  characters of text: a request that would push it over the limit is refused RESOURCE_EXHAUSTED
+  at once instead of queueing behind seconds of tokenizing.
+* `StepWorkers`: a decoding step's merge and sampling when they touch many tokens (exact mode over
+  a real vocabulary: merging and top-p sampling a 150k-token support takes milliseconds, which
+  would hold every other stream). A top-k step stays on the loop: it is about as cheap as the
+  thread hop itself.
 
-With 0 workers a pool runs its work inline, on the loop (what the benchmark's "before" runs).
-Knows nothing of requests, plans or tokenizers: callers hand in a callable and its size.
+With 0 workers a pool runs its work inline, on the loop (the benchmark's comparison case).
+Figures: docs/latency-isolation.md. Knows nothing of requests, plans or tokenizers: callers hand
+in a callable and its size.
 """
 
 from __future__ import annotations
@@ -29,14 +31,15 @@ from eft_serve.errors import ResourceExhausted
 
 T = TypeVar("T")
 
-# Text this short is tokenized on the loop: ~0.55 µs a character with the demo's BPE, so under
-# ~0.6 ms, less than waiting behind a long prompt in the pool would cost it.
+# Text this short is tokenized on the loop: it encodes in well under a millisecond, less than
+# waiting behind a long prompt in the pool would cost it.
 INLINE_MAX_CHARS = 1024
-# What a chat request weighs beyond its text: a Jinja render per model (~0.3 ms each with an
-# own chat template), so every chat request is rendered off the loop.
+# What a chat request weighs beyond its text: a Jinja render per model of the recipe, so every
+# chat request is rendered off the loop.
 CHAT_RENDER_CHARS = INLINE_MAX_CHARS
 # A step touching at least this many (support token x position) entries is merged and sampled
-# off the loop: top-1024 x 3 models (~3k) merges in ~0.5 ms, a 50k vocabulary in ~1.3 ms.
+# off the loop: below it (the default top-20 and anything up to a few hundred per model) a merge
+# costs about what the thread hop does; above it the cost grows with the support.
 STEP_OFFLOAD_MIN_ENTRIES = 2048
 
 

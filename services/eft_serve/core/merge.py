@@ -44,23 +44,36 @@ class MergedDistribution:
         Only support tokens can appear: in top-k mode that is the union of the models' top-k (the
         distribution that is sampled from), so fewer than `n` come back when the support is smaller.
         """
-        if n <= 0 or not len(self.support):
-            return []
-        idx = np.arange(len(self.support))
-        if n < len(idx):
-            # Exact mode's support is the whole vocabulary (10^5 tokens): select before sorting,
-            # keeping every token tied with the n-th value so the tie-break below stays exact.
-            kth = np.partition(self.logprobs, len(idx) - n)[len(idx) - n]
-            idx = np.flatnonzero(self.logprobs >= kth)
-        # lexsort sorts by the last key first: logprob descending, then token id ascending.
-        order = idx[np.lexsort((self.support[idx], -self.logprobs[idx]))][:n]
-        return [(int(self.support[i]), float(self.logprobs[i])) for i in order]
+        return _top_of(self.support, self.logprobs, n)
+
+    def model_top(self, role: str, n: int) -> list[tuple[int, float]]:
+        """The `n` support tokens most likely under `role` alone, as (token id, that model's logprob).
+
+        Descending, ties to the lower id. Exact when `n` is at most the model's reported top-k (its
+        top-k ids are all in the support with their own values; any other support token holds at
+        most its tail estimate, which is no more than the k-th value) or in exact mode.
+        """
+        return _top_of(self.support, self.model_logprobs[role], n)
 
     def model_logprob_of(self, role: str, token_id: int) -> float:
         i = int(np.searchsorted(self.support, token_id))
         if i < len(self.support) and self.support[i] == token_id:
             return float(self.model_logprobs[role][i])
         return float(_NEG_INF)
+
+
+def _top_of(support: np.ndarray, logprobs: np.ndarray, n: int) -> list[tuple[int, float]]:
+    if n <= 0 or not len(support):
+        return []
+    idx = np.arange(len(support))
+    if n < len(idx):
+        # Exact mode's support is the whole vocabulary (10^5 tokens): select before sorting,
+        # keeping every token tied with the n-th value so the tie-break below stays exact.
+        kth = np.partition(logprobs, len(idx) - n)[len(idx) - n]
+        idx = np.flatnonzero(logprobs >= kth)
+    # lexsort sorts by the last key first: logprob descending, then token id ascending.
+    order = idx[np.lexsort((support[idx], -logprobs[idx]))][:n]
+    return [(int(support[i]), float(logprobs[i])) for i in order]
 
 
 def logsumexp(x: np.ndarray) -> float:

@@ -4,7 +4,7 @@ Owns one workaround of a slow CPU kernel. A decode step feeds one position per r
 multiplies a few rows ``x`` (``[M, d]``) by the ``[V, d]`` vocabulary matrix, and on CPU that
 matrix is most of the bytes a step reads (GPT-2: 50,257 × 768 floats = 154 MB, a third of the
 12-layer model). ``F.linear(x, W)`` (``x @ Wᵀ``) takes MKL's slowest path there, two to three
-times slower than ``(W @ xᵀ)ᵀ`` at 2-4 rows (the timings: docs/benchmarks.md#why-the-engines-work-this-way).
+times slower than ``(W @ xᵀ)ᵀ`` at 2-4 rows (docs/benchmarks.md#why-the-engines-work-this-way).
 
 ``W @ xᵀ`` with two or more columns streams ``W`` once at memory speed; with one column it falls
 back to the slow matrix-vector path, so a single row is fed twice (the second copy's answer is

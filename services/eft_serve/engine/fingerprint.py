@@ -19,34 +19,28 @@ __all__ = ["model_fingerprint", "vocab_fingerprint", "WEIGHT_SUFFIXES"]
 # Files whose bytes define the weights. Index files (``*.index.json``) are covered by the shards
 # they point to; hashing them too would make a re-sharded identical model look different.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-_SPECIAL_NAMES = ("bos", "eos", "unk", "pad", "sep", "cls", "mask")
 _CHUNK = 1 << 20
 
 
 def vocab_fingerprint(tokenizer: Any) -> str:
-    """sha256 over the sorted (token, id) pairs plus the special tokens' ids.
+    """sha256 over the sorted (token, id) pairs: the id-to-token map the merge indexes by.
 
     Accepts a transformers tokenizer or a raw ``tokenizers.Tokenizer`` (anything with
-    ``get_vocab()``). Special-token roles are included because two vocabularies with the same
-    entries but a different EOS would stop generation differently.
+    ``get_vocab()``). Special-token roles (BOS/EOS/PAD...) are NOT part of it: a chat fine-tune
+    and its base share every id but name different EOS tokens (Qwen2.5-Instruct's ``<|im_end|>``
+    vs the base's ``<|endoftext|>``, Llama-3-Instruct's ``<|eot_id|>``), and merge perfectly well;
+    each model's stop ids travel in `ModelInfo.stop_token_ids` instead.
     """
     try:
         vocab: dict[str, int] = tokenizer.get_vocab()
     except TypeError:  # tokenizers.Tokenizer.get_vocab(with_added_tokens=...) in old versions
         vocab = tokenizer.get_vocab(True)
-    h = hashlib.sha256(b"eft-vocab-v1\n")
+    h = hashlib.sha256(b"eft-vocab-v2\n")
     # Sort by id then token: ids are what the engines exchange, tokens disambiguate duplicates.
     for token, idx in sorted(vocab.items(), key=lambda kv: (int(kv[1]), kv[0])):
         # JSON per pair: unambiguous for any token text (newlines, quotes, unicode).
         h.update(json.dumps([token, int(idx)], ensure_ascii=False).encode("utf-8"))
         h.update(b"\n")
-    special = {}
-    for name in _SPECIAL_NAMES:
-        value = getattr(tokenizer, f"{name}_token_id", None)
-        if isinstance(value, int):
-            special[name] = value
-    h.update(b"special:")
-    h.update(json.dumps(special, sort_keys=True).encode("utf-8"))
     return h.hexdigest()
 
 

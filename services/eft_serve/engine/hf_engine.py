@@ -17,7 +17,7 @@ KV layouts (``kv_layout``, chosen at load):
   kernel passes the load-time probe; sliding windows and soft-capping included): a batched forward feeds
   only the new tokens, right-padded to ``L``; each layer writes row ``i``'s new keys/values in
   place into that sequence's buffer and attends per row to that buffer's first ``c_i + l_i``
-  positions (``row_attention``). No past is copied per step (docs/benchmarks.md has the figures).
+  positions (``row_attention``). No past is copied per step (``bench_engine.py --step-cost``).
 * ``gather`` (models whose attention is neither, or fails the load-time probe): the rows'
   buffers are gathered into one padded past per forward (a copy of every past), and only the new
   positions are written back. Layout of that padded forward (``P`` = longest cached prefix in the

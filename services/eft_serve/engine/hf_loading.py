@@ -21,6 +21,7 @@ from eft_serve.engine.fingerprint import vocab_fingerprint
 from eft_serve.engine.kv_layout import kv_reuse_supported
 from eft_serve.engine.logprob_view import tokenizer_support
 from eft_serve.engine.lora import LoraSet, apply_lora
+from eft_serve.engine.stop_tokens import model_stop_token_ids
 from eft_serve.engine.types import ModelInfo
 
 __all__ = ["DTYPES", "load_hf_model", "resolve_device", "resolve_dtype"]
@@ -144,5 +145,6 @@ def load_hf_model(
             **({"merged_adapter": str(Path(merge_adapter).resolve())} if merge_adapter is not None else {}),
         },
         adapters=adapter_fps,
+        stop_token_ids=model_stop_token_ids(tokenizer, path),
     )
     return model, info, lora, min(input_vocab, vocab_size)

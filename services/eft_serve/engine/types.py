@@ -87,6 +87,14 @@ class ModelInfo:
     extra: dict[str, str] = field(default_factory=dict)
     # LoRA adapters served inside this pool (co-located roles): name -> weights fingerprint.
     adapters: dict[str, str] = field(default_factory=dict)
+    # Every id that ends this model's generation (`engine.stop_tokens`): its tokenizer's EOS and
+    # its generation config's (a chat fine-tune's end-of-turn token). Empty: just eos_token_id.
+    stop_token_ids: tuple[int, ...] = ()
+
+    def stop_ids(self) -> frozenset[int]:
+        """The ids that end a generation of this model (`stop_token_ids`, else the EOS if any)."""
+        ids = self.stop_token_ids or (self.eos_token_id,)
+        return frozenset(i for i in ids if i >= 0)
 
 
 @dataclass(frozen=True)

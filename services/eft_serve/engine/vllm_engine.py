@@ -51,12 +51,14 @@ from eft_serve.engine.fingerprint import model_fingerprint as _model_fingerprint
 from eft_serve.engine.fingerprint import vocab_fingerprint as _vocab_fingerprint
 from eft_serve.engine.logprob_view import (
     build_position_logprobs,
+    candidate_rows,
     restrict_to_support,
     tokenizer_support,
     validate_draft_queries,
     validate_logprob_top_k,
     validate_queries,
 )
+from eft_serve.engine.stop_tokens import model_stop_token_ids
 from eft_serve.engine.types import DraftQuery, EngineBase, ModelInfo, SequenceQuery, SequenceResult
 from eft_serve.engine.vllm_config import VLLMConfig
 from eft_serve.engine.vllm_lora import VLLMAdapters
@@ -246,6 +248,7 @@ class VLLMEngine(EngineBase):
                 "block_size": str(getattr(llm.vllm_config.cache_config, "block_size", "")),
             },
             adapters=dict(loras.fingerprints),
+            stop_token_ids=model_stop_token_ids(tokenizer, path),
         )
         engine = cls(llm, loop, thread, info, head_rows, loras)
         engine._warm_up(path)
@@ -311,8 +314,9 @@ class VLLMEngine(EngineBase):
             *(self._rows(toks, int(q.num_positions), lr) for q, (toks, _), lr in zip(queries, checked, loras))
         )
         cand_rows: list[np.ndarray] = []
-        for (_, cands), (lp, _) in zip(checked, rows):
-            cand_rows.extend([cands] * lp.shape[0])
+        for q, (_, cands) in zip(queries, checked):
+            # Per-position candidates (Score asks each position for its own target) or one shared list.
+            cand_rows.extend(candidate_rows(q, cands))
         stacked = torch.from_numpy(np.concatenate([lp for lp, _ in rows], axis=0))
         positions = build_position_logprobs(stacked, logprob_top_k, cand_rows)
         results: list[SequenceResult] = []

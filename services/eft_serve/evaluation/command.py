@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import shutil
 import socket
@@ -94,6 +95,22 @@ def _service(opts: EvalOptions, log: Log) -> Iterator[str]:
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """Raise `StartupError` (one line naming the address and the cause) unless an EFT service
+    answers `ListRecipes` at `address`."""
+    import grpc
+
+    from eft_serve.evaluation.backends import GrpcGenerator
+    from eft_serve.preflight import StartupError
+
+    try:
+        with GrpcGenerator(address, timeout_s=timeout_s) as generate:
+            generate.recipes()
+    except grpc.RpcError as e:
+        details = " ".join(str(e.details() or "").split())
+        raise StartupError(f"server {address}: {e.code().name}: {details[:300]}") from e
+
+
 def _conditions(opts: EvalOptions) -> list[cond.Condition]:
     conds = cond.headline_conditions()
     if opts.sweeps:
@@ -108,6 +125,8 @@ def run_eval(opts: EvalOptions, log: Log = print) -> int:
     from eft_serve.evaluation.backends import GrpcGenerator
 
     started = time.perf_counter()
+    if opts.address:  # one line (exit 2) before the demo family is built or found
+        check_reachable(opts.address)
     family = ensure_demo_family(log=log)  # the served family (`demo:<role>` is seed 0)
     questions = select_questions(family.world.held_out_questions(), opts.prompts, opts.seed)
     wanted = _conditions(opts)
@@ -151,11 +170,21 @@ def run_eval(opts: EvalOptions, log: Log = print) -> int:
         "requests": len({c.key() for c in conds}) * len(questions),
         "service_seconds": round(service_s, 1),
         "run_seconds": round(time.perf_counter() - started, 1),
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        "machine": _machine(),
         "topk_positions": accuracy[0].positions if accuracy else 0,
         "notes": notes,
     }
     write_results(opts.out, questions, answers, accuracy, meta, log)
     return 0
+
+
+def _machine() -> str:
+    """The machine in a few words, for the results page: CPU cores and the GPU, if any."""
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{os.cpu_count()} CPU cores, {gpu}"
 
 
 def _stack_words(opts: EvalOptions) -> str:

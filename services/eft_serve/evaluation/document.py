@@ -137,7 +137,8 @@ def results_readme(
             f"in fine-tuning) of the demo family, sent over gRPC to the Ray Serve stack "
             f"({meta['stack']}); greedy decoding, an answer ends at the newline (max {meta['max_new_tokens']} tokens), "
             f"per-model top-k {meta['top_k']} unless stated, β = 1. Run time {meta['run_seconds']:.0f} s "
-            f"({meta['requests']} distinct requests)."
+            f"({meta['requests']} distinct requests)"
+            + (f", {meta['date']} on {meta['machine']}." if "date" in meta and "machine" in meta else ".")
         ),
         "",
         (

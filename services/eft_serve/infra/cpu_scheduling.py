@@ -12,10 +12,10 @@ far less CPU than the large one and fit beside it on the other cores:
 * ``batch`` (``SCHED_BATCH``): a waking thread does not preempt a running one, but keeps its fair
   share once the running one's slice ends.
 
-Measured side by side in one stack (docs/benchmarks.md): `idle` beats `batch` at 1, 8 and 32
-streams. No effect where each pool has cores of its own (Kubernetes node groups). Unlike
-``cpu_affinity`` this pins nothing. Lowering a policy needs no privilege; Linux only: elsewhere
-the hint is reported as not applied and changes nothing.
+`idle` is what the demo's small pools use because it keeps them off the large base's core more
+firmly than `batch` (figures: docs/benchmarks.md). No effect where each pool has cores of its own
+(Kubernetes node groups). Unlike ``cpu_affinity`` this pins nothing. Lowering a policy needs no
+privilege; Linux only: elsewhere the hint is reported as not applied and changes nothing.
 Does NOT know: Ray, configs, which pool this is.
 """
 

@@ -13,7 +13,7 @@ import functools
 from collections.abc import Awaitable, Callable
 from importlib import resources
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import RedirectResponse, Response
 
 PAGE = "/playground"
@@ -54,8 +54,9 @@ def mount_playground(app: FastAPI) -> None:
         return static_response("index.html")
 
     @app.get(PAGE + "/", include_in_schema=False)
-    async def page_slash() -> Response:
-        return RedirectResponse(PAGE, status_code=308)
+    async def page_slash(request: Request) -> Response:
+        # Under a route prefix (a Serve application mounted at /x) the page is /x/playground.
+        return RedirectResponse(request.scope.get("root_path", "") + PAGE, status_code=308)
 
     for name in FILES:
         if name != "index.html":

@@ -19,8 +19,8 @@ import functools
 import gc
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from grpc_health.v1 import health_pb2
 from ray import serve
@@ -45,7 +45,25 @@ from eft_serve.transport.openai_api import OpenAIApi
 from eft_serve.transport.openai_http import build_openai_app
 from eft_serve.transport.status import health_status
 
+if TYPE_CHECKING:
+    from eft_serve.adapters import LoraLink
+
 log = logging.getLogger("eft_serve")
+
+
+def coordinator_pools(
+    cfg: EftConfig, links: Mapping[str, LoraLink], client: Callable[[str], PoolClient]
+) -> dict[str, PoolClient]:
+    """The coordinator's pool clients: `client(role)` for every pool with a deployment of its own
+    (`serve.app.pool_apps`), and a `ColocatedRole` over its host's client for each co-located
+    LoRA role (several adapters may share one host: each is tagged with its own adapter)."""
+    pools: dict[str, PoolClient] = {
+        role: client(role) for role in cfg.pools if not (role in links and links[role].colocated)
+    }
+    for role, link in links.items():
+        if link.colocated:  # served inside its base's pool: its calls are that pool's
+            pools[role] = ColocatedRole(role, pools[link.base_role])
+    return pools
 
 
 @serve.deployment(name=COORDINATOR_DEPLOYMENT)
@@ -77,16 +95,13 @@ class CoordinatorDeployment:
         tokenizers = {role: AutoTokenizer.from_pretrained(tokenizer_dir(cfg, role, links)) for role in cfg.pools}
         tokenizer = tokenizers[base_role]
         wire = PoolWireMetrics()
-        pools: dict[str, PoolClient] = {
-            role: ServePoolClient(
+        pools = coordinator_pools(
+            cfg,
+            links,
+            lambda role: ServePoolClient(
                 role, coalesce=cfg.coordinator.coalesce_pool_calls, on_send=functools.partial(wire.sent, role)
-            )
-            for role in cfg.pools
-            if not (role in links and links[role].colocated)
-        }
-        for role, link in links.items():
-            if link.colocated:  # served inside its base's pool: its calls are that pool's
-                pools[role] = ColocatedRole(role, pools[link.base_role])
+            ),
+        )
         cache = build_next_token_cache(cfg.cache)
         self._metrics = CacheMetrics(cache)
         # Prometheus metrics always; the access log (JSON lines on stderr, i.e. this replica's Ray log) if on.

@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from eft_serve.config import EftConfig
 from eft_serve.preflight import StartupError
@@ -168,14 +169,40 @@ def wait_for_apps(names: list[str], timeout_s: float) -> None:
         if not pending:
             return
         if time.monotonic() > deadline:
-            details = "; ".join(
-                f"{name}: {statuses[name].status} {statuses[name].message or ''} "
-                + " ".join(f"[{d}: {ds.status} {ds.message}]" for d, ds in statuses[name].deployments.items())
-                for name in pending
-                if name in statuses
-            )
-            raise TimeoutError(f"applications not running after {timeout_s:.0f}s: {details or pending}")
+            raise not_running_error(pending, statuses, timeout_s)
         time.sleep(0.5)
+
+
+def _one_line(text: str | None, limit: int = 200) -> str:
+    words = " ".join((text or "").split())
+    return words if len(words) <= limit else words[: limit - 1] + "…"
+
+
+def _state(value: Any) -> str:
+    return str(getattr(value, "value", value))
+
+
+def not_running_error(pending: list[str], statuses: Mapping[str, Any], timeout_s: float) -> StartupError:
+    """One line for the applications still not running when start-up gives up: each one's state
+    and its deployments' (Serve's `ApplicationStatusOverview`s, messages flattened and cut short)."""
+    parts = []
+    for name in pending:
+        app = statuses.get(name)
+        if app is None:
+            parts.append(f"{name} (not deployed)")
+            continue
+        said = _one_line(app.message)
+        deployments = ", ".join(
+            f"{d} {_state(ds.status)}" + (f": {_one_line(ds.message)}" if ds.message else "")
+            for d, ds in app.deployments.items()
+        )
+        parts.append(
+            f"{name} ({_state(app.status)}{': ' + said if said else ''}{'; ' + deployments if deployments else ''})"
+        )
+    return StartupError(
+        f"applications still not running after {timeout_s:.0f}s: {'; '.join(parts)}; "
+        "raise coordinator.startup_timeout_s if the models are still loading, else see the Ray logs"
+    )
 
 
 def teardown(started_ray: bool) -> None:

@@ -1,8 +1,8 @@
 """Make Ray Serve's gRPC proxy listen on one host (loopback for `eft serve`) instead of `[::]`.
 
 Ray Serve 2.60 hard-codes `[::]:<port>` for its gRPC proxy (`grpc_util.start_grpc_server` via
-`default_impl.add_grpc_address`) and has no host option, so a local `eft serve` was reachable from
-every interface although it prints 127.0.0.1. `runtime_env()` is the job-level runtime env that
+`default_impl.add_grpc_address`) and has no host option; unwrapped, a local `eft serve` would be
+reachable from every interface although it prints 127.0.0.1. `runtime_env()` is the job-level runtime env that
 `serve.local.start_local_ray` passes to `ray.init`: every worker of the job — the Serve controller,
 its proxy actors and the replicas — runs `bind_grpc_proxy_host` at start-up, which wraps
 `add_grpc_address` so that `[::]:<port>` becomes `<host>:<port>`.

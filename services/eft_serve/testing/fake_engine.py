@@ -60,6 +60,7 @@ class FakeEngine(EngineBase):
         prev_weight: float = 0.3,
         max_context: int = 4096,
         eos_token_id: int | None = None,
+        stop_token_ids: Sequence[int] = (),
         vocab_fingerprint: str | None = None,
         model_fingerprint: str | None = None,
         delay_s: float = 0.0,
@@ -97,6 +98,7 @@ class FakeEngine(EngineBase):
             device="cpu",
             num_parameters=0,
             extra={"fake": "1"},
+            stop_token_ids=tuple(int(i) for i in stop_token_ids),
         )
 
     @property

@@ -16,6 +16,7 @@ from eft_serve.coordinator.request import (
     ScoreResult,
     SpeculativeOptions,
     TokenOutput,
+    TopLogprob,
     Usage,
 )
 from eft_serve.proto_gen.eft.v1 import eft_pb2
@@ -82,10 +83,16 @@ def token_to_proto(t: TokenOutput) -> eft_pb2.TokenInfo:
         text=t.text,
         logprob=_finite(t.logprob) if t.logprob is not None else 0.0,
         model_logprobs={k: _finite(v) for k, v in t.model_logprobs.items()},
-        top_logprobs=[
-            eft_pb2.TopLogprob(token_id=a.token_id, text=a.text, logprob=_finite(a.logprob)) for a in t.top_logprobs
-        ],
+        top_logprobs=[_top_to_proto(a) for a in t.top_logprobs],
+        model_top_logprobs={
+            role: eft_pb2.ModelTopLogprobs(alternatives=[_top_to_proto(a) for a in alts])
+            for role, alts in t.model_top_logprobs.items()
+        },
     )
+
+
+def _top_to_proto(a: TopLogprob) -> eft_pb2.TopLogprob:
+    return eft_pb2.TopLogprob(token_id=a.token_id, text=a.text, logprob=_finite(a.logprob))
 
 
 def usage_to_proto(u: Usage) -> eft_pb2.Usage:

@@ -3,7 +3,8 @@
 Owns their shapes: a model card's `eft` (the recipe: base, experts, reference, default weights, as
 gRPC's `ListRecipes` says), `usage.eft.choices[i]` (a choice's server-side timing and speculation
 counts) and the per-token `model_logprobs` (each model's logprob of the token, with
-`return_model_logprobs`). The playground page reads all three. Knows nothing of HTTP or Ray.
+`return_model_logprobs`; with logprobs asked too, `model_top_logprobs`: each model's own most likely
+tokens there, shaped in `openai_views`). The playground page reads all of them. Knows nothing of HTTP or Ray.
 """
 
 from __future__ import annotations

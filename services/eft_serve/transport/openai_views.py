@@ -3,7 +3,8 @@
 Owns how the coordinator's chunks look to an OpenAI client: completions' `text` / `logprobs`
 (`{text: logprob}` dicts, the sampled token added when it is not among the N asked for, so up to
 N + 1 entries; `text_offset` counted from the start of the prompt) and chat's `message` / `delta`
-with `content[].top_logprobs` lists of `{token, logprob, bytes}`; finish reasons in OpenAI's
+with `content[].top_logprobs` lists of `{token, logprob, bytes}` (with `return_model_logprobs`, each
+model's logprobs and own top alternatives beside them, in the same shapes); finish reasons in OpenAI's
 words; usage (each prompt counted once, not once per choice) with the EFT extras (recipe, top-k,
 seeds, per-choice timing); and the SSE framing (`data: {...}`, `data: [DONE]`). Knows nothing of
 admission or of how the chunks are produced (`openai_api`).
@@ -15,7 +16,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from eft_serve.coordinator.request import GenerationChunk, GenerationRequest, TokenOutput, Usage
+from eft_serve.coordinator.request import GenerationChunk, GenerationRequest, TokenOutput, TopLogprob, Usage
 from eft_serve.transport.openai_extras import choice_stats, model_logprobs
 from eft_serve.transport.openai_extras import json_logprob as _lp
 from eft_serve.transport.openai_schema import ChatCompletionBody, CommonBody, CompletionBody
@@ -40,6 +41,13 @@ def _completion_top(t: TokenOutput) -> dict[str, float]:
         out.setdefault(a.text, _lp(a.logprob))  # two tokens with one text: the likelier one keeps it
     if all(a.token_id != t.token_id for a in t.top_logprobs):
         out.setdefault(t.text, _lp(t.logprob))
+    return out
+
+
+def _top_dict(alts: list[TopLogprob]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for a in alts:
+        out.setdefault(a.text, _lp(a.logprob))  # two tokens with one text: the likelier one keeps it
     return out
 
 
@@ -155,6 +163,10 @@ class CompletionView(View):
         }
         if body.return_model_logprobs:  # EFT extra: each model's logprob of each token
             out["model_logprobs"] = [model_logprobs(t) for t in tokens]
+            if body.logprobs:  # ... and each model's own top alternatives, `{role: {text: logprob}}`
+                out["model_top_logprobs"] = [
+                    {role: _top_dict(alts) for role, alts in t.model_top_logprobs.items()} for t in tokens
+                ]
         return out
 
     def whole(self, results: list[Collected]) -> dict[str, Any]:
@@ -208,6 +220,11 @@ class ChatView(View):
         if body.return_model_logprobs:  # EFT extra: each model's logprob of each token
             for entry, t in zip(content, tokens):
                 entry["model_logprobs"] = model_logprobs(t)
+                if body.top_logprobs:  # ... and each model's own top alternatives
+                    entry["model_top_logprobs"] = {
+                        role: [_chat_entry(a.text, a.logprob) for a in alts]
+                        for role, alts in t.model_top_logprobs.items()
+                    }
         return {"content": content, "refusal": None}
 
     def whole(self, results: list[Collected]) -> dict[str, Any]:

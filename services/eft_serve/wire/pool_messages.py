@@ -186,6 +186,7 @@ def info_to_proto(info: ModelInfo, role: str) -> pool_pb2.ModelInfo:
         num_parameters=info.num_parameters,
         adapter_fingerprints=dict(info.adapters),
         head_rows=int(info.extra.get("head_rows", info.vocab_size)),
+        stop_token_ids=list(info.stop_token_ids),
     )
 
 
@@ -202,4 +203,5 @@ def info_from_proto(m: pool_pb2.ModelInfo) -> ModelInfo:
         num_parameters=m.num_parameters,
         adapters=dict(m.adapter_fingerprints),
         extra={"head_rows": str(m.head_rows or m.vocab_size)},
+        stop_token_ids=tuple(m.stop_token_ids),
     )

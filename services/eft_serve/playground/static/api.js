@@ -33,8 +33,12 @@ window.EftApi = (() => {
     return new ApiError(message, resp.status);
   }
 
+  // Where this server's routes are: the page's own path less `/playground` ("" at the root; the
+  // route prefix when the app is mounted under one, e.g. a second Serve application at /keyed).
+  const BASE = location.pathname.replace(/\/playground\/?$/, "");
+
   async function call(method, path, body, signal) {
-    const resp = await fetch(path, { method, headers: headers(), body: body && JSON.stringify(body), signal });
+    const resp = await fetch(BASE + path, { method, headers: headers(), body: body && JSON.stringify(body), signal });
     if (!resp.ok) throw await errorOf(resp);
     return resp;
   }

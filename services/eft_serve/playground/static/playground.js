@@ -7,7 +7,7 @@
   const $ = (id) => document.getElementById(id);
   const SWEEP_BETAS = [0, 0.5, 1, 1.5, 2];
   const ALTERNATIVES = 5; // top alternatives asked per token (completions allow at most 5)
-  const state = { models: {}, defaultRecipe: null, controllers: new Set(), pinned: null, shown: null };
+  const state = { models: {}, defaultRecipe: null, controllers: new Set(), pinned: null, shown: null, lastChat: null };
   const { call, stream } = window.EftApi; // api.js
   const { tokensOf, known, delta, colour, visible, fmt, el, table } = window.EftTokens; // tokens.js
 
@@ -48,12 +48,63 @@
     return `${s.base} + β·${terms.length > 1 ? "[" + terms.join(" + ") + "]" : terms[0]}`;
   }
 
+  // ---- chat turns: the earlier messages of a conversation, before the prompt box's message -----
+
+  function addTurn(role, content) {
+    const row = el("div", undefined, "turn");
+    const select = document.createElement("select");
+    select.className = "turn-role";
+    for (const r of ["user", "assistant"]) {
+      const opt = document.createElement("option");
+      opt.value = r;
+      opt.textContent = r;
+      select.append(opt);
+    }
+    select.value = role;
+    const text = document.createElement("textarea");
+    text.className = "turn-content";
+    text.rows = 1;
+    text.spellcheck = false;
+    text.value = content;
+    const remove = el("button", "×", "turn-remove");
+    remove.type = "button";
+    remove.title = "Remove this turn";
+    remove.addEventListener("click", () => row.remove());
+    row.append(select, text, remove);
+    $("turns").append(row);
+  }
+
+  function turns() {
+    return [...document.querySelectorAll("#turns .turn")].map((row) => ({
+      role: row.querySelector(".turn-role").value,
+      content: row.querySelector(".turn-content").value,
+    }));
+  }
+
+  // The chat so far: system message, earlier turns, then the prompt box as the next user message.
+  function chatMessages(s) {
+    const system = s.system.trim() ? [{ role: "system", content: s.system }] : [];
+    return [...system, ...s.turns, { role: "user", content: s.prompt }];
+  }
+
+  // Keep the last run's exchange: the message sent and the up-scaled column's reply become turns.
+  function continueChat() {
+    const up = document.querySelector("#columns .pane.eft.finished");
+    if (!up || !state.lastChat) return;
+    addTurn("user", state.lastChat.prompt);
+    addTurn("assistant", up.querySelector(".out").textContent);
+    $("prompt").value = "";
+    $("continue").disabled = true;
+    $("prompt").focus();
+  }
+
   function settings() {
     const mode = $("mode").value;
     return {
       mode,
       prompt: $("prompt").value,
       system: $("system").value,
+      turns: turns(),
       recipe: $("recipe").value,
       beta: typed("beta"),
       weights: Object.fromEntries([...document.querySelectorAll("#weights input")].map((i) => [i.dataset.expert, typed(i.id)])),
@@ -79,7 +130,7 @@
       body.return_model_logprobs = true;
     }
     if (s.mode === "chat") {
-      body.messages = [...(s.system.trim() ? [{ role: "system", content: s.system }] : []), { role: "user", content: s.prompt }];
+      body.messages = chatMessages(s);
       body.logprobs = true;
       body.top_logprobs = ALTERNATIVES;
     } else {
@@ -162,7 +213,7 @@
     constructor(parent, title, subtitle, recipe, s, eft) {
       this.recipe = recipe;
       this.settings = s;
-      this.eft = eft; // colour tokens by attribution, look up per-model alternatives
+      this.eft = eft; // colour tokens by attribution, show per-model alternatives
       this.base = structure(recipe).base;
       this.spans = []; // {text, tokens, offset}
       this.pending = []; // tokens whose text has not arrived yet (half a character)
@@ -297,7 +348,10 @@
       }
     }
     busy(true);
+    $("continue").disabled = true;
     try { await Promise.all(panes.map((p) => p.run())); } finally { busy(false); }
+    state.lastChat = s.mode === "chat" ? s : null;
+    $("continue").disabled = !(state.lastChat && panes[0].el.classList.contains("finished"));
   }
 
   async function sweep() {
@@ -354,40 +408,15 @@
     place(tip, span);
   }
 
-  // Each model's own top alternatives at this token's prefix: one-token greedy calls of the
-  // single-model recipes (asked on hover, kept per token).
+  // Each model's own top alternatives at this token's position, as the response gave them
+  // (`model_top_logprobs`: each pool's own numbers at the prefix that model saw, chat included).
   function perModel(info, box) {
-    const pane = info.pane;
-    if (pane.settings.mode === "chat") {
-      box.append(el("div", "per-model alternatives: completion mode only (each model renders a chat in its own format)", "muted"));
-      return;
+    const t = info.tokens[0];
+    const byRole = (t && t.modelTop) || {};
+    for (const role of roles(info.pane.recipe)) {
+      if (byRole[role]) box.append(table(`${role} alone`, byRole[role], info.text));
+      else box.append(el("div", `${role}: no alternatives in the response`, "muted"));
     }
-    if (!info.models) {
-      info.models = {};
-      for (const role of roles(pane.recipe)) {
-        const single = singleRecipe(role);
-        if (!single) { info.models[role] = { error: "no single-model recipe" }; continue; }
-        info.models[role] = { loading: true };
-        const prefix = pane.settings.prompt + pane.text.slice(0, info.offset);
-        const body = { model: single, prompt: prefix, max_tokens: 1, temperature: 0, logprobs: ALTERNATIVES };
-        put(body, "logprob_top_k", pane.settings.topK);
-        call("POST", "/v1/completions", body)
-          .then((r) => r.json())
-          .then((j) => { info.models[role] = { top: Object.entries(j.choices[0].logprobs.top_logprobs[0] || {}).sort((a, b) => b[1] - a[1]) }; })
-          .catch((e) => { info.models[role] = { error: e.message }; })
-          .finally(() => { if (state.shown === info && !$("tip").hidden) refreshTip(); });
-      }
-    }
-    for (const [role, got] of Object.entries(info.models)) {
-      if (got.top) box.append(table(`${role} alone`, got.top, info.text));
-      else box.append(el("div", `${role}: ${got.loading ? "loading…" : got.error}`, got.error ? "muted error" : "muted"));
-    }
-  }
-
-  function refreshTip() {
-    const info = state.shown;
-    const span = info && info.pane.out.children[info.pane.spans.indexOf(info)];
-    if (span) showTip(span);
   }
 
   function place(tip, span) {
@@ -414,7 +443,12 @@
     $("beta-range").addEventListener("input", () => { $("beta").value = $("beta-range").value; });
     $("beta").addEventListener("input", () => { const b = typed("beta"); if (typeof b === "number") $("beta-range").value = String(b); });
     $("merge").addEventListener("change", () => { $("top-k").disabled = $("merge").value === "exact"; });
-    $("mode").addEventListener("change", () => { $("system").hidden = $("mode").value !== "chat"; });
+    $("mode").addEventListener("change", () => {
+      const chat = $("mode").value === "chat";
+      for (const e of [$("system"), ...document.querySelectorAll(".chat-only")]) e.hidden = !chat;
+    });
+    $("add-turn").addEventListener("click", () => addTurn(turns().length % 2 ? "assistant" : "user", ""));
+    $("continue").addEventListener("click", continueChat);
     $("run").addEventListener("click", run);
     $("sweep").addEventListener("click", sweep);
     $("stop").addEventListener("click", stop);

@@ -1,4 +1,5 @@
-// The playground's tokens: the API's per-token logprobs normalised, the attribution of an
+// The playground's tokens: the API's per-token logprobs normalised (the merged alternatives and,
+// with return_model_logprobs, each model's logprob and own alternatives), the attribution of an
 // up-scaled token (log p_EFT − log p_base) and its colour, and the small tables of the inspector.
 "use strict";
 window.EftTokens = (() => {
@@ -10,15 +11,22 @@ window.EftTokens = (() => {
     if (lp.content) {
       return lp.content.map((e) => ({
         text: e.token, lp: e.logprob, top: (e.top_logprobs || []).map((a) => [a.token, a.logprob]), models: e.model_logprobs || null,
+        modelTop: e.model_top_logprobs ? mapRoles(e.model_top_logprobs, (alts) => alts.map((a) => [a.token, a.logprob])) : null,
       }));
     }
     return (lp.tokens || []).map((text, i) => ({
       text,
       lp: lp.token_logprobs[i],
-      top: Object.entries((lp.top_logprobs || [])[i] || {}).sort((a, b) => b[1] - a[1]),
+      top: ranked((lp.top_logprobs || [])[i]),
       models: lp.model_logprobs ? lp.model_logprobs[i] : null,
+      modelTop: lp.model_top_logprobs ? mapRoles(lp.model_top_logprobs[i] || {}, ranked) : null,
     }));
   }
+
+  // Completions' `{text: logprob}` alternatives as [text, logprob] rows, most likely first.
+  function ranked(dict) { return Object.entries(dict || {}).sort((a, b) => b[1] - a[1]); }
+  // `model_top_logprobs` of one token: each model's own alternatives, as rows.
+  function mapRoles(byRole, rows) { return Object.fromEntries(Object.entries(byRole).map(([role, v]) => [role, rows(v)])); }
 
   function known(x) { return typeof x === "number" && x > FLOOR; }
 

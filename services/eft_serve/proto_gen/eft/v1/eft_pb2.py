@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from eft_serve.proto_gen.eft.v1 import pool_pb2 as eft_dot_v1_dot_pool__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10\x65\x66t/v1/eft.proto\x12\x06\x65\x66t.v1\x1a\x11\x65\x66t/v1/pool.proto\"\xab\x02\n\x0bMergeParams\x12\x0e\n\x06recipe\x18\x01 \x01(\t\x12\x11\n\x04\x62\x65ta\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12>\n\x0e\x65xpert_weights\x18\x03 \x03(\x0b\x32&.eft.v1.MergeParams.ExpertWeightsEntry\x12\x14\n\x0c\x63onservative\x18\x04 \x01(\x08\x12\x1f\n\x12\x63onservative_top_p\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x1a\n\rlogprob_top_k\x18\x06 \x01(\rH\x02\x88\x01\x01\x1a\x34\n\x12\x45xpertWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x07\n\x05_betaB\x15\n\x13_conservative_top_pB\x10\n\x0e_logprob_top_k\"\xd5\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x02\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x05 \x01(\rH\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x11\n\x0f_max_new_tokens\"\x8d\x01\n\x11SpeculativeParams\x12\x14\n\x07\x65nabled\x18\x01 \x01(\x08H\x00\x88\x01\x01\x12\x1d\n\x10max_draft_tokens\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x15\n\x08\x61\x64\x61ptive\x18\x03 \x01(\x08H\x02\x88\x01\x01\x42\n\n\x08_enabledB\x13\n\x11_max_draft_tokensB\x0b\n\t_adaptive\"\xbb\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\"\n\x05merge\x18\x02 \x01(\x0b\x32\x13.eft.v1.MergeParams\x12(\n\x08sampling\x18\x03 \x01(\x0b\x32\x16.eft.v1.SamplingParams\x12\x17\n\x0freturn_logprobs\x18\x04 \x01(\x08\x12\x1d\n\x15return_model_logprobs\x18\x05 \x01(\x08\x12\x11\n\ttimeout_s\x18\x06 \x01(\x01\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12.\n\x0bspeculative\x18\x08 \x01(\x0b\x32\x19.eft.v1.SpeculativeParams\x12%\n\x08messages\x18\t \x03(\x0b\x32\x13.eft.v1.ChatMessage\x12\x14\n\x0ctop_logprobs\x18\n \x01(\x05\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xda\x01\n\tTokenInfo\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12<\n\x0emodel_logprobs\x18\x04 \x03(\x0b\x32$.eft.v1.TokenInfo.ModelLogprobsEntry\x12(\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x12.eft.v1.TopLogprob\x1a\x34\n\x12ModelLogprobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"=\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"\xac\x03\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1e\n\x16time_to_first_token_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\x12\x14\n\x0ctokens_per_s\x18\x05 \x01(\x01\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\x12\n\npool_calls\x18\x07 \x01(\r\x12\x12\n\ncache_hits\x18\x08 \x01(\r\x12\x14\n\x0c\x63\x61\x63he_misses\x18\t \x01(\r\x12\x14\n\x0c\x63\x61\x63he_errors\x18\n \x01(\r\x12\x0e\n\x06recipe\x18\x0b \x01(\t\x12\x15\n\rlogprob_top_k\x18\x0c \x01(\r\x12\x18\n\x10\x63\x61\x63he_bytes_read\x18\r \x01(\x04\x12\x1b\n\x13\x63\x61\x63he_bytes_written\x18\x0e \x01(\x04\x12\x1a\n\x12speculative_blocks\x18\x0f \x01(\r\x12\x16\n\x0e\x64rafted_tokens\x18\x10 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x11 \x01(\r\x12\x1c\n\x14mean_accepted_length\x18\x12 \x01(\x01\"\xa2\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12!\n\x06tokens\x18\x02 \x03(\x0b\x32\x11.eft.v1.TokenInfo\x12+\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x14.eft.v1.FinishReason\x12\x1c\n\x05usage\x18\x04 \x01(\x0b\x32\r.eft.v1.Usage\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"\xb5\x01\n\x10\x43ompleteResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12!\n\x06tokens\x18\x03 \x03(\x0b\x32\x11.eft.v1.TokenInfo\x12+\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x14.eft.v1.FinishReason\x12\x1c\n\x05usage\x18\x05 \x01(\x0b\x32\r.eft.v1.Usage\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"k\n\x0cScoreRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontinuation\x18\x02 \x01(\t\x12\"\n\x05merge\x18\x03 \x01(\x0b\x32\x13.eft.v1.MergeParams\x12\x11\n\ttimeout_s\x18\x04 \x01(\x01\"`\n\rScoreResponse\x12\x15\n\rtotal_logprob\x18\x01 \x01(\x01\x12!\n\x06tokens\x18\x02 \x03(\x0b\x32\x11.eft.v1.TokenInfo\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\"\x13\n\x11ListModelsRequest\"7\n\x12ListModelsResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.eft.v1.ModelInfo\"\xfd\x01\n\nRecipeInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x0c\n\x04\x62\x61se\x18\x03 \x01(\t\x12\x0f\n\x07\x65xperts\x18\x04 \x03(\t\x12\x11\n\treference\x18\x05 \x01(\t\x12L\n\x16\x64\x65\x66\x61ult_expert_weights\x18\x06 \x03(\x0b\x32,.eft.v1.RecipeInfo.DefaultExpertWeightsEntry\x12\x0f\n\x07\x66ormula\x18\x07 \x01(\t\x1a;\n\x19\x44\x65\x66\x61ultExpertWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"R\n\x13ListRecipesResponse\x12#\n\x07recipes\x18\x01 \x03(\x0b\x32\x12.eft.v1.RecipeInfo\x12\x16\n\x0e\x64\x65\x66\x61ult_recipe\x18\x02 \x01(\t\"\x14\n\x12ListRecipesRequest*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x19\n\x15\x46INISH_REASON_CONTEXT\x10\x04\x32\xcf\x02\n\nEftService\x12?\n\x08Generate\x12\x17.eft.v1.GenerateRequest\x1a\x18.eft.v1.GenerateResponse0\x01\x12=\n\x08\x43omplete\x12\x17.eft.v1.GenerateRequest\x1a\x18.eft.v1.CompleteResponse\x12\x34\n\x05Score\x12\x14.eft.v1.ScoreRequest\x1a\x15.eft.v1.ScoreResponse\x12\x43\n\nListModels\x12\x19.eft.v1.ListModelsRequest\x1a\x1a.eft.v1.ListModelsResponse\x12\x46\n\x0bListRecipes\x12\x1a.eft.v1.ListRecipesRequest\x1a\x1b.eft.v1.ListRecipesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10\x65\x66t/v1/eft.proto\x12\x06\x65\x66t.v1\x1a\x11\x65\x66t/v1/pool.proto\"\xab\x02\n\x0bMergeParams\x12\x0e\n\x06recipe\x18\x01 \x01(\t\x12\x11\n\x04\x62\x65ta\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12>\n\x0e\x65xpert_weights\x18\x03 \x03(\x0b\x32&.eft.v1.MergeParams.ExpertWeightsEntry\x12\x14\n\x0c\x63onservative\x18\x04 \x01(\x08\x12\x1f\n\x12\x63onservative_top_p\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x1a\n\rlogprob_top_k\x18\x06 \x01(\rH\x02\x88\x01\x01\x1a\x34\n\x12\x45xpertWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x07\n\x05_betaB\x15\n\x13_conservative_top_pB\x10\n\x0e_logprob_top_k\"\xd5\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x02\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x05 \x01(\rH\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x11\n\x0f_max_new_tokens\"\x8d\x01\n\x11SpeculativeParams\x12\x14\n\x07\x65nabled\x18\x01 \x01(\x08H\x00\x88\x01\x01\x12\x1d\n\x10max_draft_tokens\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x15\n\x08\x61\x64\x61ptive\x18\x03 \x01(\x08H\x02\x88\x01\x01\x42\n\n\x08_enabledB\x13\n\x11_max_draft_tokensB\x0b\n\t_adaptive\"\xbb\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\"\n\x05merge\x18\x02 \x01(\x0b\x32\x13.eft.v1.MergeParams\x12(\n\x08sampling\x18\x03 \x01(\x0b\x32\x16.eft.v1.SamplingParams\x12\x17\n\x0freturn_logprobs\x18\x04 \x01(\x08\x12\x1d\n\x15return_model_logprobs\x18\x05 \x01(\x08\x12\x11\n\ttimeout_s\x18\x06 \x01(\x01\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12.\n\x0bspeculative\x18\x08 \x01(\x0b\x32\x19.eft.v1.SpeculativeParams\x12%\n\x08messages\x18\t \x03(\x0b\x32\x13.eft.v1.ChatMessage\x12\x14\n\x0ctop_logprobs\x18\n \x01(\x05\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xf2\x02\n\tTokenInfo\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12<\n\x0emodel_logprobs\x18\x04 \x03(\x0b\x32$.eft.v1.TokenInfo.ModelLogprobsEntry\x12(\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x12.eft.v1.TopLogprob\x12\x43\n\x12model_top_logprobs\x18\x06 \x03(\x0b\x32\'.eft.v1.TokenInfo.ModelTopLogprobsEntry\x1a\x34\n\x12ModelLogprobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x1aQ\n\x15ModelTopLogprobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\'\n\x05value\x18\x02 \x01(\x0b\x32\x18.eft.v1.ModelTopLogprobs:\x02\x38\x01\"<\n\x10ModelTopLogprobs\x12(\n\x0c\x61lternatives\x18\x01 \x03(\x0b\x32\x12.eft.v1.TopLogprob\"=\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"\xac\x03\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1e\n\x16time_to_first_token_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\x12\x14\n\x0ctokens_per_s\x18\x05 \x01(\x01\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\x12\n\npool_calls\x18\x07 \x01(\r\x12\x12\n\ncache_hits\x18\x08 \x01(\r\x12\x14\n\x0c\x63\x61\x63he_misses\x18\t \x01(\r\x12\x14\n\x0c\x63\x61\x63he_errors\x18\n \x01(\r\x12\x0e\n\x06recipe\x18\x0b \x01(\t\x12\x15\n\rlogprob_top_k\x18\x0c \x01(\r\x12\x18\n\x10\x63\x61\x63he_bytes_read\x18\r \x01(\x04\x12\x1b\n\x13\x63\x61\x63he_bytes_written\x18\x0e \x01(\x04\x12\x1a\n\x12speculative_blocks\x18\x0f \x01(\r\x12\x16\n\x0e\x64rafted_tokens\x18\x10 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x11 \x01(\r\x12\x1c\n\x14mean_accepted_length\x18\x12 \x01(\x01\"\xa2\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12!\n\x06tokens\x18\x02 \x03(\x0b\x32\x11.eft.v1.TokenInfo\x12+\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x14.eft.v1.FinishReason\x12\x1c\n\x05usage\x18\x04 \x01(\x0b\x32\r.eft.v1.Usage\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"\xb5\x01\n\x10\x43ompleteResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12!\n\x06tokens\x18\x03 \x03(\x0b\x32\x11.eft.v1.TokenInfo\x12+\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x14.eft.v1.FinishReason\x12\x1c\n\x05usage\x18\x05 \x01(\x0b\x32\r.eft.v1.Usage\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"k\n\x0cScoreRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontinuation\x18\x02 \x01(\t\x12\"\n\x05merge\x18\x03 \x01(\x0b\x32\x13.eft.v1.MergeParams\x12\x11\n\ttimeout_s\x18\x04 \x01(\x01\"`\n\rScoreResponse\x12\x15\n\rtotal_logprob\x18\x01 \x01(\x01\x12!\n\x06tokens\x18\x02 \x03(\x0b\x32\x11.eft.v1.TokenInfo\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\"\x13\n\x11ListModelsRequest\"7\n\x12ListModelsResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.eft.v1.ModelInfo\"\xfd\x01\n\nRecipeInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x0c\n\x04\x62\x61se\x18\x03 \x01(\t\x12\x0f\n\x07\x65xperts\x18\x04 \x03(\t\x12\x11\n\treference\x18\x05 \x01(\t\x12L\n\x16\x64\x65\x66\x61ult_expert_weights\x18\x06 \x03(\x0b\x32,.eft.v1.RecipeInfo.DefaultExpertWeightsEntry\x12\x0f\n\x07\x66ormula\x18\x07 \x01(\t\x1a;\n\x19\x44\x65\x66\x61ultExpertWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"R\n\x13ListRecipesResponse\x12#\n\x07recipes\x18\x01 \x03(\x0b\x32\x12.eft.v1.RecipeInfo\x12\x16\n\x0e\x64\x65\x66\x61ult_recipe\x18\x02 \x01(\t\"\x14\n\x12ListRecipesRequest*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x19\n\x15\x46INISH_REASON_CONTEXT\x10\x04\x32\xcf\x02\n\nEftService\x12?\n\x08Generate\x12\x17.eft.v1.GenerateRequest\x1a\x18.eft.v1.GenerateResponse0\x01\x12=\n\x08\x43omplete\x12\x17.eft.v1.GenerateRequest\x1a\x18.eft.v1.CompleteResponse\x12\x34\n\x05Score\x12\x14.eft.v1.ScoreRequest\x1a\x15.eft.v1.ScoreResponse\x12\x43\n\nListModels\x12\x19.eft.v1.ListModelsRequest\x1a\x1a.eft.v1.ListModelsResponse\x12\x46\n\x0bListRecipes\x12\x1a.eft.v1.ListRecipesRequest\x1a\x1b.eft.v1.ListRecipesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,10 +36,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MERGEPARAMS_EXPERTWEIGHTSENTRY']._serialized_options = b'8\001'
   _globals['_TOKENINFO_MODELLOGPROBSENTRY']._loaded_options = None
   _globals['_TOKENINFO_MODELLOGPROBSENTRY']._serialized_options = b'8\001'
+  _globals['_TOKENINFO_MODELTOPLOGPROBSENTRY']._loaded_options = None
+  _globals['_TOKENINFO_MODELTOPLOGPROBSENTRY']._serialized_options = b'8\001'
   _globals['_RECIPEINFO_DEFAULTEXPERTWEIGHTSENTRY']._loaded_options = None
   _globals['_RECIPEINFO_DEFAULTEXPERTWEIGHTSENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=2785
-  _globals['_FINISHREASON']._serialized_end=2930
+  _globals['_FINISHREASON']._serialized_start=2999
+  _globals['_FINISHREASON']._serialized_end=3144
   _globals['_MERGEPARAMS']._serialized_start=48
   _globals['_MERGEPARAMS']._serialized_end=347
   _globals['_MERGEPARAMS_EXPERTWEIGHTSENTRY']._serialized_start=245
@@ -53,33 +55,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATMESSAGE']._serialized_start=1027
   _globals['_CHATMESSAGE']._serialized_end=1071
   _globals['_TOKENINFO']._serialized_start=1074
-  _globals['_TOKENINFO']._serialized_end=1292
-  _globals['_TOKENINFO_MODELLOGPROBSENTRY']._serialized_start=1240
-  _globals['_TOKENINFO_MODELLOGPROBSENTRY']._serialized_end=1292
-  _globals['_TOPLOGPROB']._serialized_start=1294
-  _globals['_TOPLOGPROB']._serialized_end=1355
-  _globals['_USAGE']._serialized_start=1358
-  _globals['_USAGE']._serialized_end=1786
-  _globals['_GENERATERESPONSE']._serialized_start=1789
-  _globals['_GENERATERESPONSE']._serialized_end=1951
-  _globals['_COMPLETERESPONSE']._serialized_start=1954
-  _globals['_COMPLETERESPONSE']._serialized_end=2135
-  _globals['_SCOREREQUEST']._serialized_start=2137
-  _globals['_SCOREREQUEST']._serialized_end=2244
-  _globals['_SCORERESPONSE']._serialized_start=2246
-  _globals['_SCORERESPONSE']._serialized_end=2342
-  _globals['_LISTMODELSREQUEST']._serialized_start=2344
-  _globals['_LISTMODELSREQUEST']._serialized_end=2363
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2365
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2420
-  _globals['_RECIPEINFO']._serialized_start=2423
-  _globals['_RECIPEINFO']._serialized_end=2676
-  _globals['_RECIPEINFO_DEFAULTEXPERTWEIGHTSENTRY']._serialized_start=2617
-  _globals['_RECIPEINFO_DEFAULTEXPERTWEIGHTSENTRY']._serialized_end=2676
-  _globals['_LISTRECIPESRESPONSE']._serialized_start=2678
-  _globals['_LISTRECIPESRESPONSE']._serialized_end=2760
-  _globals['_LISTRECIPESREQUEST']._serialized_start=2762
-  _globals['_LISTRECIPESREQUEST']._serialized_end=2782
-  _globals['_EFTSERVICE']._serialized_start=2933
-  _globals['_EFTSERVICE']._serialized_end=3268
+  _globals['_TOKENINFO']._serialized_end=1444
+  _globals['_TOKENINFO_MODELLOGPROBSENTRY']._serialized_start=1309
+  _globals['_TOKENINFO_MODELLOGPROBSENTRY']._serialized_end=1361
+  _globals['_TOKENINFO_MODELTOPLOGPROBSENTRY']._serialized_start=1363
+  _globals['_TOKENINFO_MODELTOPLOGPROBSENTRY']._serialized_end=1444
+  _globals['_MODELTOPLOGPROBS']._serialized_start=1446
+  _globals['_MODELTOPLOGPROBS']._serialized_end=1506
+  _globals['_TOPLOGPROB']._serialized_start=1508
+  _globals['_TOPLOGPROB']._serialized_end=1569
+  _globals['_USAGE']._serialized_start=1572
+  _globals['_USAGE']._serialized_end=2000
+  _globals['_GENERATERESPONSE']._serialized_start=2003
+  _globals['_GENERATERESPONSE']._serialized_end=2165
+  _globals['_COMPLETERESPONSE']._serialized_start=2168
+  _globals['_COMPLETERESPONSE']._serialized_end=2349
+  _globals['_SCOREREQUEST']._serialized_start=2351
+  _globals['_SCOREREQUEST']._serialized_end=2458
+  _globals['_SCORERESPONSE']._serialized_start=2460
+  _globals['_SCORERESPONSE']._serialized_end=2556
+  _globals['_LISTMODELSREQUEST']._serialized_start=2558
+  _globals['_LISTMODELSREQUEST']._serialized_end=2577
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2579
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2634
+  _globals['_RECIPEINFO']._serialized_start=2637
+  _globals['_RECIPEINFO']._serialized_end=2890
+  _globals['_RECIPEINFO_DEFAULTEXPERTWEIGHTSENTRY']._serialized_start=2831
+  _globals['_RECIPEINFO_DEFAULTEXPERTWEIGHTSENTRY']._serialized_end=2890
+  _globals['_LISTRECIPESRESPONSE']._serialized_start=2892
+  _globals['_LISTRECIPESRESPONSE']._serialized_end=2974
+  _globals['_LISTRECIPESREQUEST']._serialized_start=2976
+  _globals['_LISTRECIPESREQUEST']._serialized_end=2996
+  _globals['_EFTSERVICE']._serialized_start=3147
+  _globals['_EFTSERVICE']._serialized_end=3482
 # @@protoc_insertion_point(module_scope)

@@ -115,7 +115,7 @@ class PoolInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "role", "vocab_size", "max_context", "eos_token_id", "vocab_fingerprint", "model_fingerprint", "dtype", "device", "num_parameters", "adapter_fingerprints", "head_rows")
+    __slots__ = ("name", "role", "vocab_size", "max_context", "eos_token_id", "vocab_fingerprint", "model_fingerprint", "dtype", "device", "num_parameters", "adapter_fingerprints", "head_rows", "stop_token_ids")
     class AdapterFingerprintsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +135,7 @@ class ModelInfo(_message.Message):
     NUM_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FINGERPRINTS_FIELD_NUMBER: _ClassVar[int]
     HEAD_ROWS_FIELD_NUMBER: _ClassVar[int]
+    STOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     name: str
     role: str
     vocab_size: int
@@ -147,4 +148,5 @@ class ModelInfo(_message.Message):
     num_parameters: int
     adapter_fingerprints: _containers.ScalarMap[str, str]
     head_rows: int
-    def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., vocab_fingerprint: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., num_parameters: _Optional[int] = ..., adapter_fingerprints: _Optional[_Mapping[str, str]] = ..., head_rows: _Optional[int] = ...) -> None: ...
+    stop_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., vocab_fingerprint: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., num_parameters: _Optional[int] = ..., adapter_fingerprints: _Optional[_Mapping[str, str]] = ..., head_rows: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
