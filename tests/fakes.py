@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import string
 from collections.abc import Sequence
+from pathlib import Path
 
+from eft_serve.auth.keys import KeyStore, load_key_store
 from eft_serve.cache.next_token_cache import NextTokenCache
 from eft_serve.config import CoordinatorConfig, RecipeConfig
 from eft_serve.coordinator.service import EftCoordinator
@@ -79,3 +81,17 @@ def playground_coordinator() -> tuple[EftCoordinator, dict[str, FakeEngine]]:
     pools = {role: InProcessPool(e, role) for role, e in engines.items()}
     config = CoordinatorConfig(max_new_tokens_cap=64, default_max_new_tokens=16, pool_call_retries=0)
     return EftCoordinator(pools, PLAYGROUND_RECIPES, CharTokenizer(), config), engines
+
+
+def counting_key_store(path: Path) -> tuple[KeyStore, list[str]]:
+    """The key store of `path` with every lookup (one authentication) recorded in the list."""
+    store = load_key_store(path, None)
+    lookups: list[str] = []
+    real_lookup = store.lookup
+
+    def counting_lookup(raw: str):
+        lookups.append(raw)
+        return real_lookup(raw)
+
+    store.lookup = counting_lookup  # type: ignore[method-assign]
+    return store, lookups

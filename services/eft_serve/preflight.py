@@ -170,7 +170,7 @@ def _fingerprints(cfg: EftConfig, paths: dict[str, Path]) -> None:
             if prints[role] == prints[ref]:
                 continue
             diffs = first_token_differences(tokenizers[ref], tokenizers[role])
-            shown = ", ".join(f"id {i}: {a!r} vs {b!r}" for i, a, b in diffs) or "special-token roles differ"
+            shown = ", ".join(f"id {i}: {a!r} vs {b!r}" for i, a, b in diffs) or "none in the id-to-token maps"
             raise StartupError(
                 f"pool {role!r}: its tokenizer ({len(tokenizers[role])} ids) differs from pool {ref!r}'s "
                 f"({len(tokenizers[ref])} ids), which recipe {name!r} merges it with; first differences: {shown}"

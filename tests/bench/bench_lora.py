@@ -7,7 +7,8 @@ In-process (demo family; the expert is a random-weight LoRA adapter over the dem
               base's and the adapter's rows share one call and one forward)
 Plain up-scaling (no speculation), greedy, ignore EOS, held-out prompts; S concurrent streams per
 round, rounds alternate the two stacks. Prints per stack tok/s (all streams), ITL p50/p90 and pool
-calls per token, and the co-located / separate ratios. Both stacks' outputs are checked equal first.
+calls per token, and the co-located / separate ratios. First it prints how far the two stacks' greedy
+outputs agree on the first prompt (the tests check them equal to the merged reference).
 
     .venv/bin/python tests/bench/bench_lora.py [--tokens 32] [--streams 1 4] [--rounds 3] [--top-k 20]
 

@@ -16,7 +16,7 @@ from eft_serve.testing.fake_engine import FakeEngine
 from eft_serve.testing.grpc_coordinator import SERVICE_NAME, start_coordinator_server
 from eft_serve.transport.coordinator_rpc import CoordinatorRpc
 
-from fakes import EOS, VOCAB, fake_coordinator, fake_engines
+from fakes import EOS, VOCAB, counting_key_store, fake_coordinator, fake_engines
 
 
 async def _serve(gate: Gate | None):
@@ -88,15 +88,7 @@ async def test_one_authentication_per_grpc_request(tmp_path) -> None:
     # looks its key up exactly once.
     path = tmp_path / "keys.yaml"
     key = add_key(path, "many", exact_mode=True, max_concurrent_streams=8)
-    store = load_key_store(path, None)
-    lookups: list[str] = []
-    real_lookup = store.lookup
-
-    def counting_lookup(raw: str):
-        lookups.append(raw)
-        return real_lookup(raw)
-
-    store.lookup = counting_lookup  # type: ignore[method-assign]
+    store, lookups = counting_key_store(path)
     server, port = await _serve(Gate(store))
     try:
         async with AsyncEftClient(f"127.0.0.1:{port}", timeout=20, api_key=key) as client:

@@ -21,7 +21,7 @@ from eft_serve.testing.fake_engine import FakeEngine
 from eft_serve.transport.openai_api import OpenAIApi
 from eft_serve.transport.openai_http import build_openai_app
 
-from fakes import EOS, VOCAB, fake_coordinator
+from fakes import EOS, VOCAB, counting_key_store, fake_coordinator
 
 
 @pytest.fixture
@@ -84,15 +84,7 @@ async def test_one_authentication_per_request(tmp_path) -> None:
     # listing included) looks its key up once, however many streams it opens.
     path = tmp_path / "keys.yaml"
     key = add_key(path, "many", max_concurrent_streams=8)
-    store = load_key_store(path, None)
-    lookups: list[str] = []
-    real_lookup = store.lookup
-
-    def counting_lookup(raw: str):
-        lookups.append(raw)
-        return real_lookup(raw)
-
-    store.lookup = counting_lookup  # type: ignore[method-assign]
+    store, lookups = counting_key_store(path)
     async with _http(Gate(store)) as s:
         client = _client(s["base_url"], key)
         calls = [

@@ -235,51 +235,61 @@ def test_a_vllm_host_answers_base_and_adapter_rows_in_one_call(colocated) -> Non
         host.draft([DraftQuery(prompts[0], 2, adapter="nope")])
 
 
-async def test_exact_upscaling_with_an_adapter_colocated_on_vllm_matches_reference(colocated) -> None:
-    from eft_serve.coordinator.pool_client import ColocatedRole
+async def _upscaling_matches_the_merged_adapter(
+    coord: EftCoordinator, colocated: dict, calls_per_token: int, why: str
+) -> None:
+    """Greedy exact up-scaling through `coord`, plain and speculative, against plain forwards with
+    the adapter merged (`merge_and_unload`); plain decoding costs `calls_per_token` pool calls."""
     from eft_serve.coordinator.request import SpeculativeOptions
 
     fam, tokenizer = colocated["family"], colocated["tokenizer"]
+    coefficients = resolve_recipe(demo_config().recipes, "upscale", beta=1.0).coefficients()
+    n_tok = fam.tokenizer_size
+    reference = ReferenceEFT({**fam.paths, "small_ft": colocated["merged"]}, coefficients, support=n_tok)
+    # The plain base as the expert: up-scaling is then the large base alone.
+    plain = ReferenceEFT({**fam.paths, "small_ft": fam.paths["small_base"]}, coefficients, support=n_tok)
+    compared = moved = 0
+    for prompt in ("Where does the old dragon live? It lives in", "Q: Who guards the bridge at night?\nA:"):
+        ids = tokenizer.encode(prompt)
+        expected, _ = reference.greedy(ids, TOKENS)
+        moved += expected != plain.greedy(ids, TOKENS)[0]
+        for speculative in (False, True):  # drafts by the expert
+            stream = await coord.generate(
+                GenerationRequest(
+                    prompt=prompt,
+                    merge=MergeOptions(recipe="upscale", beta=1.0, logprob_top_k=0),
+                    temperature=0,
+                    max_new_tokens=TOKENS,
+                    ignore_eos=True,
+                    speculative=SpeculativeOptions(enabled=speculative),
+                )
+            )
+            chunks = [c async for c in stream]
+            got = [t.token_id for c in chunks for t in c.tokens]
+            assert len(got) == TOKENS and max(got) < n_tok, got
+            compared += agreed_tokens(got, expected, reference, ids, NOISE, prompt)
+            if not speculative:
+                assert chunks[-1].usage.fetch.pool_calls == calls_per_token * TOKENS, why
+    assert moved >= 1, "the adapter changed no greedy output: the test would not see it ignored"
+    assert compared >= 3 * TOKENS
+
+
+async def test_exact_upscaling_with_an_adapter_colocated_on_vllm_matches_reference(colocated) -> None:
+    from eft_serve.coordinator.pool_client import ColocatedRole
+
     small = InProcessPool(colocated["host"], "small_base")
     pools = {
         "large_base": InProcessPool(colocated["hf_large"], "large_base"),
         "small_base": small,
         "small_ft": ColocatedRole("small_ft", small),
     }
-    recipes = demo_config().recipes
-    coord = EftCoordinator(pools, recipes, tokenizer, CoordinatorConfig(max_new_tokens_cap=64))
-    coefficients = resolve_recipe(recipes, "upscale", beta=1.0).coefficients()
-    n_tok = fam.tokenizer_size
-    reference = ReferenceEFT({**fam.paths, "small_ft": colocated["merged"]}, coefficients, support=n_tok)
-    # The plain base as the expert: up-scaling is then the large base alone.
-    plain = ReferenceEFT({**fam.paths, "small_ft": fam.paths["small_base"]}, coefficients, support=n_tok)
+    coord = EftCoordinator(
+        pools, demo_config().recipes, colocated["tokenizer"], CoordinatorConfig(max_new_tokens_cap=64)
+    )
     await coord.start()
     try:
-        compared = moved = 0
-        for prompt in ("Where does the old dragon live? It lives in", "Q: Who guards the bridge at night?\nA:"):
-            ids = tokenizer.encode(prompt)
-            expected, _ = reference.greedy(ids, TOKENS)
-            moved += expected != plain.greedy(ids, TOKENS)[0]
-            for speculative in (False, True):  # drafts by the expert: the adapter on the vLLM host
-                stream = await coord.generate(
-                    GenerationRequest(
-                        prompt=prompt,
-                        merge=MergeOptions(recipe="upscale", beta=1.0, logprob_top_k=0),
-                        temperature=0,
-                        max_new_tokens=TOKENS,
-                        ignore_eos=True,
-                        speculative=SpeculativeOptions(enabled=speculative),
-                    )
-                )
-                chunks = [c async for c in stream]
-                got = [t.token_id for c in chunks for t in c.tokens]
-                assert len(got) == TOKENS
-                compared += agreed_tokens(got, expected, reference, ids, NOISE, prompt)
-                if not speculative:
-                    # The small base's and the adapter's queries share one call to the vLLM host.
-                    assert chunks[-1].usage.fetch.pool_calls == 2 * TOKENS
-        assert moved >= 1, "the adapter changed no greedy output: the test would not see it ignored"
-        assert compared >= 3 * TOKENS
+        # The small base's and the adapter's queries share one call to the vLLM host.
+        await _upscaling_matches_the_merged_adapter(coord, colocated, 2, "co-located: one call for base + adapter")
     finally:
         await coord.stop()
 
@@ -287,10 +297,9 @@ async def test_exact_upscaling_with_an_adapter_colocated_on_vllm_matches_referen
 async def test_exact_upscaling_with_a_lora_fine_tune_as_its_own_vllm_pool_matches_reference(colocated) -> None:
     # Separate mode: small_ft is a vLLM pool of its own over the base with the adapter merged on
     # disk; small_base is the (plain) vLLM host. Reference: plain forwards, adapter merge_and_unload-ed.
-    from eft_serve.coordinator.request import SpeculativeOptions
     from eft_serve.engine.factory import load_engine
 
-    fam, tokenizer = colocated["family"], colocated["tokenizer"]
+    fam = colocated["family"]
     ft = load_engine(
         "vllm",
         fam.paths["small_base"],
@@ -298,51 +307,22 @@ async def test_exact_upscaling_with_a_lora_fine_tune_as_its_own_vllm_pool_matche
         merge_adapter=colocated["adapter"],
         vllm=VLLMConfig(max_num_seqs=8),
     )
-    recipes = demo_config().recipes
     coord = EftCoordinator(
         {
             "large_base": InProcessPool(colocated["hf_large"], "large_base"),
             "small_base": InProcessPool(colocated["host"], "small_base"),
             "small_ft": InProcessPool(ft, "small_ft"),
         },
-        recipes,
-        tokenizer,
+        demo_config().recipes,
+        colocated["tokenizer"],
         CoordinatorConfig(max_new_tokens_cap=64),
     )
-    coefficients = resolve_recipe(recipes, "upscale", beta=1.0).coefficients()
-    n_tok = fam.tokenizer_size
-    reference = ReferenceEFT({**fam.paths, "small_ft": colocated["merged"]}, coefficients, support=n_tok)
-    plain = ReferenceEFT({**fam.paths, "small_ft": fam.paths["small_base"]}, coefficients, support=n_tok)
     await coord.start()
     try:
         assert ft.info.extra["engine"] == "vllm" and not ft.info.adapters
         # The merged pool is named by the adapter's fingerprint, the one the HF engine gives it.
         assert ft.info.model_fingerprint == colocated["hf_merged"].info.model_fingerprint
-        compared = moved = 0
-        for prompt in ("Where does the old dragon live? It lives in", "Q: Who guards the bridge at night?\nA:"):
-            ids = tokenizer.encode(prompt)
-            expected, _ = reference.greedy(ids, TOKENS)
-            moved += expected != plain.greedy(ids, TOKENS)[0]
-            for speculative in (False, True):  # drafts by the expert: the merged vLLM pool
-                stream = await coord.generate(
-                    GenerationRequest(
-                        prompt=prompt,
-                        merge=MergeOptions(recipe="upscale", beta=1.0, logprob_top_k=0),
-                        temperature=0,
-                        max_new_tokens=TOKENS,
-                        ignore_eos=True,
-                        speculative=SpeculativeOptions(enabled=speculative),
-                    )
-                )
-                chunks = [c async for c in stream]
-                got = [t.token_id for c in chunks for t in c.tokens]
-                assert len(got) == TOKENS and max(got) < n_tok, got
-                compared += agreed_tokens(got, expected, reference, ids, NOISE, prompt)
-                if not speculative:
-                    # A pool of its own: one call per pool per token (co-located shares one).
-                    assert chunks[-1].usage.fetch.pool_calls == 3 * TOKENS
-        assert moved >= 1, "the adapter changed no greedy output: the test would not see it ignored"
-        assert compared >= 3 * TOKENS
+        await _upscaling_matches_the_merged_adapter(coord, colocated, 3, "a pool of its own: one call per pool")
     finally:
         await coord.stop()
         ft.close()  # type: ignore[attr-defined]

@@ -9,8 +9,8 @@ greedy drafts, co-located LoRA adapters (each query naming one runs with its ``L
 Does NOT know: transports, replicas, placement (the Serve wiring gives a tensor-parallel replica
 its GPUs), result caches, merging or sampling. ``import vllm`` happens only when an engine is built.
 
-How a query is asked (the engine and when to pick it: docs/deployment.md#engines; the figures behind
-these choices: docs/benchmarks.md#why-the-engines-work-this-way):
+How a query is asked (the engine and when to pick it: docs/deployment.md#engines; the reasons
+behind these choices: docs/benchmarks.md#why-the-engines-work-this-way):
 
 * Every query is ONE vLLM request, ``max_tokens=1``, greedy, ``detokenize=False``, with
   ``logprobs=-1`` (the full next-token distribution of the last position). The trailing positions of
