@@ -270,10 +270,12 @@ def _model_tops(
     estimates, which are not that model's numbers.
     """
     n = plan.top_logprobs if plan.merge.logprob_top_k == 0 else min(plan.top_logprobs, plan.merge.logprob_top_k)
-    return {
-        role: [TopLogprob(token_id=t, text=ctx.tokenizer.decode([t]), logprob=lp) for t, lp in dist.model_top(role, n)]
-        for role in roles
-    }
+    return {role: _alternatives(ctx, dist.model_top(role, n)) for role in roles}
+
+
+def _alternatives(ctx: DecodeContext, ranked: list[tuple[int, float]]) -> list[TopLogprob]:
+    """(token id, logprob) pairs as `TopLogprob`s, each token decoded on its own."""
+    return [TopLogprob(token_id=t, text=ctx.tokenizer.decode([t]), logprob=lp) for t, lp in ranked]
 
 
 async def decode(ctx: DecodeContext, plan: GenerationPlan, use_cache: bool) -> AsyncIterator[GenerationChunk]:
@@ -319,10 +321,7 @@ async def decode(ctx: DecodeContext, plan: GenerationPlan, use_cache: bool) -> A
                 # From the merged support (in top-k mode: the union of the models' top-k, which
                 # is what was sampled from). A speculative block's distributions are the same
                 # per-position merges plain decoding computes, so the alternatives match too.
-                out.top_logprobs = [
-                    TopLogprob(token_id=t, text=ctx.tokenizer.decode([t]), logprob=lp)
-                    for t, lp in dist.top(plan.top_logprobs)
-                ]
+                out.top_logprobs = _alternatives(ctx, dist.top(plan.top_logprobs))
             if plan.return_model_logprobs:
                 out.model_logprobs = {role: dist.model_logprob_of(role, token) for role in roles}
                 if plan.top_logprobs:

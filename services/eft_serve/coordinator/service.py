@@ -33,7 +33,7 @@ from eft_serve.coordinator.validate import ModelLimits, RequestValidator
 from eft_serve.coordinator.vocabulary import check_shared_vocabulary
 from eft_serve.coordinator.workers import CHAT_RENDER_CHARS, StepWorkers, TokenizerWorkers
 from eft_serve.core.merge import merge_position
-from eft_serve.engine.stop_tokens import token_ids_of
+from eft_serve.engine.stop_tokens import model_stop_token_ids
 from eft_serve.engine.types import ModelInfo, SequenceQuery
 from eft_serve.errors import FailedPrecondition, Unavailable
 
@@ -153,11 +153,10 @@ class EftCoordinator:
     def _stop_ids(self, infos: Mapping[str, ModelInfo]) -> dict[str, frozenset[int]]:
         """Each role's stop ids: its pool's (tokenizer EOS + generation config) and the EOS of the
         role's own tokenizer here (a LoRA role's, which its host pool does not know)."""
-        out = {}
-        for role, info in infos.items():
-            own = _eos_ids(self._tokenizers.get(role))
-            out[role] = info.stop_ids() | own
-        return out
+        return {
+            role: info.stop_ids() | frozenset(model_stop_token_ids(self._tokenizers.get(role), None))
+            for role, info in infos.items()
+        }
 
     def stop_token_ids(self, recipe: str | None = None) -> frozenset[int]:
         """The ids that end a stream of `recipe` (default: the default recipe) unless ignore_eos."""
@@ -232,7 +231,3 @@ def _text_chars(req: GenerationRequest) -> int:
     if not req.messages:
         return len(req.prompt)
     return len(req.prompt) + CHAT_RENDER_CHARS + sum(len(m.content) + 16 for m in req.messages)
-
-
-def _eos_ids(tokenizer: Any) -> frozenset[int]:
-    return frozenset(token_ids_of(getattr(tokenizer, "eos_token_id", None)))
